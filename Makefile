@@ -1,0 +1,65 @@
+# `make demo` and `make test` do all the set-up on a fresh machine: Debian
+# packages (as root), the virtualenv, the Rust build. Both are idempotent.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+DEPS_STAMP := $(VENV)/.deps-stamp
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# Loom explores interleavings exhaustively; bounded preemptions keep it to
+# seconds while still covering every two-preemption schedule.
+LOOM_MAX_PREEMPTIONS ?= 2
+
+.PHONY: demo test build lint rust-test loom py-test bench system-deps clean
+
+demo: build
+	$(BIN)/feedline bench
+
+test: build system-deps lint rust-test loom py-test
+
+system-deps:
+	@if ! command -v nginx >/dev/null 2>&1 || ! command -v nft >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx nftables iproute2 >/dev/null; \
+	  else echo "note: nginx/nftables missing and not root; their tests will skip"; fi; \
+	fi
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(DEPS_STAMP): requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(DEPS_STAMP)
+	$(BIN)/maturin develop --release -q
+
+lint: build
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(PY) -m mypy.stubtest feedline._core --allowlist stubtest-allowlist.txt
+
+rust-test:
+	cargo test -p feedline-core
+
+loom:
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) CARGO_TARGET_DIR=target/loom \
+	  cargo test -p feedline-core --release --test loom
+
+py-test: build system-deps
+	$(BIN)/pytest
+
+bench: build system-deps
+	$(BIN)/pytest benches -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds \
+	  -o testpaths=benches -o timeout=1200 $(BENCH_ARGS)
+	cargo bench -p feedline-core --bench ring -- --quick
+
+clean:
+	rm -rf target $(VENV)

@@ -1,0 +1,28 @@
+"""feedline: the data path between storage and the GPU.
+
+Replace ``fsspec.open`` with :func:`feedline.open` (or use
+:class:`feedline.FileSystem`, an fsspec filesystem) and a Rust core reads
+ahead into a bounded ring of zero-copy buffers.
+"""
+
+from feedline._core import (
+    Chunk,
+    ChunkStream,
+    ChecksumMismatch,
+    ReplicasUnavailable,
+    ShortReadError,
+    __version__,
+)
+from feedline.fs import FeedlineFile, FileSystem, open
+
+__all__ = [
+    "ChecksumMismatch",
+    "Chunk",
+    "ChunkStream",
+    "FeedlineFile",
+    "FileSystem",
+    "ReplicasUnavailable",
+    "ShortReadError",
+    "__version__",
+    "open",
+]

@@ -1,0 +1,301 @@
+"""``feedline.FileSystem`` (an fsspec filesystem), its file object, and
+``feedline.open``, the drop-in for ``fsspec.open``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+from fsspec.core import OpenFile
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractFileSystem
+
+from feedline import _core
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+MiB = 1 << 20
+
+#: Chunk size of a stream or a file's readahead.
+DEFAULT_CHUNK_BYTES = 4 * MiB
+#: Fetches in flight per stream.
+DEFAULT_DEPTH = 8
+#: A ``readinto``/``read`` at least this large bypasses readahead and reads
+#: straight into the caller's buffer, in parallel.
+DEFAULT_DIRECT_BYTES = 16 * MiB
+
+PlanEntry = str | tuple[str, int, int]
+
+READ_MODES = frozenset({"rb"})
+WRITE_MODES = frozenset({"wb", "ab", "xb", "w", "a", "x", "wt", "at", "xt"})
+TEXT_READ_MODES = frozenset({"r", "rt"})
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+class FileSystem(AbstractFileSystem):  # type: ignore[misc]
+    """An fsspec filesystem whose reads run in feedline's Rust core.
+
+    ``FileSystem()`` reads local paths as given. ``FileSystem(replicas=[root])``
+    reads keys relative to a replica root.
+    """
+
+    protocol = ("feedline",)
+    root_marker = "/"
+    # Instances hold threads and arenas per configuration; fsspec's instance
+    # cache would hand one user's replicas to another's call.
+    cachable = False
+
+    def __init__(
+        self,
+        replicas: Sequence[str | os.PathLike[str]] | None = None,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        depth: int = DEFAULT_DEPTH,
+        direct_bytes: int = DEFAULT_DIRECT_BYTES,
+        target_protocol: str | None = None,
+        target_options: dict[str, Any] | None = None,
+        fo: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if target_protocol not in (None, "file", "local"):
+            raise ValueError(
+                f"feedline:: cannot chain onto protocol {target_protocol!r} yet; "
+                "local paths only"
+            )
+        del target_options
+        # In a chained URL ("feedline::/data/x") fsspec hands the inner path
+        # over as `fo` and asks this filesystem for "".
+        self._fo = self._strip_protocol(fo) if fo else None
+        self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes)
+        self.depth = _positive_int("depth", depth)
+        self.direct_bytes = _positive_int("direct_bytes", direct_bytes)
+        self.replicas = [os.fspath(r) for r in replicas] if replicas is not None else []
+        if replicas is not None and not self.replicas:
+            raise ValueError("replicas must name at least one root, got []")
+        config = {"replicas": self.replicas}
+        self._storage = _core.Storage(json.dumps(config))
+        self._local = LocalFileSystem()
+
+    # -- paths -------------------------------------------------------------
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        path = os.fspath(path)
+        for prefix in ("feedline::", "feedline://", "feedline:"):
+            if path.startswith(prefix):
+                path = path[len(prefix) :]
+                break
+        if path.startswith("file://"):
+            path = path[len("file://") :]
+        return path
+
+    def _key(self, path: str) -> str:
+        path = self._strip_protocol(path)
+        if not path and self._fo:
+            path = self._fo
+        if self.replicas:
+            return path.lstrip("/")
+        return os.path.abspath(path) if path else path
+
+    def _local_path(self, path: str) -> str:
+        key = self._key(path)
+        return os.path.join(self.replicas[0], key) if self.replicas else key
+
+    # -- metadata (fsspec's local filesystem on the first replica) ---------
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        info: dict[str, Any] = self._local.info(self._local_path(path), **kwargs)
+        return info
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        result: list[Any] = self._local.ls(self._local_path(path), detail=detail, **kwargs)
+        return result
+
+    # -- reads (Rust, GIL released) -----------------------------------------
+
+    def cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        return self._storage.cat_file(self._key(path), start, end)
+
+    def cat_ranges(
+        self,
+        paths: list[str],
+        starts: int | list[int | None] | None,
+        ends: int | list[int | None] | None,
+        max_gap: int | None = None,
+        on_error: str = "return",
+        **kwargs: Any,
+    ) -> list[bytes | BaseException]:
+        if on_error not in ("return", "raise"):
+            raise ValueError(f"on_error must be 'return' or 'raise', got {on_error!r}")
+        n = len(paths)
+        starts_l = list(starts) if isinstance(starts, list) else [starts] * n
+        ends_l = list(ends) if isinstance(ends, list) else [ends] * n
+        keys = [self._key(p) for p in paths]
+        out = self._storage.cat_ranges(keys, starts_l, ends_l)
+        if on_error == "raise":
+            for item in out:
+                if isinstance(item, BaseException):
+                    raise item
+        return out
+
+    def stream(
+        self,
+        paths_or_plan: str | Iterable[PlanEntry],
+        *,
+        chunk_bytes: int | None = None,
+        depth: int | None = None,
+        memory_budget_bytes: int | None = None,
+    ) -> _core.ChunkStream:
+        """Prefetches whole files (``"path"``) or ranges (``(path, offset,
+        length)``) in order, as zero-copy :class:`feedline.Chunk` buffers of at
+        most ``chunk_bytes`` each, keeping ``depth`` reads in flight."""
+        entries: Iterable[PlanEntry] = (
+            [paths_or_plan] if isinstance(paths_or_plan, str) else paths_or_plan
+        )
+        items: list[tuple[str, tuple[int, int] | None]] = []
+        for entry in entries:
+            if isinstance(entry, str | os.PathLike):
+                items.append((self._key(os.fspath(entry)), None))
+            elif isinstance(entry, tuple) and len(entry) == 3:
+                path, offset, length = entry
+                items.append((self._key(path), (int(offset), int(length))))
+            else:
+                raise TypeError(
+                    f"a plan entry is a path or a (path, offset, length) tuple, got {entry!r}"
+                )
+        return self._storage.stream(
+            items,
+            _positive_int("chunk_bytes", chunk_bytes or self.chunk_bytes),
+            _positive_int("depth", depth or self.depth),
+            memory_budget_bytes,
+        )
+
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: int | None = None,
+        autocommit: bool = True,
+        cache_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if mode in READ_MODES:
+            return FeedlineFile(self, path)
+        if mode in WRITE_MODES or mode.rstrip("b") in {"w", "a", "x"}:
+            return self._local.open(self._local_path(path), mode, **kwargs)
+        raise ValueError(f"unsupported mode {mode!r}; feedline reads with 'rb' and writes through fsspec")
+
+
+class FeedlineFile(io.RawIOBase):
+    """A read-only binary file whose reads run in Rust: readahead through the
+    prefetcher on sequential access, exact reads on random access, parallel
+    reads straight into large buffers."""
+
+    def __init__(self, fs: FileSystem, path: str) -> None:
+        super().__init__()
+        self.fs = fs
+        self.path = path
+        self._reader = fs._storage.open_reader(
+            fs._key(path), fs.chunk_bytes, fs.depth, fs.direct_bytes
+        )
+        self.size = self._reader.size
+        self.mode = "rb"
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Buffer) -> int:
+        self._check_open()
+        with memoryview(buffer) as view:
+            if view.ndim != 1 or view.itemsize != 1:
+                with view.cast("B") as flat:
+                    return self._reader.readinto(flat)
+            return self._reader.readinto(view)
+
+    def readinto1(self, buffer: Buffer) -> int:
+        return self.readinto(buffer)
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._check_open()
+        return self._reader.read(-1 if size is None else size)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._reader.tell() + offset
+        elif whence == io.SEEK_END:
+            target = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence!r}; use 0, 1 or 2")
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        return self._reader.seek(target)
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._reader.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()
+        super().close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
+    def __repr__(self) -> str:
+        return f"<FeedlineFile {self.path!r} size={self.size}>"
+
+
+def open(  # noqa: A001 - the drop-in for fsspec.open
+    urlpath: str | os.PathLike[str],
+    mode: str = "rb",
+    *,
+    replicas: Sequence[str | os.PathLike[str]] | None = None,
+    **kwargs: Any,
+) -> OpenFile:
+    """Drop-in for ``fsspec.open``: ``with feedline.open(path) as f`` gives a
+    binary file read through feedline. Write and append modes go to fsspec
+    unchanged, so checkpoint writes keep working."""
+    path = os.fspath(urlpath)
+    if mode in READ_MODES or mode in TEXT_READ_MODES:
+        fs_kwargs = {
+            k: kwargs.pop(k) for k in ("chunk_bytes", "depth", "direct_bytes") if k in kwargs
+        }
+        fs = FileSystem(replicas=replicas, **fs_kwargs)
+        return OpenFile(fs, FileSystem._strip_protocol(path), mode=mode, **kwargs)
+    if mode in WRITE_MODES:
+        of: OpenFile = fsspec.open(path, mode, **kwargs)
+        return of
+    raise ValueError(
+        f"unsupported mode {mode!r}; use 'rb'/'r' to read, or 'wb'/'ab'/'xb'/'w'/'a'/'x'"
+    )
+
+

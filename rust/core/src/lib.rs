@@ -1,0 +1,19 @@
+//! feedline's core: the data path between storage and the accelerator.
+//!
+//! * [`ring`]: the bounded, ordered slot ring that fetched bytes land in.
+//! * [`prefetch`]: runs a [`plan`] through a [`store`] into the ring.
+//! * [`store`]: the storage boundary (local files, remote, chaos, routing).
+//!
+//! No Python here: `cargo test` covers it all.
+
+pub mod error;
+pub mod plan;
+pub mod prefetch;
+pub mod reader;
+pub mod ring;
+pub mod runtime;
+pub mod storage;
+pub mod store;
+mod sync;
+
+pub use error::{Error, ReplicaFailure, Result};

@@ -1,0 +1,379 @@
+//! The prefetcher: runs a plan through a store into the slot ring, keeping
+//! `depth` fetches in flight, each writing straight into its own slot.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Result};
+use crate::plan::ReadRange;
+use crate::ring::{Ring, SlotReader};
+use crate::runtime;
+use crate::store::Store;
+
+/// Default cap on one stream's arena. Larger asks are refused with an error
+/// naming the sizes rather than letting a typo allocate the machine.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 4 << 30;
+
+/// How often a waiting driver looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// A stream's sizes.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Largest chunk; the slot size.
+    pub chunk_bytes: usize,
+    /// Fetches in flight at once.
+    pub depth: usize,
+    /// Slots in the ring: `depth` in flight plus room for chunks the
+    /// consumer still holds.
+    pub slots: usize,
+    pub memory_budget_bytes: usize,
+}
+
+impl StreamConfig {
+    /// `slots = 2 × depth`: half in flight, half held downstream.
+    pub fn new(chunk_bytes: usize, depth: usize) -> Self {
+        StreamConfig {
+            chunk_bytes,
+            depth,
+            slots: depth.saturating_mul(2),
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.chunk_bytes == 0 {
+            return Err(Error::invalid("chunk_bytes must be at least 1, got 0"));
+        }
+        if self.depth == 0 {
+            return Err(Error::invalid("depth must be at least 1, got 0"));
+        }
+        if self.slots < self.depth {
+            return Err(Error::invalid(format!(
+                "slots ({}) must be at least depth ({})",
+                self.slots, self.depth
+            )));
+        }
+        let arena = (self.slots as u128) * (self.chunk_bytes as u128);
+        if arena > self.memory_budget_bytes as u128 {
+            return Err(Error::invalid(format!(
+                "chunk_bytes={} × slots={} (depth={}) needs {} bytes, over the memory budget of {} bytes",
+                self.chunk_bytes, self.slots, self.depth, arena, self.memory_budget_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A delivered range: its place in the plan and its bytes, held in a slot
+/// until this is dropped.
+#[derive(Debug)]
+pub struct Chunk {
+    pub range: ReadRange,
+    slot: SlotReader,
+}
+
+impl Chunk {
+    pub fn data(&self) -> &[u8] {
+        self.slot.data()
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.slot.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slot.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slot.is_empty()
+    }
+}
+
+/// What `Stream::next_chunk` found.
+#[derive(Debug)]
+pub enum Next {
+    Chunk(Chunk),
+    /// Every range of the plan has been delivered.
+    End,
+    /// Nothing arrived within the wait; ask again.
+    Pending,
+}
+
+/// A running prefetch of one plan. Dropping it stops the driver and joins
+/// its thread; chunks already handed out stay valid.
+pub struct Stream {
+    ring: Arc<Ring>,
+    plan: Arc<[ReadRange]>,
+    next_seq: u64,
+    stop: Arc<AtomicBool>,
+    /// Closed on `close` so a driver waiting for a permit wakes at once.
+    in_flight: Arc<Semaphore>,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("ring", &self.ring)
+            .field("ranges", &self.plan.len())
+            .field("next_seq", &self.next_seq)
+            .finish()
+    }
+}
+
+impl Stream {
+    pub fn start(store: Arc<dyn Store>, plan: Vec<ReadRange>, config: &StreamConfig) -> Result<Self> {
+        config.validate()?;
+        if let Some(r) = plan.iter().find(|r| r.len > config.chunk_bytes) {
+            return Err(Error::invalid(format!(
+                "range of {} bytes at offset {} of {:?} exceeds chunk_bytes={}",
+                r.len, r.offset, r.key, config.chunk_bytes
+            )));
+        }
+        // No more slots than ranges: a small plan needs no large arena.
+        let slots = config.slots.min(plan.len().max(1));
+        let ring = Ring::new(slots, config.chunk_bytes)?;
+        let plan: Arc<[ReadRange]> = plan.into();
+        let stop = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(Semaphore::new(config.depth.min(slots)));
+        let driver = Driver {
+            ring: Arc::clone(&ring),
+            plan: Arc::clone(&plan),
+            store,
+            in_flight: Arc::clone(&in_flight),
+            stop: Arc::clone(&stop),
+        };
+        let driver = std::thread::Builder::new()
+            .name("feedline-prefetch".into())
+            .spawn(move || driver.run())
+            .map_err(|e| Error::Io {
+                context: "starting the prefetch thread".into(),
+                source: e,
+            })?;
+        Ok(Stream {
+            ring,
+            plan,
+            next_seq: 0,
+            stop,
+            in_flight,
+            driver: Some(driver),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.plan.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plan.is_empty()
+    }
+
+    /// Waits up to `timeout` for the next chunk in plan order.
+    pub fn next_chunk(&mut self, timeout: Duration) -> Result<Next> {
+        let Some(range) = self.plan.get(self.next_seq as usize) else {
+            return Ok(Next::End);
+        };
+        match self.ring.consume(self.next_seq, Some(timeout)) {
+            Ok(slot) => {
+                self.next_seq += 1;
+                Ok(Next::Chunk(Chunk {
+                    range: range.clone(),
+                    slot,
+                }))
+            }
+            Err(Error::Timeout { .. }) => Ok(Next::Pending),
+            Err(e) => {
+                // A failed range ends the stream: the consumer must not
+                // silently skip bytes. Later ranges are not delivered.
+                self.next_seq = self.plan.len() as u64;
+                self.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops fetching and joins the driver. Idempotent.
+    pub fn close(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.ring.close();
+        self.in_flight.close();
+        if let Some(driver) = self.driver.take() {
+            let _ = driver.join();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.driver.is_none()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Driver {
+    ring: Arc<Ring>,
+    plan: Arc<[ReadRange]>,
+    store: Arc<dyn Store>,
+    in_flight: Arc<Semaphore>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Driver {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn run(self) {
+        let handle = runtime::handle();
+        let mut tasks = VecDeque::new();
+        for seq in 0..self.plan.len() as u64 {
+            let Some(mut writer) = self.claim(seq) else {
+                break;
+            };
+            let permit = match handle.block_on(Arc::clone(&self.in_flight).acquire_owned()) {
+                Ok(p) => p,
+                Err(_) => break,
+            };
+            if self.stopped() {
+                break;
+            }
+            let store = Arc::clone(&self.store);
+            let range = self.plan[seq as usize].clone();
+            tasks.push_back(handle.spawn(async move {
+                let _permit = permit;
+                let result = store
+                    .read_into(&range.key, range.offset, &mut writer.buf_mut()[..range.len])
+                    .await;
+                match result {
+                    Ok(()) => writer.publish(range.len),
+                    Err(e) => writer.fail(e),
+                }
+            }));
+            while tasks.front().is_some_and(|t: &tokio::task::JoinHandle<()>| t.is_finished()) {
+                tasks.pop_front();
+            }
+        }
+        if self.stopped() {
+            for task in &tasks {
+                task.abort();
+            }
+        }
+    }
+
+    /// Claims the slot for `seq`, waking every `STOP_POLL` to honour a stop.
+    fn claim(&self, seq: u64) -> Option<crate::ring::SlotWriter> {
+        loop {
+            if self.stopped() {
+                return None;
+            }
+            match self.ring.claim(seq, Some(STOP_POLL)) {
+                Ok(w) => return Some(w),
+                Err(Error::Timeout { .. }) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{build_plan, PlanItem};
+    use crate::store::LocalStore;
+    use std::time::Instant;
+
+    fn dataset(files: usize, bytes: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for f in 0..files {
+            let data: Vec<u8> = (0..bytes).map(|i| (i * 31 + f * 7) as u8).collect();
+            std::fs::write(dir.path().join(format!("f{f}")), data).unwrap();
+        }
+        dir
+    }
+
+    fn collect(stream: &mut Stream) -> Result<Vec<(ReadRange, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match stream.next_chunk(Duration::from_millis(100))? {
+                Next::Chunk(c) => out.push((c.range.clone(), c.data().to_vec())),
+                Next::End => return Ok(out),
+                Next::Pending => {}
+            }
+        }
+        panic!("stream did not finish in 10 s");
+    }
+
+    #[test]
+    fn streams_every_byte_in_plan_order() {
+        let dir = dataset(5, 10_000);
+        let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
+        let items: Vec<_> = (0..5).map(|f| PlanItem::Object(format!("f{f}"))).collect();
+        let plan = runtime::block_on(build_plan(store.as_ref(), &items, 4096)).unwrap();
+        assert_eq!(plan.len(), 15);
+        let mut stream = Stream::start(store, plan.clone(), &StreamConfig::new(4096, 3)).unwrap();
+        let got = collect(&mut stream).unwrap();
+        let ranges: Vec<_> = got.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(ranges, plan);
+        for f in 0..5 {
+            let want = std::fs::read(dir.path().join(format!("f{f}"))).unwrap();
+            let have: Vec<u8> = got
+                .iter()
+                .filter(|(r, _)| &*r.key == format!("f{f}"))
+                .flat_map(|(_, d)| d.clone())
+                .collect();
+            assert_eq!(have, want);
+        }
+    }
+
+    #[test]
+    fn a_failed_range_ends_the_stream_with_its_error() {
+        let dir = dataset(1, 100);
+        let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
+        let plan = vec![
+            ReadRange { key: "f0".into(), offset: 0, len: 10 },
+            ReadRange { key: "missing".into(), offset: 0, len: 10 },
+        ];
+        let mut stream = Stream::start(store, plan, &StreamConfig::new(64, 2)).unwrap();
+        let err = collect(&mut stream).unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn close_with_chunks_held_joins_promptly() {
+        let dir = dataset(4, 64 * 1024);
+        let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
+        let items: Vec<_> = (0..4).map(|f| PlanItem::Object(format!("f{f}"))).collect();
+        let plan = runtime::block_on(build_plan(store.as_ref(), &items, 1024)).unwrap();
+        let mut stream = Stream::start(store, plan, &StreamConfig::new(1024, 2)).unwrap();
+        let mut held = Vec::new();
+        while held.len() < 4 {
+            if let Next::Chunk(c) = stream.next_chunk(Duration::from_secs(1)).unwrap() {
+                held.push(c);
+            }
+        }
+        // The ring is full of held chunks: the driver waits on back-pressure.
+        let t = Instant::now();
+        stream.close();
+        assert!(t.elapsed() < Duration::from_secs(1), "close took {:?}", t.elapsed());
+        assert_eq!(held[0].data().len(), 1024);
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(StreamConfig::new(0, 1).validate().is_err());
+        assert!(StreamConfig::new(1, 0).validate().is_err());
+        let err = StreamConfig::new(1 << 30, 1 << 20).validate().unwrap_err();
+        assert!(err.to_string().contains("memory budget"), "{err}");
+    }
+}

@@ -1,0 +1,230 @@
+//! `Storage`: what one `feedline.FileSystem` reads through. It owns the
+//! store stack built from a [`StorageConfig`] (local roots today; the router,
+//! chaos and remote backends plug in here) and offers the three read shapes
+//! the Python API needs: one range into a buffer, many ranges in parallel,
+//! and a prefetching stream.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::plan::{build_plan, resolve_slice, PlanItem};
+use crate::prefetch::{Stream, StreamConfig};
+use crate::runtime;
+use crate::store::{LocalStore, Store};
+
+/// Ranges per thread below which `read_many` does not bother to split.
+const MIN_RANGES_PER_THREAD: usize = 64;
+
+/// How many async reads `read_many` keeps in flight on stores without a
+/// blocking path (remote stores).
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// The configuration a `FileSystem` is built from. Python builds and
+/// validates it, then hands it over as JSON; unknown keys are refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Replica roots. Empty: the local filesystem, paths as given.
+    pub replicas: Vec<String>,
+    /// Async reads in flight for `cat_ranges` on remote stores.
+    pub concurrency: Option<usize>,
+}
+
+impl StorageConfig {
+    pub fn from_json(json: &str) -> Result<Self> {
+        serde_json::from_str(json).map_err(|e| Error::invalid(format!("bad storage configuration: {e}")))
+    }
+}
+
+/// One request of `read_many`: fill `buf` from `offset` of `key`.
+pub struct RangeRequest<'a> {
+    pub key: &'a str,
+    pub offset: u64,
+    pub buf: &'a mut [u8],
+}
+
+#[derive(Debug)]
+pub struct Storage {
+    store: Arc<dyn Store>,
+    config: StorageConfig,
+}
+
+impl Storage {
+    pub fn new(config: StorageConfig) -> Result<Self> {
+        let store: Arc<dyn Store> = match config.replicas.as_slice() {
+            [] => Arc::new(LocalStore::unrooted()),
+            [root] => Arc::new(LocalStore::rooted(root)?),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{} replicas given; replica routing is not built yet",
+                    config.replicas.len()
+                )))
+            }
+        };
+        Ok(Storage { store, config })
+    }
+
+    pub fn from_store(store: Arc<dyn Store>) -> Self {
+        Storage {
+            store,
+            config: StorageConfig::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &StorageConfig {
+        &self.config
+    }
+
+    pub fn size(&self, key: &str) -> Result<u64> {
+        match self.store.size_blocking(key) {
+            Some(r) => r,
+            None => runtime::block_on(self.store.size(key)),
+        }
+    }
+
+    /// Resolves `cat_file(key, start, end)` to `(offset, len)` with fsspec's
+    /// slice semantics (see [`resolve_slice`]).
+    pub fn resolve_slice(&self, key: &str, start: Option<i64>, end: Option<i64>) -> Result<(u64, u64)> {
+        Ok(resolve_slice(self.size(key)?, start, end))
+    }
+
+    /// `resolve_slice` for many requests, statting each distinct key once.
+    pub fn resolve_slices(
+        &self,
+        keys: &[String],
+        starts: &[Option<i64>],
+        ends: &[Option<i64>],
+    ) -> Result<Vec<Result<(u64, u64)>>> {
+        if keys.len() != starts.len() || keys.len() != ends.len() {
+            return Err(Error::invalid(format!(
+                "paths, starts and ends must have one length; got {}, {} and {}",
+                keys.len(),
+                starts.len(),
+                ends.len()
+            )));
+        }
+        let mut sizes: std::collections::HashMap<&str, Result<u64, String>> = Default::default();
+        let mut out = Vec::with_capacity(keys.len());
+        for ((key, start), end) in keys.iter().zip(starts).zip(ends) {
+            let size = sizes
+                .entry(key.as_str())
+                .or_insert_with(|| self.size(key).map_err(|e| e.to_string()));
+            out.push(match size {
+                Ok(size) => Ok(resolve_slice(*size, *start, *end)),
+                // Stat again for the typed error; the cache only saves work.
+                Err(_) => self.size(key).map(|_| (0, 0)),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fills `buf` from `offset` of `key`, on the calling thread where the
+    /// store allows it.
+    pub fn read_into(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self.store.read_into_blocking(key, offset, buf) {
+            Some(r) => r,
+            None => runtime::block_on(self.store.read_into(key, offset, buf)),
+        }
+    }
+
+    /// Fills one large buffer with several threads at once: the buffer is
+    /// cut into `parts` contiguous pieces read in parallel.
+    pub fn read_into_parallel(&self, key: &str, offset: u64, buf: &mut [u8], part_bytes: usize) -> Result<()> {
+        let part_bytes = part_bytes.max(1);
+        let mut requests: Vec<RangeRequest<'_>> = buf
+            .chunks_mut(part_bytes)
+            .enumerate()
+            .map(|(i, b)| RangeRequest {
+                key,
+                offset: offset + (i * part_bytes) as u64,
+                buf: b,
+            })
+            .collect();
+        let threads = threads_for(requests.len(), 1);
+        self.read_many(&mut requests, threads).into_iter().collect()
+    }
+
+    /// Reads every request, in parallel; one result per request, in order.
+    pub fn read_many(&self, requests: &mut [RangeRequest<'_>], threads: usize) -> Vec<Result<()>> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
+        let blocking = {
+            let first = &mut requests[0];
+            self.store.read_into_blocking(first.key, first.offset, first.buf)
+        };
+        match blocking {
+            Some(first) => {
+                let mut results = vec![first];
+                results.extend(self.read_many_blocking(&mut requests[1..], threads));
+                results
+            }
+            None => self.read_many_async(requests),
+        }
+    }
+
+    fn read_many_blocking(&self, requests: &mut [RangeRequest<'_>], threads: usize) -> Vec<Result<()>> {
+        let threads = threads.clamp(1, requests.len().max(1));
+        let per_thread = requests.len().div_ceil(threads).max(1);
+        let store = &self.store;
+        let read = |reqs: &mut [RangeRequest<'_>]| -> Vec<Result<()>> {
+            reqs.iter_mut()
+                .map(|r| {
+                    store
+                        .read_into_blocking(r.key, r.offset, r.buf)
+                        .unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
+                })
+                .collect()
+        };
+        if threads == 1 {
+            return read(requests);
+        }
+        std::thread::scope(|scope| {
+            let mut parts = requests.chunks_mut(per_thread);
+            let head = parts.next().unwrap_or_default();
+            let handles: Vec<_> = parts.map(|p| scope.spawn(move || read(p))).collect();
+            let mut results = read(head);
+            for h in handles {
+                results.extend(h.join().expect("read thread panicked"));
+            }
+            results
+        })
+    }
+
+    fn read_many_async(&self, requests: &mut [RangeRequest<'_>]) -> Vec<Result<()>> {
+        let concurrency = self.config.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
+        let store = &self.store;
+        runtime::block_on(
+            futures::stream::iter(requests.iter_mut())
+                .map(|r| store.read_into(r.key, r.offset, r.buf))
+                .buffered(concurrency)
+                .collect(),
+        )
+    }
+
+    /// Starts a prefetching stream over `items`.
+    pub fn stream(&self, items: &[PlanItem], config: &StreamConfig) -> Result<Stream> {
+        config.validate()?;
+        let plan = runtime::block_on(build_plan(self.store.as_ref(), items, config.chunk_bytes))?;
+        Stream::start(Arc::clone(&self.store), plan, config)
+    }
+}
+
+/// Threads worth using for `n` requests: the cores, but no more than the
+/// work can keep busy.
+pub fn threads_for(n: usize, min_per_thread: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    cores.min(n / min_per_thread.max(1)).max(1)
+}
+
+/// Threads for `read_many` of `n` small ranges.
+pub fn threads_for_ranges(n: usize) -> usize {
+    threads_for(n, MIN_RANGES_PER_THREAD)
+}

@@ -1,0 +1,50 @@
+//! The store boundary. Everything that can serve bytes by (key, offset) is a
+//! [`Store`]: local files, object_store backends, a Python fsspec callback,
+//! the chaos wrapper around any of them, and the replica router on top.
+//! The ring and the prefetcher only ever see this trait.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::error::Result;
+
+pub mod local;
+
+pub use local::LocalStore;
+
+/// A boxed, sendable future: stores are used as `Arc<dyn Store>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+pub trait Store: Send + Sync + Debug + 'static {
+    /// How this store is named in errors, stats and reprs. Never contains
+    /// credentials.
+    fn name(&self) -> &str;
+
+    /// The object's size in bytes.
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>>;
+
+    /// Fills all of `buf` with the object's bytes from `offset`. Fewer bytes
+    /// than `buf.len()` is an error (`ShortRead`), never a partial success.
+    /// Dropping the future cancels the read; the store must then stop
+    /// writing into `buf` (guaranteed by the borrow).
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// The same read without an executor, for stores whose reads never wait
+    /// on anything but the kernel (page-cache `pread`). `None` means "use
+    /// the async path". The hot local paths (`cat_ranges` of small ranges,
+    /// large `readinto`) use it to avoid per-read task overhead.
+    fn read_into_blocking(&self, _key: &str, _offset: u64, _buf: &mut [u8]) -> Option<Result<()>> {
+        None
+    }
+
+    /// `size` without an executor, where `read_into_blocking` is offered.
+    fn size_blocking(&self, _key: &str) -> Option<Result<u64>> {
+        None
+    }
+}

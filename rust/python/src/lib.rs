@@ -1,0 +1,20 @@
+//! `feedline._core`: PyO3 bindings only. Each module converts types for one
+//! Python-facing concept, releases the GIL around core calls and maps errors
+//! through `errors`; the work itself lives in `feedline-core`.
+
+use pyo3::prelude::*;
+
+mod errors;
+mod reader;
+mod storage;
+mod stream;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    storage::register(m)?;
+    stream::register(m)?;
+    reader::register(m)?;
+    Ok(())
+}
