@@ -6,9 +6,9 @@ ahead into a bounded ring of zero-copy buffers.
 """
 
 from feedline._core import (
+    ChecksumMismatch,
     Chunk,
     ChunkStream,
-    ChecksumMismatch,
     ReplicasUnavailable,
     ShortReadError,
     __version__,

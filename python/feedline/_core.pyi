@@ -1,7 +1,20 @@
 """Type stubs for the Rust extension ``feedline._core`` (checked by stubtest)."""
 
-from typing_extensions import Buffer
 from types import TracebackType
+from typing import final
+
+from typing_extensions import Buffer
+
+__all__ = [
+    "ChecksumMismatch",
+    "Chunk",
+    "ChunkStream",
+    "Reader",
+    "ReplicasUnavailable",
+    "ShortReadError",
+    "Storage",
+    "__version__",
+]
 
 __version__: str
 
@@ -9,6 +22,7 @@ class ReplicasUnavailable(OSError): ...
 class ChecksumMismatch(OSError): ...
 class ShortReadError(OSError): ...
 
+@final
 class Storage:
     def __new__(cls, config_json: str = "{}") -> Storage: ...
     def size(self, key: str) -> int: ...
@@ -25,6 +39,7 @@ class Storage:
     ) -> ChunkStream: ...
     def open_reader(self, key: str, chunk_bytes: int, depth: int, direct_bytes: int) -> Reader: ...
 
+@final
 class ChunkStream:
     def __iter__(self) -> ChunkStream: ...
     def __next__(self) -> Chunk: ...
@@ -40,6 +55,7 @@ class ChunkStream:
         tb: TracebackType | None,
     ) -> None: ...
 
+@final
 class Chunk(Buffer):
     @property
     def path(self) -> str: ...
@@ -63,6 +79,7 @@ class Chunk(Buffer):
         tb: TracebackType | None,
     ) -> None: ...
 
+@final
 class Reader:
     @property
     def size(self) -> int: ...

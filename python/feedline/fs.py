@@ -72,8 +72,7 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         super().__init__(**kwargs)
         if target_protocol not in (None, "file", "local"):
             raise ValueError(
-                f"feedline:: cannot chain onto protocol {target_protocol!r} yet; "
-                "local paths only"
+                f"feedline:: cannot chain onto protocol {target_protocol!r} yet; local paths only"
             )
         del target_options
         # In a chained URL ("feedline::/data/x") fsspec hands the inner path
@@ -198,7 +197,9 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             return FeedlineFile(self, path)
         if mode in WRITE_MODES or mode.rstrip("b") in {"w", "a", "x"}:
             return self._local.open(self._local_path(path), mode, **kwargs)
-        raise ValueError(f"unsupported mode {mode!r}; feedline reads with 'rb' and writes through fsspec")
+        raise ValueError(
+            f"unsupported mode {mode!r}; feedline reads with 'rb' and writes through fsspec"
+        )
 
 
 class FeedlineFile(io.RawIOBase):
@@ -274,7 +275,7 @@ class FeedlineFile(io.RawIOBase):
         return f"<FeedlineFile {self.path!r} size={self.size}>"
 
 
-def open(  # noqa: A001 - the drop-in for fsspec.open
+def open(
     urlpath: str | os.PathLike[str],
     mode: str = "rb",
     *,
@@ -297,5 +298,3 @@ def open(  # noqa: A001 - the drop-in for fsspec.open
     raise ValueError(
         f"unsupported mode {mode!r}; use 'rb'/'r' to read, or 'wb'/'ab'/'xb'/'w'/'a'/'x'"
     )
-
-

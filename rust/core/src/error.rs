@@ -28,7 +28,9 @@ pub enum Error {
     InvalidArgument(String),
     /// The object ended before the requested range did (it shrank, or a server
     /// sent fewer bytes than asked for). Never delivered as truncated data.
-    #[error("short read on {path:?}: wanted {wanted_bytes} bytes at offset {offset}, got {got_bytes}")]
+    #[error(
+        "short read on {path:?}: wanted {wanted_bytes} bytes at offset {offset}, got {got_bytes}"
+    )]
     ShortRead {
         path: String,
         offset: u64,

@@ -7,6 +7,7 @@
 //! No Python here: `cargo test` covers it all.
 
 pub mod error;
+pub mod metrics;
 pub mod plan;
 pub mod prefetch;
 pub mod reader;

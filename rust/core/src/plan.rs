@@ -15,7 +15,13 @@ pub struct ReadRange {
 
 /// Splits `[offset, offset + len)` of `key` into ranges of at most
 /// `chunk_bytes`, appended to `out`.
-pub fn split_range(key: &Arc<str>, offset: u64, len: u64, chunk_bytes: usize, out: &mut Vec<ReadRange>) {
+pub fn split_range(
+    key: &Arc<str>,
+    offset: u64,
+    len: u64,
+    chunk_bytes: usize,
+    out: &mut Vec<ReadRange>,
+) {
     let mut at = offset;
     let end = offset + len;
     while at < end {
@@ -50,10 +56,14 @@ pub fn resolve_slice(size: u64, start: Option<i64>, end: Option<i64>) -> (u64, u
 /// a plan names bytes that must exist, so nothing is clipped silently.
 pub fn check_explicit_range(key: &str, size: u64, offset: i64, len: i64) -> Result<(u64, u64)> {
     if offset < 0 {
-        return Err(Error::invalid(format!("offset {offset} for {key:?} is negative")));
+        return Err(Error::invalid(format!(
+            "offset {offset} for {key:?} is negative"
+        )));
     }
     if len < 0 {
-        return Err(Error::invalid(format!("length {len} for {key:?} is negative")));
+        return Err(Error::invalid(format!(
+            "length {len} for {key:?} is negative"
+        )));
     }
     let (o, l) = (offset as u64, len as u64);
     if o.checked_add(l).is_none_or(|e| e > size) {
@@ -75,7 +85,11 @@ pub enum PlanItem {
 
 /// Builds a plan: whole objects and explicit ranges split into chunks of
 /// at most `chunk_bytes`. Sizes come from the store (one stat per object).
-pub async fn build_plan(store: &dyn Store, items: &[PlanItem], chunk_bytes: usize) -> Result<Vec<ReadRange>> {
+pub async fn build_plan(
+    store: &dyn Store,
+    items: &[PlanItem],
+    chunk_bytes: usize,
+) -> Result<Vec<ReadRange>> {
     if chunk_bytes == 0 {
         return Err(Error::invalid("chunk_bytes must be at least 1, got 0"));
     }

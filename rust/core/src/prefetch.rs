@@ -129,7 +129,11 @@ impl std::fmt::Debug for Stream {
 }
 
 impl Stream {
-    pub fn start(store: Arc<dyn Store>, plan: Vec<ReadRange>, config: &StreamConfig) -> Result<Self> {
+    pub fn start(
+        store: Arc<dyn Store>,
+        plan: Vec<ReadRange>,
+        config: &StreamConfig,
+    ) -> Result<Self> {
         config.validate()?;
         if let Some(r) = plan.iter().find(|r| r.len > config.chunk_bytes) {
             return Err(Error::invalid(format!(
@@ -259,7 +263,10 @@ impl Driver {
                     Err(e) => writer.fail(e),
                 }
             }));
-            while tasks.front().is_some_and(|t: &tokio::task::JoinHandle<()>| t.is_finished()) {
+            while tasks
+                .front()
+                .is_some_and(|t: &tokio::task::JoinHandle<()>| t.is_finished())
+            {
                 tasks.pop_front();
             }
         }
@@ -329,7 +336,7 @@ mod tests {
             let want = std::fs::read(dir.path().join(format!("f{f}"))).unwrap();
             let have: Vec<u8> = got
                 .iter()
-                .filter(|(r, _)| &*r.key == format!("f{f}"))
+                .filter(|(r, _)| *r.key == format!("f{f}"))
                 .flat_map(|(_, d)| d.clone())
                 .collect();
             assert_eq!(have, want);
@@ -341,8 +348,16 @@ mod tests {
         let dir = dataset(1, 100);
         let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
         let plan = vec![
-            ReadRange { key: "f0".into(), offset: 0, len: 10 },
-            ReadRange { key: "missing".into(), offset: 0, len: 10 },
+            ReadRange {
+                key: "f0".into(),
+                offset: 0,
+                len: 10,
+            },
+            ReadRange {
+                key: "missing".into(),
+                offset: 0,
+                len: 10,
+            },
         ];
         let mut stream = Stream::start(store, plan, &StreamConfig::new(64, 2)).unwrap();
         let err = collect(&mut stream).unwrap_err();
@@ -365,7 +380,11 @@ mod tests {
         // The ring is full of held chunks: the driver waits on back-pressure.
         let t = Instant::now();
         stream.close();
-        assert!(t.elapsed() < Duration::from_secs(1), "close took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "close took {:?}",
+            t.elapsed()
+        );
         assert_eq!(held[0].data().len(), 1024);
     }
 

@@ -131,7 +131,13 @@ impl Reader {
         let window = WINDOW_CHUNKS * self.config.chunk_bytes as u64;
         let len = (self.size - self.pos).min(window);
         let mut plan: Vec<ReadRange> = Vec::new();
-        split_range(&Arc::from(self.key.as_str()), self.pos, len, self.config.chunk_bytes, &mut plan);
+        split_range(
+            &Arc::from(self.key.as_str()),
+            self.pos,
+            len,
+            self.config.chunk_bytes,
+            &mut plan,
+        );
         let config = StreamConfig::new(self.config.chunk_bytes, self.config.depth);
         let stream = Stream::start(Arc::clone(self.storage.store()), plan, &config)?;
         self.readahead = Some(Readahead {
@@ -148,7 +154,9 @@ impl Reader {
         let mut filled = 0;
         while filled < buf.len() {
             let fresh = match &self.readahead {
-                Some(ra) => ra.next_offset != self.pos + filled as u64 || ra.next_offset >= ra.end_offset,
+                Some(ra) => {
+                    ra.next_offset != self.pos + filled as u64 || ra.next_offset >= ra.end_offset
+                }
                 None => true,
             };
             if fresh {
@@ -212,7 +220,11 @@ mod tests {
     #[test]
     fn sequential_small_reads_use_readahead_and_match() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let cfg = ReaderConfig { chunk_bytes: 4096, depth: 2, direct_bytes: 1 << 20 };
+        let cfg = ReaderConfig {
+            chunk_bytes: 4096,
+            depth: 2,
+            direct_bytes: 1 << 20,
+        };
         let (_d, mut r) = reader(&data, cfg);
         let mut out = Vec::new();
         let mut buf = [0u8; 1000];
@@ -232,7 +244,14 @@ mod tests {
     #[test]
     fn random_access_does_not_read_ahead() {
         let data: Vec<u8> = (0..50_000u32).map(|i| (i % 13) as u8).collect();
-        let (_d, mut r) = reader(&data, ReaderConfig { chunk_bytes: 4096, depth: 2, direct_bytes: 1 << 20 });
+        let (_d, mut r) = reader(
+            &data,
+            ReaderConfig {
+                chunk_bytes: 4096,
+                depth: 2,
+                direct_bytes: 1 << 20,
+            },
+        );
         let mut buf = [0u8; 100];
         for pos in [40_000u64, 10, 30_000, 5] {
             r.seek(pos);
@@ -245,7 +264,14 @@ mod tests {
     #[test]
     fn large_reads_go_direct_and_reads_past_the_end_return_zero() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 7) as u8).collect();
-        let (_d, mut r) = reader(&data, ReaderConfig { chunk_bytes: 4096, depth: 2, direct_bytes: 8192 });
+        let (_d, mut r) = reader(
+            &data,
+            ReaderConfig {
+                chunk_bytes: 4096,
+                depth: 2,
+                direct_bytes: 8192,
+            },
+        );
         let mut buf = vec![0u8; 400_000];
         assert_eq!(r.read_into(&mut buf).unwrap(), 300_000);
         assert_eq!(&buf[..300_000], &data[..]);

@@ -84,7 +84,9 @@ impl Arena {
         // SAFETY: layout has non-zero size (checked by Ring::new).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::invalid(format!("could not allocate an arena of {total_bytes} bytes"))
+            Error::invalid(format!(
+                "could not allocate an arena of {total_bytes} bytes"
+            ))
         })?;
         Ok(Arena { ptr, layout })
     }
@@ -340,7 +342,9 @@ impl Ring {
 
     fn wait_error(&self, what: &str, seq: u64, timeout: Option<Duration>) -> Error {
         if self.is_closed() {
-            Error::Closed(format!("ring closed while waiting to {what} slot for read #{seq}"))
+            Error::Closed(format!(
+                "ring closed while waiting to {what} slot for read #{seq}"
+            ))
         } else {
             Error::Timeout {
                 what: format!("waiting to {what} slot for read #{seq}"),
@@ -504,7 +508,11 @@ mod tests {
         let r0 = ring.consume(0, None).unwrap();
         assert!(ring.try_claim(2).is_none(), "seq 0 is held by the consumer");
         let ring2 = Arc::clone(&ring);
-        let t = thread::spawn(move || ring2.claim(2, Some(Duration::from_secs(5))).map(|w| w.seq()));
+        let t = thread::spawn(move || {
+            ring2
+                .claim(2, Some(Duration::from_secs(5)))
+                .map(|w| w.seq())
+        });
         thread::sleep(Duration::from_millis(20));
         drop(r0);
         assert_eq!(t.join().unwrap().unwrap(), 2);
@@ -513,7 +521,9 @@ mod tests {
     #[test]
     fn consume_times_out_and_close_wakes_waiters() {
         let ring = Ring::new(2, 8).unwrap();
-        let err = ring.consume(0, Some(Duration::from_millis(10))).unwrap_err();
+        let err = ring
+            .consume(0, Some(Duration::from_millis(10)))
+            .unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err}");
         let ring2 = Arc::clone(&ring);
         let t = thread::spawn(move || ring2.consume(0, None));

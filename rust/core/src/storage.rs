@@ -35,7 +35,8 @@ pub struct StorageConfig {
 
 impl StorageConfig {
     pub fn from_json(json: &str) -> Result<Self> {
-        serde_json::from_str(json).map_err(|e| Error::invalid(format!("bad storage configuration: {e}")))
+        serde_json::from_str(json)
+            .map_err(|e| Error::invalid(format!("bad storage configuration: {e}")))
     }
 }
 
@@ -91,7 +92,12 @@ impl Storage {
 
     /// Resolves `cat_file(key, start, end)` to `(offset, len)` with fsspec's
     /// slice semantics (see [`resolve_slice`]).
-    pub fn resolve_slice(&self, key: &str, start: Option<i64>, end: Option<i64>) -> Result<(u64, u64)> {
+    pub fn resolve_slice(
+        &self,
+        key: &str,
+        start: Option<i64>,
+        end: Option<i64>,
+    ) -> Result<(u64, u64)> {
         Ok(resolve_slice(self.size(key)?, start, end))
     }
 
@@ -136,7 +142,13 @@ impl Storage {
 
     /// Fills one large buffer with several threads at once: the buffer is
     /// cut into `parts` contiguous pieces read in parallel.
-    pub fn read_into_parallel(&self, key: &str, offset: u64, buf: &mut [u8], part_bytes: usize) -> Result<()> {
+    pub fn read_into_parallel(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        part_bytes: usize,
+    ) -> Result<()> {
         let part_bytes = part_bytes.max(1);
         let mut requests: Vec<RangeRequest<'_>> = buf
             .chunks_mut(part_bytes)
@@ -158,7 +170,8 @@ impl Storage {
         }
         let blocking = {
             let first = &mut requests[0];
-            self.store.read_into_blocking(first.key, first.offset, first.buf)
+            self.store
+                .read_into_blocking(first.key, first.offset, first.buf)
         };
         match blocking {
             Some(first) => {
@@ -170,7 +183,11 @@ impl Storage {
         }
     }
 
-    fn read_many_blocking(&self, requests: &mut [RangeRequest<'_>], threads: usize) -> Vec<Result<()>> {
+    fn read_many_blocking(
+        &self,
+        requests: &mut [RangeRequest<'_>],
+        threads: usize,
+    ) -> Vec<Result<()>> {
         let threads = threads.clamp(1, requests.len().max(1));
         let per_thread = requests.len().div_ceil(threads).max(1);
         let store = &self.store;
@@ -179,7 +196,9 @@ impl Storage {
                 .map(|r| {
                     store
                         .read_into_blocking(r.key, r.offset, r.buf)
-                        .unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
+                        .unwrap_or_else(|| {
+                            runtime::block_on(store.read_into(r.key, r.offset, r.buf))
+                        })
                 })
                 .collect()
         };
@@ -199,7 +218,11 @@ impl Storage {
     }
 
     fn read_many_async(&self, requests: &mut [RangeRequest<'_>]) -> Vec<Result<()>> {
-        let concurrency = self.config.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
+        let concurrency = self
+            .config
+            .concurrency
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .max(1);
         let store = &self.store;
         runtime::block_on(
             futures::stream::iter(requests.iter_mut())
@@ -220,7 +243,9 @@ impl Storage {
 /// Threads worth using for `n` requests: the cores, but no more than the
 /// work can keep busy.
 pub fn threads_for(n: usize, min_per_thread: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
     cores.min(n / min_per_thread.max(1)).max(1)
 }
 

@@ -68,7 +68,9 @@ impl PyReader {
             return Err(PyTypeError::new_err("readinto() needs a writable buffer"));
         }
         if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err("readinto() needs a C-contiguous buffer"));
+            return Err(PyValueError::new_err(
+                "readinto() needs a C-contiguous buffer",
+            ));
         }
         let target = Target(buffer.buf_ptr() as *mut u8, buffer.len_bytes());
         py.detach(move || {
@@ -80,10 +82,14 @@ impl PyReader {
     }
 
     /// Reads up to `size` bytes (all that is left when `size` < 0).
-    #[pyo3(signature = (size = -1))]
+    #[pyo3(signature = (size = -1), text_signature = "(self, /, size=-1)")]
     fn read<'py>(&self, py: Python<'py>, size: i64) -> PyResult<Bound<'py, PyBytes>> {
         let left = self.with(|r| Ok(r.size().saturating_sub(r.tell())))?;
-        let n = if size < 0 { left } else { (size as u64).min(left) };
+        let n = if size < 0 {
+            left
+        } else {
+            (size as u64).min(left)
+        };
         PyBytes::new_with(py, n as usize, |buf| {
             py.detach(|| self.with(|r| r.read_into(buf)).map(|_| ()))
         })
@@ -96,7 +102,10 @@ impl PyReader {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 }
 

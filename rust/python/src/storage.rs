@@ -73,7 +73,9 @@ impl PyStorage {
         start: Option<i64>,
         end: Option<i64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (offset, len) = py.detach(|| self.inner.resolve_slice(key, start, end)).py()?;
+        let (offset, len) = py
+            .detach(|| self.inner.resolve_slice(key, start, end))
+            .py()?;
         let (bytes, target) = new_bytes(py, len as usize)?;
         py.detach(move || {
             // SAFETY: the only slice of this fresh bytes object.
@@ -117,7 +119,11 @@ impl PyStorage {
                 if let Some((offset, target)) = t {
                     // SAFETY: one request per fresh bytes object.
                     let buf = unsafe { target.slice() };
-                    requests.push(RangeRequest { key, offset: *offset, buf });
+                    requests.push(RangeRequest {
+                        key,
+                        offset: *offset,
+                        buf,
+                    });
                     index.push(i);
                 }
             }

@@ -76,7 +76,10 @@ impl PyChunkStream {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -158,7 +161,11 @@ impl PyChunk {
     }
 
     fn __repr__(&self) -> String {
-        let state = if self.chunk.is_some() { "" } else { ", released" };
+        let state = if self.chunk.is_some() {
+            ""
+        } else {
+            ", released"
+        };
         format!(
             "Chunk(path={:?}, offset={}, nbytes={}{})",
             self.path, self.offset, self.nbytes, state

@@ -68,13 +68,20 @@ impl LocalStore {
             .components()
             .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
         {
-            return Err(Error::invalid(format!("key {key:?} escapes the replica root")));
+            return Err(Error::invalid(format!(
+                "key {key:?} escapes the replica root"
+            )));
         }
         Ok(root.join(rel))
     }
 
     fn file(&self, key: &str) -> Result<Arc<File>> {
-        if let Some(f) = self.files.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+        if let Some(f) = self
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+        {
             return Ok(Arc::clone(f));
         }
         let path = self.path_of(key)?;
@@ -157,12 +164,24 @@ mod tests {
     fn short_read_is_an_error_not_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        std::fs::File::create(&p).unwrap().write_all(b"hello").unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(b"hello")
+            .unwrap();
         let store = LocalStore::rooted(dir.path()).unwrap();
         let mut buf = [0u8; 8];
-        let err = store.read_into_blocking("f", 0, &mut buf).unwrap().unwrap_err();
-        assert!(matches!(err, Error::ShortRead { got_bytes: 5, .. }), "{err}");
-        store.read_into_blocking("f", 1, &mut buf[..4]).unwrap().unwrap();
+        let err = store
+            .read_into_blocking("f", 0, &mut buf)
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::ShortRead { got_bytes: 5, .. }),
+            "{err}"
+        );
+        store
+            .read_into_blocking("f", 1, &mut buf[..4])
+            .unwrap()
+            .unwrap();
         assert_eq!(&buf[..4], b"ello");
     }
 
@@ -173,7 +192,9 @@ mod tests {
         let store = LocalStore::rooted(dir.path()).unwrap();
         let mut buf = [0u8; 1];
         assert!(matches!(
-            store.read_into_blocking("../etc/passwd", 0, &mut buf).unwrap(),
+            store
+                .read_into_blocking("../etc/passwd", 0, &mut buf)
+                .unwrap(),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(

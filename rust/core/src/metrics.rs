@@ -1,0 +1,124 @@
+//! Latency histograms (HDR) and the percentile summary every report uses.
+//! One type for per-replica stats, per-stage stats and the bench harness, so
+//! a "p99" means the same everywhere.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest latency recorded exactly: one hour. Longer values are clamped
+/// to it (and still counted), never dropped.
+const MAX_TRACKABLE_US: u64 = 3_600_000_000;
+
+/// The percentiles reported everywhere, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    #[serde(rename = "p99.9_ms")]
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// An HDR histogram of latencies in microseconds, 3 significant digits.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    hist: Histogram<u64>,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LatencyHistogram {
+    pub fn new() -> Self {
+        LatencyHistogram {
+            hist: Histogram::new_with_bounds(1, MAX_TRACKABLE_US, 3)
+                .expect("static bounds are valid"),
+        }
+    }
+
+    pub fn record_us(&mut self, us: u64) {
+        self.hist.saturating_record(us.clamp(1, MAX_TRACKABLE_US));
+    }
+
+    pub fn record(&mut self, elapsed: std::time::Duration) {
+        self.record_us(elapsed.as_micros().min(u64::MAX as u128) as u64);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.hist.len()
+    }
+
+    /// The latency at `percentile` (0 < p ≤ 100), in milliseconds.
+    pub fn percentile_ms(&self, percentile: f64) -> f64 {
+        if self.hist.is_empty() {
+            return 0.0;
+        }
+        self.hist.value_at_percentile(percentile) as f64 / 1000.0
+    }
+
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        // Same bounds by construction, so `add` cannot fail.
+        let _ = self.hist.add(&other.hist);
+    }
+
+    pub fn reset(&mut self) {
+        self.hist.reset();
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        if self.hist.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: self.hist.len(),
+            mean_ms: self.hist.mean() / 1000.0,
+            p50_ms: self.percentile_ms(50.0),
+            p90_ms: self.percentile_ms(90.0),
+            p99_ms: self.percentile_ms(99.0),
+            p999_ms: self.percentile_ms(99.9),
+            max_ms: self.hist.max() as f64 / 1000.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_track_the_tail() {
+        let mut h = LatencyHistogram::new();
+        for _ in 0..990 {
+            h.record_us(1_000);
+        }
+        for _ in 0..10 {
+            h.record_us(200_000);
+        }
+        let s = h.summary();
+        assert_eq!(s.count, 1000);
+        assert!((s.p50_ms - 1.0).abs() < 0.01, "{s:?}");
+        assert!((s.p99_ms - 1.0).abs() < 0.01, "{s:?}");
+        assert!((s.p999_ms - 200.0).abs() < 0.5, "{s:?}");
+        assert!((s.max_ms - 200.0).abs() < 0.5, "{s:?}");
+    }
+
+    #[test]
+    fn empty_and_huge_values_are_safe() {
+        let mut h = LatencyHistogram::new();
+        assert_eq!(h.summary(), LatencySummary::default());
+        h.record_us(u64::MAX);
+        h.record_us(0);
+        assert_eq!(h.count(), 2);
+        let mut g = LatencyHistogram::new();
+        g.merge(&h);
+        assert_eq!(g.count(), 2);
+        g.reset();
+        assert_eq!(g.count(), 0);
+    }
+}
