@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,10 @@ def _positive_int(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be at least 1, got {value}")
+    if value > sys.maxsize:
+        # Past what the core can even count; the memory budget check in Rust
+        # covers everything smaller.
+        raise ValueError(f"{name}={value} is larger than any memory budget")
     return value
 
 
@@ -179,8 +184,9 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
                 )
         return self._storage.stream(
             items,
-            _positive_int("chunk_bytes", chunk_bytes or self.chunk_bytes),
-            _positive_int("depth", depth or self.depth),
+            # `is None`, not `or`: an explicit 0 is an error, not "default".
+            _positive_int("chunk_bytes", self.chunk_bytes if chunk_bytes is None else chunk_bytes),
+            _positive_int("depth", self.depth if depth is None else depth),
             memory_budget_bytes,
         )
 
