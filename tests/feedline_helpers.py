@@ -3,7 +3,6 @@ prefetch threads (read from /proc, the kernel's own view)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path

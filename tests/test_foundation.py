@@ -8,14 +8,13 @@ import io
 import os
 from collections.abc import Callable
 
+import feedline
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
-from fsspec.implementations.local import LocalFileSystem
-
-import feedline
 from feedline_helpers import pattern, prefetch_threads, wait_for
+from fsspec.implementations.local import LocalFileSystem
 
 MakeFile = Callable[..., tuple[str, bytes]]
 
@@ -30,9 +29,7 @@ def test_fsspec_finds_the_filesystem_through_its_entry_point(make_file: MakeFile
     assert fs.info(path)["size"] == len(data)
     assert fs.exists(path)
     assert not fs.exists(path + ".missing")
-    assert [os.path.basename(p) for p in fs.ls(os.path.dirname(path), detail=False)] == [
-        "data.bin"
-    ]
+    assert [os.path.basename(p) for p in fs.ls(os.path.dirname(path), detail=False)] == ["data.bin"]
 
 
 def test_fsspec_open_with_a_chained_url_reads_through_feedline(make_file: MakeFile) -> None:
@@ -143,8 +140,12 @@ def _collect(stream: feedline.ChunkStream) -> list[tuple[str, int, bytes]]:
     return out
 
 
-def test_stream_delivers_every_byte_in_plan_order(make_file: MakeFile, no_thread_leak: None) -> None:
-    files = [make_file(f"f{i}.bin", size, seed=i) for i, size in enumerate([0, 1, 4096, 10_001, 70_000])]
+def test_stream_delivers_every_byte_in_plan_order(
+    make_file: MakeFile, no_thread_leak: None
+) -> None:
+    files = [
+        make_file(f"f{i}.bin", size, seed=i) for i, size in enumerate([0, 1, 4096, 10_001, 70_000])
+    ]
     fs = feedline.FileSystem()
     with fs.stream([p for p, _ in files], chunk_bytes=4096, depth=3) as stream:
         assert len(stream) == sum(-(-len(d) // 4096) for _, d in files)
@@ -419,9 +420,8 @@ def test_write_and_append_modes_delegate_to_fsspec(tmp_path: object) -> None:
         f.write("text checkpoint\n")
     with feedline.open(path, "r") as f:
         assert f.read() == "text checkpoint\n"
-    with pytest.raises(FileExistsError):
-        with feedline.open(path, "xb") as f:
-            f.write(b"no")
+    with pytest.raises(FileExistsError), feedline.open(path, "xb") as f:
+        f.write(b"no")
     # The fsspec filesystem writes through fsspec's local filesystem too.
     fs = feedline.FileSystem()
     with fs.open(path, "wb") as f:
@@ -442,7 +442,7 @@ def test_open_accepts_pathlike_and_feedline_urls(make_file: MakeFile) -> None:
 
 
 def test_closing_a_file_stops_its_readahead(make_file: MakeFile) -> None:
-    path, data = make_file(size=1 << 20)
+    path, _ = make_file(size=1 << 20)
     gc.collect()
     before = prefetch_threads()
     f = feedline.open(path, chunk_bytes=4096, depth=4).open()
