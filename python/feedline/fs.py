@@ -114,6 +114,11 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             return path.lstrip("/")
         return os.path.abspath(path) if path else path
 
+    def _keys(self, paths: Sequence[str]) -> list[str]:
+        """`_key` of each path, resolving each distinct path once."""
+        memo: dict[str, str] = {}
+        return [memo.get(p) or memo.setdefault(p, self._key(p)) for p in paths]
+
     def _local_path(self, path: str) -> str:
         key = self._key(path)
         return os.path.join(self.replicas[0], key) if self.replicas else key
@@ -149,7 +154,7 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         n = len(paths)
         starts_l = list(starts) if isinstance(starts, list) else [starts] * n
         ends_l = list(ends) if isinstance(ends, list) else [ends] * n
-        keys = [self._key(p) for p in paths]
+        keys = self._keys(paths)
         out = self._storage.cat_ranges(keys, starts_l, ends_l)
         if on_error == "raise":
             for item in out:
@@ -172,12 +177,17 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             [paths_or_plan] if isinstance(paths_or_plan, str) else paths_or_plan
         )
         items: list[tuple[str, tuple[int, int] | None]] = []
+        # Plans name the same file many times; resolve each path once.
+        keys: dict[str, str] = {}
         for entry in entries:
             if isinstance(entry, str | os.PathLike):
-                items.append((self._key(os.fspath(entry)), None))
+                path = os.fspath(entry)
+                key = keys.get(path) or keys.setdefault(path, self._key(path))
+                items.append((key, None))
             elif isinstance(entry, tuple) and len(entry) == 3:
                 path, offset, length = entry
-                items.append((self._key(path), (int(offset), int(length))))
+                key = keys.get(path) or keys.setdefault(path, self._key(path))
+                items.append((key, (int(offset), int(length))))
             else:
                 raise TypeError(
                     f"a plan entry is a path or a (path, offset, length) tuple, got {entry!r}"

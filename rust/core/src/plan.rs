@@ -94,16 +94,26 @@ pub async fn build_plan(
         return Err(Error::invalid("chunk_bytes must be at least 1, got 0"));
     }
     let mut out = Vec::new();
+    // One stat (and one shared key) per distinct object, however many
+    // ranges of it the plan names.
+    let mut known: std::collections::HashMap<&str, (Arc<str>, u64)> = Default::default();
     for item in items {
-        match item {
-            PlanItem::Object(key) => {
-                let size = store.size(key).await?;
-                split_range(&Arc::from(key.as_str()), 0, size, chunk_bytes, &mut out);
+        let key = match item {
+            PlanItem::Object(key) | PlanItem::Range { key, .. } => key.as_str(),
+        };
+        let (shared, size) = match known.get(key) {
+            Some(found) => found.clone(),
+            None => {
+                let found = (Arc::<str>::from(key), store.size(key).await?);
+                known.insert(key, found.clone());
+                found
             }
-            PlanItem::Range { key, offset, len } => {
-                let size = store.size(key).await?;
+        };
+        match item {
+            PlanItem::Object(_) => split_range(&shared, 0, size, chunk_bytes, &mut out),
+            PlanItem::Range { offset, len, .. } => {
                 let (o, l) = check_explicit_range(key, size, *offset, *len)?;
-                split_range(&Arc::from(key.as_str()), o, l, chunk_bytes, &mut out);
+                split_range(&shared, o, l, chunk_bytes, &mut out);
             }
         }
     }

@@ -19,6 +19,15 @@ use crate::store::Store;
 /// naming the sizes rather than letting a typo allocate the machine.
 pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 4 << 30;
 
+/// Ranges up to this size are read by the driver thread itself when the
+/// store can read without an executor (page-cache `pread`): spawning a task
+/// and waking a worker costs more than such a read.
+pub const INLINE_READ_BYTES: usize = 256 << 10;
+
+/// Longest a producer waits for a batch of free slots before claiming just
+/// the next one (see `Driver::claim`).
+const BATCH_WAIT: Duration = Duration::from_millis(2);
+
 /// How often a waiting driver looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
@@ -244,6 +253,17 @@ impl Driver {
             let Some(mut writer) = self.claim(seq) else {
                 break;
             };
+            let range = &self.plan[seq as usize];
+            if range.len <= INLINE_READ_BYTES {
+                let buf = &mut writer.buf_mut()[..range.len];
+                if let Some(result) = self.store.read_into_blocking(&range.key, range.offset, buf) {
+                    match result {
+                        Ok(()) => writer.publish(range.len),
+                        Err(e) => writer.fail(e),
+                    }
+                    continue;
+                }
+            }
             let permit = match handle.block_on(Arc::clone(&self.in_flight).acquire_owned()) {
                 Ok(p) => p,
                 Err(_) => break,
@@ -278,7 +298,19 @@ impl Driver {
     }
 
     /// Claims the slot for `seq`, waking every `STOP_POLL` to honour a stop.
+    /// When the ring is full it first waits until half the ring is free
+    /// (hysteresis): one wake-up then serves a batch of claims instead of
+    /// producer and consumer waking each other for every chunk.
     fn claim(&self, seq: u64) -> Option<crate::ring::SlotWriter> {
+        if let Some(w) = self.ring.try_claim(seq) {
+            return Some(w);
+        }
+        let batch = (self.ring.slot_count() as u64 / 2).max(1);
+        let last = (seq + batch - 1).min(self.plan.len() as u64 - 1);
+        // Bounded: a consumer may hold a chunk in the batch while it waits
+        // for `seq`, whose slot is already free; waiting on for `last` then
+        // would deadlock the two.
+        self.ring.wait_free(last, Some(BATCH_WAIT));
         loop {
             if self.stopped() {
                 return None;

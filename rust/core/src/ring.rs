@@ -99,6 +99,10 @@ impl Drop for Arena {
     }
 }
 
+/// Yields before a waiter parks (see `Parking::wait_until`).
+#[cfg(not(loom))]
+const SPIN_YIELDS: usize = 32;
+
 /// Parking for waiters: the fast path never touches the lock.
 ///
 /// Lost-wakeup freedom is a Dekker pattern: a waiter announces itself
@@ -139,6 +143,19 @@ impl Parking {
     ) -> Option<T> {
         if let Some(v) = ready() {
             return Some(v);
+        }
+        // A short spin (yielding the core) before parking: the other side is
+        // usually a few microseconds from publishing or releasing, and a
+        // thread that never parks costs its peer no futex wake either.
+        #[cfg(not(loom))]
+        for _ in 0..SPIN_YIELDS {
+            std::thread::yield_now();
+            if let Some(v) = ready() {
+                return Some(v);
+            }
+            if closed() {
+                return None;
+            }
         }
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -309,6 +326,21 @@ impl Ring {
             .ok_or_else(|| self.wait_error("claim", seq, timeout))
     }
 
+    /// Waits until the slot for `seq` is free to claim, without claiming
+    /// it. Producers use it to wait for a batch of free slots rather than
+    /// one, so producer and consumer do not wake each other for every chunk.
+    /// `false` on timeout or close.
+    pub fn wait_free(&self, seq: u64, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (_, slot) = self.slot(seq);
+        // Acquire pairs with the Release in `release`, as for a claim; the
+        // claim itself still CASes, so this is only a hint.
+        let free = || (slot.stamp.load(Ordering::Acquire) == stamp(seq, FREE)).then_some(());
+        self.parking
+            .wait_until(deadline, free, || self.is_closed())
+            .is_some()
+    }
+
     /// Consumes `seq` without waiting.
     pub fn try_consume(self: &Arc<Self>, seq: u64) -> Option<Result<SlotReader>> {
         // The reader of a failed slot is dropped (released) here, outside
@@ -347,7 +379,10 @@ impl Ring {
         // lock: releasing a failed slot inside it would deadlock.
         self.parking
             .wait_until(deadline, || self.try_take(seq), || self.is_closed())
-            .map_or_else(|| Err(self.wait_error("consume", seq, timeout)), Taken::into_result)
+            .map_or_else(
+                || Err(self.wait_error("consume", seq, timeout)),
+                Taken::into_result,
+            )
     }
 
     fn wait_error(&self, what: &str, seq: u64, timeout: Option<Duration>) -> Error {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use super::{BoxFuture, Store};
 use crate::error::{Error, Result};
@@ -19,7 +19,9 @@ const MAX_OPEN_FILES: usize = 1024;
 pub struct LocalStore {
     root: Option<PathBuf>,
     name: String,
-    files: Mutex<HashMap<String, Arc<File>>>,
+    /// Read-mostly: parallel `cat_ranges` threads look files up at once,
+    /// and a read lock never puts one of them to sleep.
+    files: RwLock<HashMap<String, Arc<File>>>,
 }
 
 impl LocalStore {
@@ -28,7 +30,7 @@ impl LocalStore {
         LocalStore {
             root: None,
             name: "file://".into(),
-            files: Mutex::new(HashMap::new()),
+            files: RwLock::new(HashMap::new()),
         }
     }
 
@@ -51,7 +53,7 @@ impl LocalStore {
         Ok(LocalStore {
             root: Some(root.to_path_buf()),
             name: root.display().to_string(),
-            files: Mutex::new(HashMap::new()),
+            files: RwLock::new(HashMap::new()),
         })
     }
 
@@ -78,7 +80,7 @@ impl LocalStore {
     fn file(&self, key: &str) -> Result<Arc<File>> {
         if let Some(f) = self
             .files
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
         {
@@ -91,7 +93,7 @@ impl LocalStore {
             return Err(Error::IsADirectory { path: key.into() });
         }
         let file = Arc::new(file);
-        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         if files.len() >= MAX_OPEN_FILES {
             files.clear();
         }
