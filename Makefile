@@ -57,8 +57,10 @@ py-test: build system-deps
 	$(BIN)/pytest
 
 bench: build system-deps
+	mkdir -p bench-out
 	$(BIN)/pytest benches -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds \
-	  -o testpaths=benches -o timeout=1200 $(BENCH_ARGS)
+	  -o testpaths=benches -o timeout=1200 --benchmark-json=bench-out/pytest-benchmark.json $(BENCH_ARGS)
+	$(PY) benches/report.py bench-out/pytest-benchmark.json
 	cargo bench -p feedline-core --bench ring -- --quick
 
 clean:

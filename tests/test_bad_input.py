@@ -337,3 +337,17 @@ def test_readinto_refuses_a_read_only_buffer(make_file: MakeFile) -> None:
     path, _ = make_file()
     with feedline.open(path) as f, pytest.raises(TypeError):
         f.readinto(b"immutable")
+
+
+def test_holding_every_slot_raises_instead_of_hanging(make_file: MakeFile) -> None:
+    path, data = make_file(size=8 * 4096)
+    with feedline.FileSystem().stream([path], chunk_bytes=4096, depth=1) as stream:
+        # `list(stream)` would keep every chunk alive: a ring of two slots
+        # cannot deliver the third.
+        held = [next(stream), next(stream)]
+        with pytest.raises(ValueError, match="all 2 slots of this stream are held"):
+            next(stream)
+        held[0].release()
+        third = next(stream)
+        assert third.offset == 2 * 4096
+        assert bytes(memoryview(third)) == data[8192:12288]

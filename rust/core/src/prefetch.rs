@@ -193,6 +193,18 @@ impl Stream {
         let Some(range) = self.plan.get(self.next_seq as usize) else {
             return Ok(Next::End);
         };
+        if self.ring.held_by_consumer(self.next_seq) {
+            // Waiting would never end: the slot is ours. The stream stays
+            // usable once a chunk is released.
+            return Err(Error::invalid(format!(
+                "all {} slots of this stream are held by chunks not yet released \
+                 (the next chunk, #{}, needs the slot of chunk #{}); release chunks \
+                 (or drop their views) before taking more, or raise depth",
+                self.ring.slot_count(),
+                self.next_seq,
+                self.next_seq - self.ring.slot_count() as u64
+            )));
+        }
         match self.ring.consume(self.next_seq, Some(timeout)) {
             Ok(slot) => {
                 self.next_seq += 1;
@@ -418,6 +430,31 @@ mod tests {
             t.elapsed()
         );
         assert_eq!(held[0].data().len(), 1024);
+    }
+
+    #[test]
+    fn taking_more_chunks_than_slots_is_an_error_not_a_hang() {
+        let dir = dataset(1, 8 * 1024);
+        let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
+        let items = vec![PlanItem::Object("f0".into())];
+        let plan = runtime::block_on(build_plan(store.as_ref(), &items, 1024)).unwrap();
+        let mut stream = Stream::start(store, plan, &StreamConfig::new(1024, 1)).unwrap();
+        let mut held = Vec::new();
+        while held.len() < 2 {
+            if let Next::Chunk(c) = stream.next_chunk(Duration::from_secs(1)).unwrap() {
+                held.push(c);
+            }
+        }
+        let err = stream.next_chunk(Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("all 2 slots"), "{err}");
+        // Releasing one lets the stream go on.
+        held.remove(0);
+        let next = loop {
+            if let Next::Chunk(c) = stream.next_chunk(Duration::from_secs(1)).unwrap() {
+                break c;
+            }
+        };
+        assert_eq!(next.range.offset, 2048);
     }
 
     #[test]

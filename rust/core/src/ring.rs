@@ -341,6 +341,18 @@ impl Ring {
             .is_some()
     }
 
+    /// Whether the slot `seq` needs is still held by the consumer itself
+    /// (it has not released `seq - slots`). A consumer waiting for `seq`
+    /// then waits for itself.
+    pub fn held_by_consumer(&self, seq: u64) -> bool {
+        let lap = self.slots.len() as u64;
+        if seq < lap {
+            return false;
+        }
+        let (_, slot) = self.slot(seq);
+        slot.stamp.load(Ordering::Acquire) == stamp(seq - lap, CONSUMING)
+    }
+
     /// Consumes `seq` without waiting.
     pub fn try_consume(self: &Arc<Self>, seq: u64) -> Option<Result<SlotReader>> {
         // The reader of a failed slot is dropped (released) here, outside

@@ -35,8 +35,10 @@ impl PyChunkStream {
             return Ok(Next::End);
         };
         let next = stream.next_chunk(SIGNAL_POLL);
-        if matches!(next, Ok(Next::End) | Err(_)) {
-            // Done or failed: join the driver now rather than at GC.
+        if matches!(next, Ok(Next::End)) || stream.is_closed() {
+            // Done, or failed (the core closed it): join the driver now
+            // rather than at GC. An error that leaves the stream open (all
+            // slots held) lets the caller release a chunk and go on.
             guard.take();
         }
         next
