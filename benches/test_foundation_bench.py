@@ -130,7 +130,7 @@ def test_p3_feedline_stream_numpy(benchmark: Benchmark, dataset: Dataset) -> Non
 
     def consume() -> int:
         total = 0
-        # depth=2: a ring of 4 × 1 MiB stays in the CPU cache between the
+        # depth=2: a ring of 4 x 1 MiB stays in the CPU cache between the
         # read and the sum; a deeper ring only helps when storage is slow.
         with fs.stream(dataset.small_files, chunk_bytes=dataset.small_bytes, depth=2) as stream:
             for chunk in stream:
