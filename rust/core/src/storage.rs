@@ -18,6 +18,9 @@ use crate::store::{LocalStore, Store};
 /// Ranges per thread below which `read_many` does not bother to split.
 const MIN_RANGES_PER_THREAD: usize = 64;
 
+/// Bytes a `read_many` thread takes from the shared queue at once.
+const BATCH_BYTES: usize = 256 << 10;
+
 /// How many async reads `read_many` keeps in flight on stores without a
 /// blocking path (remote stores).
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -188,33 +191,59 @@ impl Storage {
         requests: &mut [RangeRequest<'_>],
         threads: usize,
     ) -> Vec<Result<()>> {
-        let threads = threads.clamp(1, requests.len().max(1));
-        let per_thread = requests.len().div_ceil(threads).max(1);
+        let n = requests.len();
+        let threads = threads.clamp(1, n.max(1));
         let store = &self.store;
-        let read = |reqs: &mut [RangeRequest<'_>]| -> Vec<Result<()>> {
-            reqs.iter_mut()
-                .map(|r| {
-                    store
-                        .read_into_blocking(r.key, r.offset, r.buf)
-                        .unwrap_or_else(|| {
-                            runtime::block_on(store.read_into(r.key, r.offset, r.buf))
-                        })
-                })
-                .collect()
+        let read_one = |r: &mut RangeRequest<'_>| -> Result<()> {
+            store
+                .read_into_blocking(r.key, r.offset, r.buf)
+                .unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
         };
         if threads == 1 {
-            return read(requests);
+            return requests.iter_mut().map(read_one).collect();
         }
-        std::thread::scope(|scope| {
-            let mut parts = requests.chunks_mut(per_thread);
-            let head = parts.next().unwrap_or_default();
-            let handles: Vec<_> = parts.map(|p| scope.spawn(move || read(p))).collect();
-            let mut results = read(head);
-            for h in handles {
-                results.extend(h.join().expect("read thread panicked"));
+        // Threads take batches from a shared queue instead of a fixed share
+        // each: on a busy machine one thread may get far less CPU than the
+        // other, and a split made up front would make the call wait for it.
+        // A batch is about `BATCH_BYTES`, so the lock is cheap next to the
+        // reads it hands out.
+        let total_bytes: usize = requests.iter().map(|r| r.buf.len()).sum();
+        let batch = (BATCH_BYTES / (total_bytes / n).max(1)).clamp(1, 64);
+        let queue = std::sync::Mutex::new(requests.iter_mut().enumerate());
+        let work = || {
+            let mut done = Vec::new();
+            loop {
+                let taken: Vec<_> = queue
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .by_ref()
+                    .take(batch)
+                    .collect();
+                if taken.is_empty() {
+                    return done;
+                }
+                for (i, r) in taken {
+                    done.push((i, read_one(r)));
+                }
             }
-            results
-        })
+        };
+        let mut results: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(&work)).collect();
+            let mut place = |done: Vec<(usize, Result<()>)>| {
+                for (i, r) in done {
+                    results[i] = Some(r);
+                }
+            };
+            place(work());
+            for h in helpers {
+                place(h.join().expect("read thread panicked"));
+            }
+        });
+        results
+            .into_iter()
+            .map(|r| r.expect("every request is taken from the queue once"))
+            .collect()
     }
 
     fn read_many_async(&self, requests: &mut [RangeRequest<'_>]) -> Vec<Result<()>> {
