@@ -229,7 +229,7 @@ impl Storage {
         };
         let mut results: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
         std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(&work)).collect();
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
             let mut place = |done: Vec<(usize, Result<()>)>| {
                 for (i, r) in done {
                     results[i] = Some(r);
