@@ -458,3 +458,27 @@ def test_pattern_pages_differ() -> None:
     # The helper the tests rely on to catch misplaced chunks.
     data = pattern(3 * 4096)
     assert data[:4096] != data[4096:8192]
+
+
+def test_chunks_held_and_released_out_of_order(make_file: MakeFile, no_thread_leak: None) -> None:
+    # A consumer that keeps chunks a while and drops them in any order gets
+    # every byte, in order, as long as chunk k is gone before chunk
+    # k + slots is asked for (the ring reuses k's slot for it).
+    import random
+
+    path, data = make_file(size=300 * 1024)
+    rnd = random.Random(5)
+    for depth in (1, 2, 4):
+        slots = 2 * depth
+        held: dict[int, feedline.Chunk] = {}
+        got = bytearray()
+        with feedline.FileSystem().stream([path], chunk_bytes=1024, depth=depth) as stream:
+            for seq, chunk in enumerate(stream):
+                assert chunk.offset == len(got)
+                got += memoryview(chunk)
+                held[seq] = chunk
+                del chunk
+                for k in list(held):
+                    if k <= seq + 1 - slots or rnd.random() < 0.3:
+                        held.pop(k).release()
+        assert bytes(got) == data
