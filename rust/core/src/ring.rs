@@ -85,16 +85,17 @@ fn progress(current: u64, want: u64) -> Progress {
 }
 
 /// What a producer left in a slot for the consumer: the filled length, or
-/// the error that replaced the bytes.
+/// the error that replaced the bytes (boxed: errors are rare, and a small
+/// meta keeps the whole slot in one cache line).
 #[derive(Debug, Default)]
 struct SlotMeta {
     len: usize,
-    error: Option<Error>,
+    error: Option<Box<Error>>,
 }
 
-/// Aligned to two cache lines so a producer moving slot `i + 1` does not
-/// steal the line of the consumer reading slot `i` (false sharing; adjacent
-/// lines are prefetched in pairs on x86).
+/// Stamp and meta share one cache line, and the alignment to two lines keeps
+/// a producer moving slot `i + 1` off the line of the consumer on slot `i`
+/// (false sharing; x86 prefetches adjacent lines in pairs).
 #[repr(align(128))]
 struct Slot {
     stamp: AtomicU64,
@@ -374,9 +375,10 @@ impl Ring {
         self.slot_bytes
     }
 
-    fn slot(&self, seq: u64) -> (usize, &Slot) {
-        let idx = (seq % self.slots.len() as u64) as usize;
-        (idx, &self.slots[idx])
+    /// The slot index of `seq`. Computed once per claim or consume and then
+    /// carried along: a 64-bit division is dearer than the atomics around it.
+    fn index(&self, seq: u64) -> usize {
+        (seq % self.slots.len() as u64) as usize
     }
 
     fn slot_ptr(&self, idx: usize) -> *mut u8 {
@@ -400,8 +402,8 @@ impl Ring {
     }
 
     /// Moves the slot of `seq` from `from` to `to` (keeping `WAITING`).
-    fn try_transition(&self, seq: u64, from: u64, to: u64) -> Progress {
-        let (_, slot) = self.slot(seq);
+    fn try_transition(&self, idx: usize, seq: u64, from: u64, to: u64) -> Progress {
+        let slot = &self.slots[idx];
         let want = stamp(seq, from);
         // Relaxed: only a guess for the CAS below, which re-checks it.
         let mut current = slot.stamp.load(Ordering::Relaxed);
@@ -431,6 +433,7 @@ impl Ring {
     /// parking while it is not there yet.
     fn transition(
         &self,
+        idx: usize,
         seq: u64,
         from: u64,
         to: u64,
@@ -446,7 +449,7 @@ impl Ring {
             if to == FILLING && self.is_closed() {
                 return Err(self.closed_error(what, seq));
             }
-            match self.try_transition(seq, from, to) {
+            match self.try_transition(idx, seq, from, to) {
                 Progress::Ready => return Ok(()),
                 Progress::Passed => {
                     return Err(Error::invalid(format!(
@@ -462,11 +465,12 @@ impl Ring {
             if backoff.snooze() {
                 continue;
             }
-            let (_, slot) = self.slot(seq);
-            match self
-                .parking
-                .park(&slot.stamp, stamp(seq, from), &self.closed, deadline)
-            {
+            match self.parking.park(
+                &self.slots[idx].stamp,
+                stamp(seq, from),
+                &self.closed,
+                deadline,
+            ) {
                 Parked::Moved => {}
                 Parked::Closed => return Err(self.closed_error(what, seq)),
                 Parked::TimedOut => {
@@ -485,32 +489,35 @@ impl Ring {
         ))
     }
 
-    fn writer(self: &Arc<Self>, seq: u64) -> SlotWriter {
+    fn writer(self: &Arc<Self>, idx: usize, seq: u64) -> SlotWriter {
         SlotWriter {
             ring: Arc::clone(self),
             seq,
+            idx,
             done: false,
         }
     }
 
     /// Claims the slot for `seq` without waiting.
     pub fn try_claim(self: &Arc<Self>, seq: u64) -> Option<SlotWriter> {
-        if self.is_closed() || self.try_transition(seq, FREE, FILLING) != Progress::Ready {
+        let idx = self.index(seq);
+        if self.is_closed() || self.try_transition(idx, seq, FREE, FILLING) != Progress::Ready {
             return None;
         }
-        Some(self.writer(seq))
+        Some(self.writer(idx, seq))
     }
 
     /// Claims the slot for `seq`, waiting while the consumer still holds
     /// `seq - slots` (back-pressure). `None` timeout waits until closed.
     pub fn claim(self: &Arc<Self>, seq: u64, timeout: Option<Duration>) -> Result<SlotWriter> {
-        self.transition(seq, FREE, FILLING, timeout, "claim")?;
-        Ok(self.writer(seq))
+        let idx = self.index(seq);
+        self.transition(idx, seq, FREE, FILLING, timeout, "claim")?;
+        Ok(self.writer(idx, seq))
     }
 
     /// Takes the meta of `seq`, which this thread has just moved to CONSUMING.
-    fn reader(self: &Arc<Self>, seq: u64) -> Result<SlotReader> {
-        let (idx, slot) = self.slot(seq);
+    fn reader(self: &Arc<Self>, idx: usize, seq: u64) -> Result<SlotReader> {
+        let slot = &self.slots[idx];
         // SAFETY: CONSUMING(seq) gives this thread the slot's meta until
         // `release` (see the state machine in the module docs).
         let meta = unsafe { slot.meta.with_mut(std::mem::take) };
@@ -523,29 +530,31 @@ impl Ring {
         match meta.error {
             None => Ok(reader),
             // Dropping the reader releases the slot: the error carries no bytes.
-            Some(err) => Err(err),
+            Some(err) => Err(*err),
         }
     }
 
     /// Consumes `seq` without waiting.
     pub fn try_consume(self: &Arc<Self>, seq: u64) -> Option<Result<SlotReader>> {
-        if self.try_transition(seq, PUBLISHED, CONSUMING) != Progress::Ready {
+        let idx = self.index(seq);
+        if self.try_transition(idx, seq, PUBLISHED, CONSUMING) != Progress::Ready {
             return None;
         }
-        Some(self.reader(seq))
+        Some(self.reader(idx, seq))
     }
 
     /// Waits for `seq` to be published and takes it. Delivery is in plan
     /// order because the caller asks for `seq` in order.
     pub fn consume(self: &Arc<Self>, seq: u64, timeout: Option<Duration>) -> Result<SlotReader> {
-        self.transition(seq, PUBLISHED, CONSUMING, timeout, "consume")?;
-        self.reader(seq)
+        let idx = self.index(seq);
+        self.transition(idx, seq, PUBLISHED, CONSUMING, timeout, "consume")?;
+        self.reader(idx, seq)
     }
 
     /// Moves the stamp on with a swap (see `Parking`) and wakes parked
     /// threads if one marked it.
-    fn advance(&self, seq: u64, to: u64) {
-        let (_, slot) = self.slot(seq);
+    fn advance(&self, idx: usize, to: u64) {
+        let slot = &self.slots[idx];
         // Release: for `publish`, the consumer's Acquire CAS must see the
         // bytes and meta written before; for `release`, the next claimer's
         // Acquire CAS must see every read of the slot finished before it
@@ -559,15 +568,14 @@ impl Ring {
         }
     }
 
-    fn publish(&self, seq: u64, meta: SlotMeta) {
-        let (_, slot) = self.slot(seq);
+    fn publish(&self, idx: usize, seq: u64, meta: SlotMeta) {
         // SAFETY: FILLING(seq) is held by the writer calling this.
-        unsafe { slot.meta.with_mut(|m| *m = meta) };
-        self.advance(seq, stamp(seq, PUBLISHED));
+        unsafe { self.slots[idx].meta.with_mut(|m| *m = meta) };
+        self.advance(idx, stamp(seq, PUBLISHED));
     }
 
-    fn release(&self, seq: u64) {
-        self.advance(seq, stamp(seq + self.slots.len() as u64, FREE));
+    fn release(&self, idx: usize, seq: u64) {
+        self.advance(idx, stamp(seq + self.slots.len() as u64, FREE));
     }
 }
 
@@ -577,6 +585,7 @@ impl Ring {
 pub struct SlotWriter {
     ring: Arc<Ring>,
     seq: u64,
+    idx: usize,
     done: bool,
 }
 
@@ -595,10 +604,11 @@ impl SlotWriter {
 
     /// The slot's whole memory, `slot_bytes` long.
     pub fn buf_mut(&mut self) -> &mut [u8] {
-        let (idx, _) = self.ring.slot(self.seq);
         // SAFETY: FILLING(seq) gives this writer exclusive access to the
         // slot's bytes until it publishes.
-        unsafe { std::slice::from_raw_parts_mut(self.ring.slot_ptr(idx), self.ring.slot_bytes) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ring.slot_ptr(self.idx), self.ring.slot_bytes)
+        }
     }
 
     /// Publishes the first `len` bytes.
@@ -606,17 +616,19 @@ impl SlotWriter {
         // A panic here leaves `done` false, so Drop publishes a cancellation.
         assert!(len <= self.ring.slot_bytes, "publish past the slot");
         self.done = true;
-        self.ring.publish(self.seq, SlotMeta { len, error: None });
+        self.ring
+            .publish(self.idx, self.seq, SlotMeta { len, error: None });
     }
 
     /// Publishes an error in place of bytes.
     pub fn fail(mut self, error: Error) {
         self.done = true;
         self.ring.publish(
+            self.idx,
             self.seq,
             SlotMeta {
                 len: 0,
-                error: Some(error),
+                error: Some(Box::new(error)),
             },
         );
     }
@@ -627,10 +639,11 @@ impl Drop for SlotWriter {
         if !self.done {
             let error = Error::Cancelled(format!("read #{} was abandoned", self.seq));
             self.ring.publish(
+                self.idx,
                 self.seq,
                 SlotMeta {
                     len: 0,
-                    error: Some(error),
+                    error: Some(Box::new(error)),
                 },
             );
         }
@@ -680,7 +693,7 @@ impl SlotReader {
 
 impl Drop for SlotReader {
     fn drop(&mut self) {
-        self.ring.release(self.seq);
+        self.ring.release(self.idx, self.seq);
     }
 }
 

@@ -29,15 +29,21 @@ fn byte_for(seq: u64) -> u8 {
 fn out_of_order_producers_deliver_in_plan_order() {
     loom::model(|| {
         let ring = Ring::new(2, 8).unwrap();
-        // Two fetches finishing in either order; seq 1 is often first.
-        let producers: Vec<_> = [1u64, 0]
+        // Two fetchers finishing in either order: one fills seq 1, the other
+        // seq 0 and then seq 2, which lives in seq 0's slot and so also
+        // waits for the consumer to release seq 0.
+        let producers: Vec<_> = [vec![1u64], vec![0, 2]]
             .into_iter()
-            .map(|seq| {
+            .map(|seqs| {
                 let ring = Arc::clone(&ring);
-                thread::spawn(move || produce(&ring, seq, byte_for(seq)))
+                thread::spawn(move || {
+                    for seq in seqs {
+                        produce(&ring, seq, byte_for(seq));
+                    }
+                })
             })
             .collect();
-        for seq in 0..2 {
+        for seq in 0..3 {
             let reader = ring.consume(seq, None).expect("consume");
             assert_eq!(reader.seq(), seq);
             assert_eq!(reader.data(), &[byte_for(seq)]);
