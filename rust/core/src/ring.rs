@@ -340,6 +340,8 @@ struct RingState {
     slot_bytes: usize,
     /// Distance between slots: `slot_bytes` rounded up to a page.
     stride_bytes: usize,
+    /// `slots - 1` when `slots` is a power of two.
+    index_mask: Option<u64>,
     arena: Arena,
     closed: AtomicBool,
     parking: Parking,
@@ -369,13 +371,17 @@ impl RingState {
             Error::invalid(format!("{slots} slots × {slot_bytes} bytes overflows"))
         })?;
         let arena = Arena::new(total)?;
-        let slots = (0..slots as u64)
+        let slots: Box<[Slot]> = (0..slots as u64)
             .map(|seq| Slot {
                 stamp: AtomicU64::new(stamp(seq, FREE)),
                 meta: Cell::new(SlotMeta::default()),
             })
             .collect();
         Ok(RingState {
+            index_mask: slots
+                .len()
+                .is_power_of_two()
+                .then(|| slots.len() as u64 - 1),
             slots,
             slot_bytes,
             stride_bytes,
@@ -386,9 +392,14 @@ impl RingState {
     }
 
     /// The slot index of `seq`. Computed once per claim or consume and then
-    /// carried along: a 64-bit division is dearer than the atomics around it.
+    /// carried along: a 64-bit division costs as much as an atomic, so a
+    /// power-of-two slot count (the usual case) takes a mask instead.
+    #[inline]
     fn index(&self, seq: u64) -> usize {
-        (seq % self.slots.len() as u64) as usize
+        match self.index_mask {
+            Some(mask) => (seq & mask) as usize,
+            None => (seq % self.slots.len() as u64) as usize,
+        }
     }
 
     fn slot_ptr(&self, idx: usize) -> *mut u8 {
@@ -409,6 +420,7 @@ impl RingState {
     }
 
     /// Moves the slot of `seq` from `from` to `to` (keeping `WAITING`).
+    #[inline]
     fn try_transition(&self, idx: usize, seq: u64, from: u64, to: u64) -> Progress {
         let slot = &self.slots[idx];
         let want = stamp(seq, from);
@@ -438,6 +450,7 @@ impl RingState {
 
     /// Moves `seq`'s slot from `from` to `to`, spinning briefly and then
     /// parking while it is not there yet.
+    #[inline(never)]
     fn transition(
         &self,
         idx: usize,
@@ -578,6 +591,12 @@ impl Ring {
     /// `seq - slots` (back-pressure). `None` timeout waits until closed.
     pub fn claim(&self, seq: u64, timeout: Option<Duration>) -> Result<SlotWriter> {
         let idx = self.state.index(seq);
+        // Fast path inline; the waiting loop stays out of line.
+        if !self.state.is_closed()
+            && self.state.try_transition(idx, seq, FREE, FILLING) == Progress::Ready
+        {
+            return Ok(self.writer(idx, seq));
+        }
         self.state
             .transition(idx, seq, FREE, FILLING, timeout, "claim")?;
         Ok(self.writer(idx, seq))
@@ -615,6 +634,9 @@ impl Ring {
     /// order because the caller asks for `seq` in order.
     pub fn consume(&self, seq: u64, timeout: Option<Duration>) -> Result<SlotReader> {
         let idx = self.state.index(seq);
+        if self.state.try_transition(idx, seq, PUBLISHED, CONSUMING) == Progress::Ready {
+            return self.reader(idx, seq);
+        }
         self.state
             .transition(idx, seq, PUBLISHED, CONSUMING, timeout, "consume")?;
         self.reader(idx, seq)
