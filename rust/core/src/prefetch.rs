@@ -24,10 +24,6 @@ pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 4 << 30;
 /// and waking a worker costs more than such a read.
 pub const INLINE_READ_BYTES: usize = 256 << 10;
 
-/// Longest a producer waits for a batch of free slots before claiming just
-/// the next one (see `Driver::claim`).
-const BATCH_WAIT: Duration = Duration::from_millis(2);
-
 /// How often a waiting driver looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
@@ -310,19 +306,7 @@ impl Driver {
     }
 
     /// Claims the slot for `seq`, waking every `STOP_POLL` to honour a stop.
-    /// When the ring is full it first waits until half the ring is free
-    /// (hysteresis): one wake-up then serves a batch of claims instead of
-    /// producer and consumer waking each other for every chunk.
     fn claim(&self, seq: u64) -> Option<crate::ring::SlotWriter> {
-        if let Some(w) = self.ring.try_claim(seq) {
-            return Some(w);
-        }
-        let batch = (self.ring.slot_count() as u64 / 2).max(1);
-        let last = (seq + batch - 1).min(self.plan.len() as u64 - 1);
-        // Bounded: a consumer may hold a chunk in the batch while it waits
-        // for `seq`, whose slot is already free; waiting on for `last` then
-        // would deadlock the two.
-        self.ring.wait_free(last, Some(BATCH_WAIT));
         loop {
             if self.stopped() {
                 return None;
