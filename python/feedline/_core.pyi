@@ -1,11 +1,13 @@
 """Type stubs for the Rust extension ``feedline._core`` (checked by stubtest)."""
 
+from os import PathLike
 from types import TracebackType
-from typing import final
+from typing import Any, final
 
 from typing_extensions import Buffer
 
 __all__ = [
+    "ChaosSampler",
     "ChecksumMismatch",
     "Chunk",
     "ChunkStream",
@@ -14,6 +16,7 @@ __all__ = [
     "ShortReadError",
     "Storage",
     "__version__",
+    "write_manifest",
 ]
 
 __version__: str
@@ -38,6 +41,17 @@ class Storage:
         memory_budget_bytes: int | None = None,
     ) -> ChunkStream: ...
     def open_reader(self, key: str, chunk_bytes: int, depth: int, direct_bytes: int) -> Reader: ...
+    def fault_stats(self) -> list[dict[str, Any]]: ...
+
+@final
+class ChaosSampler:
+    def __new__(cls, spec_json: str) -> ChaosSampler: ...
+    def next(self, nbytes: int) -> tuple[float, str, int | None]: ...
+    def counts(self) -> dict[str, int]: ...
+
+def write_manifest(
+    root: str | PathLike[str], block_bytes: int, path: str | PathLike[str] | None = None
+) -> str: ...
 
 @final
 class ChunkStream:

@@ -4,12 +4,16 @@
 //! the Python API needs: one range into a buffer, many ranges in parallel,
 //! and a prefetching stream.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::chaos::ChaosSpec;
 use crate::error::{Error, Result};
+use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
+use crate::manifest::ManifestSource;
 use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
 use crate::runtime;
@@ -31,6 +35,10 @@ pub struct StorageConfig {
     pub replicas: Vec<String>,
     /// Async reads in flight for `cat_ranges` on remote stores.
     pub concurrency: Option<usize>,
+    /// Faults to inject, by replica index (see [`crate::chaos`]).
+    pub chaos: BTreeMap<usize, ChaosSpec>,
+    /// Per-block CRC32C manifest; with it every read is verified.
+    pub manifest: Option<ManifestSource>,
 }
 
 impl StorageConfig {
@@ -51,11 +59,12 @@ pub struct RangeRequest<'a> {
 pub struct Storage {
     store: Arc<dyn Store>,
     config: StorageConfig,
+    layers: ReplicaLayers,
 }
 
 impl Storage {
     pub fn new(config: StorageConfig) -> Result<Self> {
-        let store: Arc<dyn Store> = match config.replicas.as_slice() {
+        let backend: Arc<dyn Store> = match config.replicas.as_slice() {
             [] => Arc::new(LocalStore::unrooted()),
             [root] => Arc::new(LocalStore::rooted(root)?),
             _ => {
@@ -65,14 +74,27 @@ impl Storage {
                 )))
             }
         };
-        Ok(Storage { store, config })
+        let (mut stores, layers) =
+            wrap_replicas(vec![backend], &config.chaos, config.manifest.as_ref())?;
+        let store = stores.remove(0);
+        Ok(Storage {
+            store,
+            config,
+            layers,
+        })
     }
 
     pub fn from_store(store: Arc<dyn Store>) -> Self {
         Storage {
             store,
             config: StorageConfig::default(),
+            layers: ReplicaLayers::default(),
         }
+    }
+
+    /// What chaos injected into and verification checked on each replica.
+    pub fn fault_stats(&self) -> Vec<ReplicaFaultStats> {
+        self.layers.fault_stats()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
