@@ -4,7 +4,9 @@
 
 use pyo3::prelude::*;
 
+mod checksum;
 mod errors;
+mod metrics;
 mod reader;
 mod storage;
 mod stream;
@@ -16,5 +18,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;
+    metrics::register(m)?;
+    checksum::register(m)?;
     Ok(())
 }
