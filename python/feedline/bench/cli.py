@@ -56,6 +56,9 @@ def run_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:
+        # Piped or captured: do not squeeze the side-by-side table to 80 columns.
+        console = Console(width=160)
     err = Console(stderr=True)
     try:
         sc = _scenario.load(args.scenario) if args.scenario else _scenario.default()
@@ -64,7 +67,8 @@ def run_command(args: argparse.Namespace) -> int:
             raise _scenario.ScenarioError(f"--repeat must be at least 1, got {args.repeat}")
         runner.check_runnable(sc)
     except (_scenario.ScenarioError, _scenario.NeedsRootError) as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        # Plain print: messages name TOML tables ("[workload]"), not markup.
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:
         console.print(f"{sc.source}: ok ({sc.name}: {', '.join(sc.systems)})")
@@ -85,7 +89,7 @@ def run_command(args: argparse.Namespace) -> int:
         err.print("[yellow]interrupted: finishing in-flight reads, writing partial results[/]")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    err.print(f"[bold]feedline bench[/] {sc.name}: {sc.description or sc.source}")
+    err.print(f"feedline bench {sc.name}: {sc.description or sc.source}", markup=False)
     live = None if args.no_progress or not err.is_terminal else _report.LiveProgress()
     try:
         if live is not None:

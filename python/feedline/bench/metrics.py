@@ -174,13 +174,21 @@ class Recorder:
             "verified_bytes": self.verified_bytes,
             "mismatches": self.mismatches,
             "peak_rss_mb": self.peak_rss / 1e6,
-            "timeline": [
-                {"t_s": i, "samples": n, "mb": b / 1e6}
-                for i, (n, b) in enumerate(
-                    zip(self.per_second_samples, self.per_second_bytes, strict=True)
-                )
-            ],
+            "timeline": self.timeline(end),
         }
+
+    def timeline(self, end_s: float) -> list[dict[str, float]]:
+        """Per-second rates; the last, partial second is scaled by its width."""
+        out = []
+        n = len(self.per_second_samples)
+        for i, (count, nbytes) in enumerate(
+            zip(self.per_second_samples, self.per_second_bytes, strict=True)
+        ):
+            width = min(1.0, max(end_s - i, 1e-3)) if i == n - 1 else 1.0
+            out.append(
+                {"t_s": float(i), "samples_per_s": count / width, "mb_per_s": nbytes / 1e6 / width}
+            )
+        return out
 
 
 def _pkey(p: float) -> str:

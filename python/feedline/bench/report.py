@@ -92,6 +92,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def render_table(report: dict[str, Any], console: Any | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -104,11 +105,13 @@ def render_table(report: dict[str, Any], console: Any | None = None) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note[/] {escape(note)}")
     for s in report["systems"]:
         for note in s.get("notes", []):
-            console.print(f"[yellow]note[/] {s['system']}: {note}")
+            console.print(f"[yellow]note[/] {s['system']}: {escape(note)}")
         for ex in s.get("error_examples", [])[:2]:
-            console.print(f"[red]error[/] {s['system']}: {ex}")
+            console.print(f"[red]error[/] {s['system']}: {escape(ex)}")
     flagged = [
         f"{s['system']} {fig}"
         for s in report["systems"]
@@ -165,7 +168,7 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
     systems = [s for s in report["systems"] if s.get("status") != "skipped"]
     written: list[str] = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for s in systems:
         cdf = (s.get("latency") or {}).get("cdf_ms") or []
         if cdf:
@@ -184,37 +187,48 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
     ax.set_title(f"Read latency CDF: {report['scenario']['name']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     written.append(str(out / "latency_cdf.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     longest = 0.0
     for s in systems:
         tl = s.get("timeline") or []
         longest = max(longest, float(len(tl)))
-        ax.plot([p["t_s"] + 0.5 for p in tl], [p["mb"] for p in tl], label=s["system"])
-    for i, w in enumerate(report.get("fault_windows", [])):
-        end = w["end_s"] if w["end_s"] is not None else longest
+        ax.plot([p["t_s"] + 0.5 for p in tl], [p["mb_per_s"] for p in tl], label=s["system"])
+    shown = 0
+    for w in report.get("fault_windows", []):
+        end = longest if w["end_s"] is None else min(w["end_s"], longest)
+        if w["start_s"] >= end:
+            continue  # the run ended before this fault began
         ax.axvspan(
             w["start_s"],
-            min(end, max(longest, w["start_s"] + 1)),
+            end,
             color="red",
             alpha=0.12,
-            label="fault window" if i == 0 else None,
+            label="fault window" if shown == 0 else None,
         )
+        ax.text(
+            w["start_s"],
+            0.02,
+            " " + w["label"],
+            fontsize=8,
+            va="bottom",
+            color="darkred",
+            transform=ax.get_xaxis_transform(),
+        )
+        shown += 1
     ax.set_xlabel("time since start of the system's run (s)")
     ax.set_ylabel("MB/s delivered")
     ax.set_title("Throughput per second (fault windows shaded)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     written.append(str(out / "throughput.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     names = [s["system"] for s in systems]
     aus = [s.get("au") or 0.0 for s in systems]
     errs = [((s.get("repeat") or {}).get("au") or {}).get("stdev", 0.0) for s in systems]
@@ -225,10 +239,9 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
     if au_min is not None:
         ax.axhline(au_min, color="black", linestyle=":", label=f"SLA au_min {au_min}")
         ax.legend(loc="lower right")
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("AU = compute time / total time")
     ax.set_title("Accelerator utilization (first step excluded)")
-    fig.tight_layout()
     written.append(str(out / "au.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)

@@ -6,7 +6,6 @@ what was measured, and still cleans up."""
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import platform
 import shutil
@@ -21,6 +20,7 @@ from feedline.bench import dataset as _dataset
 from feedline.bench.metrics import Recorder
 from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError
 from feedline.bench.systems import (
+    FOREVER_S,
     SystemUnavailable,
     build_chaos,
     fault_plan,
@@ -109,11 +109,19 @@ def run_system(
     batches = plan_batches(scenario, data)
     plan = fault_plan(scenario)
     chaos = build_chaos(plan)
-    base: dict[str, Any] = {"system": name, "notes": list(plan.notes)}
+    # Fault-plan notes concern every system: the report carries them once.
+    base: dict[str, Any] = {"system": name, "notes": []}
     try:
         system = make_system(name, scenario, data, chaos)
     except SystemUnavailable as exc:
         return {**base, "status": "skipped", "notes": [*base["notes"], str(exc)]}
+    except (OSError, ValueError, TypeError) as exc:
+        # A system that cannot be built is reported, not fatal for the others.
+        return {
+            **base,
+            "status": "skipped",
+            "notes": [*base["notes"], f"{name} could not start: {type(exc).__name__}: {exc}"],
+        }
     base["notes"].extend(system.notes)
     rec = Recorder()
     w = scenario.workload
@@ -212,6 +220,12 @@ def _aggregate(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
+def _run_notes(scenario: Scenario) -> list[str]:
+    plan = fault_plan(scenario)
+    build_chaos(plan)
+    return plan.notes
+
+
 def scenario_summary(s: Scenario) -> dict[str, Any]:
     ds = s.dataset
     return {
@@ -299,10 +313,11 @@ def run(
             "cpus": os.cpu_count(),
         },
         "partial": interrupted,
+        "notes": _run_notes(scenario),
         "scenario": scenario_summary(scenario),
         "dataset_bytes": data.total_bytes,
         "fault_windows": [
-            {"start_s": s, "end_s": e if math.isfinite(e) else None, "label": label}
+            {"start_s": s, "end_s": e if e < FOREVER_S else None, "label": label}
             for s, e, label in plan.windows
         ],
         "repeat": len(complete_runs),
