@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from feedline.bench import runner
 from feedline.bench import scenario as sc
 from feedline.bench.metrics import Recorder
@@ -191,8 +190,18 @@ def test_ctrl_c_in_the_cli_writes_partial_json(tmp_path: Path) -> None:
     scen.write_text(SMALL.replace("steps = 30", "steps = 20000"), encoding="utf-8")
     out = tmp_path / "partial.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "feedline.cli", "bench", str(scen), "--json", str(out),
-         "--no-progress", "--systems", "fsspec"],
+        [
+            sys.executable,
+            "-m",
+            "feedline.cli",
+            "bench",
+            str(scen),
+            "--json",
+            str(out),
+            "--no-progress",
+            "--systems",
+            "fsspec",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

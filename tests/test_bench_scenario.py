@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from feedline.bench import scenario as sc
 from feedline.bench.runner import check_runnable
 
@@ -54,7 +53,10 @@ def test_unknown_top_level_table_suggests(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [
-        ('[workload]\nreaders = "four"\n', r"\[workload\] readers: expected an integer >= 1, got str 'four'"),
+        (
+            '[workload]\nreaders = "four"\n',
+            r"\[workload\] readers: expected an integer >= 1, got str 'four'",
+        ),
         ("[workload]\nbatch_size = 2.5\n", r"batch_size: expected an integer >= 1, got float 2.5"),
         ("seed = true\n", r"seed: expected an integer >= 0"),
         ('systems = "feedline"\n', r"systems: expected a non-empty list"),
@@ -110,7 +112,9 @@ def test_percentile_100_is_allowed(tmp_path: Path) -> None:
 
 def test_fault_on_a_replica_that_does_not_exist(tmp_path: Path) -> None:
     text = "[replicas]\ncount = 3\n[[faults.replica]]\nindex = 3\nerror_rate = 0.1\n"
-    with pytest.raises(sc.ScenarioError, match=r"index: replica 3 does not exist: this scenario has 3"):
+    with pytest.raises(
+        sc.ScenarioError, match=r"index: replica 3 does not exist: this scenario has 3"
+    ):
         sc.load(write(tmp_path, text))
     text = '[replicas]\ncount = 2\n[[faults.event]]\nat = "1s"\naction = "kill"\nreplica = 5\n'
     with pytest.raises(sc.ScenarioError, match=r"replica: replica 5 does not exist"):
@@ -119,12 +123,16 @@ def test_fault_on_a_replica_that_does_not_exist(tmp_path: Path) -> None:
 
 def test_chaos_values_out_of_range(tmp_path: Path) -> None:
     text = "[[faults.replica]]\nindex = 0\nspike_probability = 1.5\nspike_ms = 10\n"
-    with pytest.raises(sc.ScenarioError, match=r"spike_probability: expected a number <= 1, got 1.5"):
+    with pytest.raises(
+        sc.ScenarioError, match=r"spike_probability: expected a number <= 1, got 1.5"
+    ):
         sc.load(write(tmp_path, text))
 
 
 def test_sla_on_unknown_metric(tmp_path: Path) -> None:
-    with pytest.raises(sc.ScenarioError, match=r"SLA on unknown metric 'p99_msec'.*did you mean 'p99_ms'"):
+    with pytest.raises(
+        sc.ScenarioError, match=r"SLA on unknown metric 'p99_msec'.*did you mean 'p99_ms'"
+    ):
         sc.load(write(tmp_path, "[sla]\np99_msec = 50\n"))
 
 
@@ -136,7 +144,9 @@ def test_unknown_system_name(tmp_path: Path) -> None:
 def test_dataset_path_without_manifest(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    with pytest.raises(sc.ScenarioError, match=r"\[dataset\] manifest: missing: dataset path .* needs a manifest"):
+    with pytest.raises(
+        sc.ScenarioError, match=r"\[dataset\] manifest: missing: dataset path .* needs a manifest"
+    ):
         sc.load(write(tmp_path, '[dataset]\npath = "data"\n'))
 
 
@@ -172,5 +182,7 @@ def test_open_loop_needs_a_rate(tmp_path: Path) -> None:
 
 
 def test_unknown_enum_value_suggests(tmp_path: Path) -> None:
-    with pytest.raises(sc.ScenarioError, match=r"access: unknown value 'shufled'.*did you mean 'shuffled'"):
+    with pytest.raises(
+        sc.ScenarioError, match=r"access: unknown value 'shufled'.*did you mean 'shuffled'"
+    ):
         sc.load(write(tmp_path, '[workload]\naccess = "shufled"\n'))

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from feedline.bench import scenario as sc
 from feedline.bench.dataset import Materialized, generate
 from feedline.bench.metrics import Recorder, StepTiming, accelerator_utilization, stall_seconds
@@ -87,7 +86,7 @@ def test_plan_covers_epochs_and_ranges(tiny: tuple[sc.Scenario, Materialized]) -
     )
     for key, start, end in (s for b in plan_batches(ranged, data) for s in b):
         assert start is not None and end is not None
-        assert end - start == 100 and 0 <= start and end <= data.sizes[key]
+        assert end - start == 100 and start >= 0 and end <= data.sizes[key]
 
 
 def test_closed_loop_verifies_every_byte(tiny: tuple[sc.Scenario, Materialized]) -> None:

@@ -10,7 +10,8 @@ from dataclasses import replace
 from typing import Any
 
 from feedline.bench import report as _report
-from feedline.bench import runner, scenario as _scenario
+from feedline.bench import runner
+from feedline.bench import scenario as _scenario
 
 
 def register(subparsers: Any) -> None:

@@ -122,7 +122,9 @@ def generate(scenario: Scenario, workdir: str | None = None) -> Materialized:
         if workdir is None:
             shutil.rmtree(base, ignore_errors=True)
         raise
-    return Materialized(keys, size_of, sums, dirs, manifest, workdir=base if workdir is None else None)
+    return Materialized(
+        keys, size_of, sums, dirs, manifest, workdir=base if workdir is None else None
+    )
 
 
 def write_manifest_json(base: str, sums: dict[str, int], sizes: dict[str, int]) -> str:

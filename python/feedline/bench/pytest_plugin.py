@@ -124,9 +124,7 @@ class LatencyRecorder:
             return func(*args, **kwargs)
 
     def percentiles(self) -> dict[str, float]:
-        out = {
-            f"p{p:g}_ms": self.histogram.percentile_ms(p) for p in self.PERCENTILES
-        }
+        out = {f"p{p:g}_ms": self.histogram.percentile_ms(p) for p in self.PERCENTILES}
         out["count"] = float(self.histogram.count)
         return out
 

@@ -97,7 +97,9 @@ def render_table(report: dict[str, Any], console: Any | None = None) -> None:
 
     console = console or Console()
     sc = report["scenario"]
-    title = f"feedline bench: {sc['name']}" + ("  (PARTIAL: interrupted)" if report["partial"] else "")
+    title = f"feedline bench: {sc['name']}" + (
+        "  (PARTIAL: interrupted)" if report["partial"] else ""
+    )
     header, rows = table_rows(report)
     table = Table(title=title, caption=_caption(report))
     for i, h in enumerate(header):
@@ -232,7 +234,9 @@ def write_plots(report: dict[str, Any], directory: str | os.PathLike[str]) -> li
     names = [s["system"] for s in systems]
     aus = [s.get("au") or 0.0 for s in systems]
     errs = [((s.get("repeat") or {}).get("au") or {}).get("stdev", 0.0) for s in systems]
-    bars = ax.bar(names, aus, yerr=errs, color=["#2a9d8f", "#e76f51", "#264653", "#f4a261"][: len(names)])
+    bars = ax.bar(
+        names, aus, yerr=errs, color=["#2a9d8f", "#e76f51", "#264653", "#f4a261"][: len(names)]
+    )
     for bar, au in zip(bars, aus, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, au + 0.01, f"{au:.3f}", ha="center")
     au_min = report["scenario"]["sla"].get("au_min")

@@ -87,13 +87,13 @@ def check_runnable(scenario: Scenario, *, is_root: bool | None = None) -> None:
     kind = scenario.replicas.kind
     if kind == "nginx" and shutil.which("nginx") is None:
         raise ScenarioError(
-            f"{scenario.source}: [replicas] kind = \"nginx\" needs Debian's nginx on PATH"
+            f'{scenario.source}: [replicas] kind = "nginx" needs Debian\'s nginx on PATH'
         )
     if kind in ("nginx", "netns"):
         raise ScenarioError(
             f"{scenario.source}: [replicas] kind = {kind!r} needs the remote-replica rig "
             "(feedline.testing, issue 4), which this build's harness does not drive yet; "
-            "use kind = \"local\""
+            'use kind = "local"'
         )
 
 

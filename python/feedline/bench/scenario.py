@@ -11,12 +11,13 @@ import difflib
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 #: Every system the harness knows; availability is checked at run time.
 KNOWN_SYSTEMS = (
@@ -292,19 +293,17 @@ def _str(
 def parse_duration_s(ctx: _Ctx, key: str, value: Any, *, allow_zero: bool = False) -> float:
     """``"5s"``, ``"250ms"``, ``"2m"`` or a number of seconds."""
     if isinstance(value, bool):
-        raise ctx.fail(key, f"expected a duration like \"5s\" or \"250ms\", got {value!r}")
+        raise ctx.fail(key, f'expected a duration like "5s" or "250ms", got {value!r}')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         m = _DURATION.match(value)
         if not m:
-            raise ctx.fail(key, f"expected a duration like \"5s\" or \"250ms\", got {value!r}")
+            raise ctx.fail(key, f'expected a duration like "5s" or "250ms", got {value!r}')
         unit = m.group(2) or "s"
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0}[unit]
     else:
-        raise ctx.fail(
-            key, f"expected a duration like \"5s\" or \"250ms\", got {type(value).__name__}"
-        )
+        raise ctx.fail(key, f'expected a duration like "5s" or "250ms", got {type(value).__name__}')
     if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ctx.fail(key, f"expected a duration {bound}, got {value!r}")
@@ -329,7 +328,7 @@ def _distribution(ctx: _Ctx, t: Mapping[str, Any], key: str, kinds: Sequence[str
     if isinstance(raw, bool) or not isinstance(raw, dict | int | float):
         raise ctx.fail(
             key,
-            f"expected a table like {{ distribution = \"fixed\", ms = 20 }} or a number of ms, "
+            f'expected a table like {{ distribution = "fixed", ms = 20 }} or a number of ms, '
             f"got {type(raw).__name__} {raw!r}",
         )
     if isinstance(raw, int | float):
@@ -345,9 +344,13 @@ def _distribution(ctx: _Ctx, t: Mapping[str, Any], key: str, kinds: Sequence[str
         if name not in raw:
             raise sub.fail(name, f"missing; a {kind} distribution needs {', '.join(names)}")
         zero_ok = name == "stdev_ms" or (kind == "fixed" and name == "ms" and key == "latency")
-        params[name] = _num(sub, raw, name, None, minimum=0.0 if zero_ok else None, positive=not zero_ok)
+        params[name] = _num(
+            sub, raw, name, None, minimum=0.0 if zero_ok else None, positive=not zero_ok
+        )
     if kind == "uniform" and params["high_ms"] < params["low_ms"]:
-        raise sub.fail("high_ms", f"must be >= low_ms ({params['low_ms']:g}), got {params['high_ms']:g}")
+        raise sub.fail(
+            "high_ms", f"must be >= low_ms ({params['low_ms']:g}), got {params['high_ms']:g}"
+        )
     return Distribution(kind, params)
 
 
@@ -383,7 +386,7 @@ def _parse_dataset(ctx: _Ctx, t: Mapping[str, Any], seed: int, base: Path) -> Da
             raise ctx.fail(
                 "manifest",
                 f"missing: dataset path {str(p)!r} needs a manifest of CRC32C per object "
-                "(write one with feedline.write_manifest(root) or `manifest = \"...\"`)",
+                '(write one with feedline.write_manifest(root) or `manifest = "..."`)',
             )
         m = (base / manifest).resolve()
         if not m.is_file():
@@ -403,7 +406,9 @@ def _parse_dataset(ctx: _Ctx, t: Mapping[str, Any], seed: int, base: Path) -> Da
     sigma = _num(ctx, t, "size_sigma", 0.0, minimum=0.0)
     if dist == "uniform":
         if not lo or not hi:
-            raise ctx.fail("size_min_bytes", "a uniform size needs size_min_bytes and size_max_bytes")
+            raise ctx.fail(
+                "size_min_bytes", "a uniform size needs size_min_bytes and size_max_bytes"
+            )
         if hi < lo:
             raise ctx.fail("size_max_bytes", f"must be >= size_min_bytes ({lo}), got {hi}")
     if dist == "lognormal" and sigma <= 0:
@@ -429,7 +434,7 @@ def _parse_replicas(ctx: _Ctx, t: Mapping[str, Any], base: Path) -> Replicas:
         if not isinstance(raw, list) or not all(isinstance(d, str) for d in raw) or not raw:
             raise ctx.fail("dirs", f"expected a non-empty list of directory paths, got {raw!r}")
         if kind != "local":
-            raise ctx.fail("dirs", f"only for kind = \"local\", not {kind!r}")
+            raise ctx.fail("dirs", f'only for kind = "local", not {kind!r}')
         dirs = tuple(str((base / d).resolve()) for d in raw)
         for d in dirs:
             if not os.path.isdir(d):
@@ -511,7 +516,7 @@ def _parse_faults(
         if action is None:
             raise sub.fail("action", f"missing; expected one of {', '.join(EVENT_ACTIONS)}")
         if "at" not in ev:
-            raise sub.fail("at", "missing; when the event happens, like \"5s\"")
+            raise sub.fail("at", 'missing; when the event happens, like "5s"')
         at_s = parse_duration_s(sub, "at", ev["at"], allow_zero=True)
         until_s = parse_duration_s(sub, "until", ev["until"]) if "until" in ev else None
         if until_s is not None and until_s <= at_s:
@@ -529,7 +534,9 @@ def _parse_faults(
     return tuple(faults), tuple(events)
 
 
-def _replica_index(ctx: _Ctx, t: Mapping[str, Any], key: str, replicas: int, *, required: bool) -> Any:
+def _replica_index(
+    ctx: _Ctx, t: Mapping[str, Any], key: str, replicas: int, *, required: bool
+) -> Any:
     if key not in t:
         if required:
             raise ctx.fail(key, f"missing; a replica index in 0..{replicas - 1}")
@@ -539,7 +546,8 @@ def _replica_index(ctx: _Ctx, t: Mapping[str, Any], key: str, replicas: int, *, 
         raise ctx.fail(key, f"expected a replica index (integer), got {type(v).__name__} {v!r}")
     if not 0 <= v < replicas:
         raise ctx.fail(
-            key, f"replica {v} does not exist: this scenario has {replicas} (indices 0..{replicas - 1})"
+            key,
+            f"replica {v} does not exist: this scenario has {replicas} (indices 0..{replicas - 1})",
         )
     return v
 
@@ -580,9 +588,11 @@ def _parse_load(ctx: _Ctx, t: Mapping[str, Any]) -> Load:
     mode = _str(ctx, t, "mode", "closed", LOAD_MODES)
     rate = _num(ctx, t, "rate_per_s", None, positive=True)
     if mode == "open" and rate is None:
-        raise ctx.fail("rate_per_s", "missing; an open loop issues reads at a target rate per second")
+        raise ctx.fail(
+            "rate_per_s", "missing; an open loop issues reads at a target rate per second"
+        )
     if mode == "closed" and rate is not None:
-        raise ctx.fail("rate_per_s", "only for mode = \"open\"; a closed loop waits for each batch")
+        raise ctx.fail("rate_per_s", 'only for mode = "open"; a closed loop waits for each batch')
     duration = parse_duration_s(ctx, "duration_s", t["duration_s"]) if "duration_s" in t else None
     return Load(mode=mode, rate_per_s=rate, duration_s=duration)
 
@@ -608,7 +618,7 @@ def _parse_feedline(ctx: _Ctx, t: Mapping[str, Any]) -> FeedlineOptions:
         v = t["hedge_after_ms"]
         if isinstance(v, str):
             if not re.fullmatch(r"p\d+(\.\d+)?", v):
-                raise ctx.fail("hedge_after_ms", f"expected a number > 0 or \"p95\"-like, got {v!r}")
+                raise ctx.fail("hedge_after_ms", f'expected a number > 0 or "p95"-like, got {v!r}')
             hedge = v
         else:
             hedge = _num(ctx, t, "hedge_after_ms", None, positive=True)
@@ -635,7 +645,9 @@ TOP_KEYS = (
 )
 
 
-def parse(raw: Mapping[str, Any], *, source: str = "<scenario>", base: Path | None = None) -> Scenario:
+def parse(
+    raw: Mapping[str, Any], *, source: str = "<scenario>", base: Path | None = None
+) -> Scenario:
     """Validates a decoded TOML document into a :class:`Scenario`."""
     base = base or Path.cwd()
     ctx = _Ctx(source, "")

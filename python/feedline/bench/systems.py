@@ -118,10 +118,10 @@ def fault_plan(scenario: Scenario, run_s: float | None = None) -> FaultPlan:
             plan.windows.append((start, min(end, end_default), f"replica {f.index} outage"))
     for index in sorted(set(by_index) | set(outages)):
         kw: dict[str, Any] = {"seed": scenario.seed * 1000 + index}
-        f = by_index.get(index)
-        if f is not None:
-            if f.latency is not None:
-                kw["latency"] = f.latency
+        fault = by_index.get(index)
+        if fault is not None:
+            if fault.latency is not None:
+                kw["latency"] = fault.latency
             for name in (
                 "spike_probability",
                 "spike_ms",
@@ -129,13 +129,13 @@ def fault_plan(scenario: Scenario, run_s: float | None = None) -> FaultPlan:
                 "stall_rate",
                 "corrupt_rate",
             ):
-                value = getattr(f, name)
+                value = getattr(fault, name)
                 if value:
                     kw[name] = value
-            if f.fail_after_requests is not None:
-                kw["fail_after_requests"] = f.fail_after_requests
-            if f.bandwidth_bytes_per_s is not None:
-                kw["bandwidth_bytes_per_s"] = f.bandwidth_bytes_per_s
+            if fault.fail_after_requests is not None:
+                kw["fail_after_requests"] = fault.fail_after_requests
+            if fault.bandwidth_bytes_per_s is not None:
+                kw["bandwidth_bytes_per_s"] = fault.bandwidth_bytes_per_s
         if outages.get(index):
             kw["outages"] = sorted(outages[index])
         plan.per_replica[index] = kw
@@ -416,7 +416,7 @@ class ObstoreSystem(System):
             raise SystemUnavailable("obstore skipped: obstore is not installed")
         if scenario.replicas.kind == "local":
             raise SystemUnavailable(
-                "obstore skipped: it is compared on HTTP replicas (replicas kind = \"nginx\")"
+                'obstore skipped: it is compared on HTTP replicas (replicas kind = "nginx")'
             )
         raise SystemUnavailable("obstore skipped: HTTP replicas are not wired into the harness yet")
 

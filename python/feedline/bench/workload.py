@@ -30,10 +30,7 @@ def plan_batches(scenario: Scenario, data: Materialized) -> list[list[Sample]]:
     if not keys:
         raise ValueError("the dataset has no objects")
     per_epoch = len(keys)
-    if w.steps is not None:
-        total = w.steps * w.batch_size
-    else:
-        total = (w.epochs or 1) * per_epoch
+    total = w.steps * w.batch_size if w.steps is not None else (w.epochs or 1) * per_epoch
     samples: list[Sample] = []
     epoch = 0
     while len(samples) < total:
@@ -172,9 +169,7 @@ def run_closed(
 
     def submit(i: int) -> None:
         if i < len(batches):
-            pending[i] = [
-                pool.submit(_read_task, read, verify, rec, s, None) for s in batches[i]
-            ]
+            pending[i] = [pool.submit(_read_task, read, verify, rec, s, None) for s in batches[i]]
 
     try:
         for i in range(prefetch_batches + 1):

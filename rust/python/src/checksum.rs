@@ -15,7 +15,9 @@ unsafe impl Send for Source {}
 #[pyo3(signature = (data, value = 0))]
 fn py_crc32c(py: Python<'_>, data: PyBuffer<u8>, value: u32) -> PyResult<u32> {
     if !data.is_c_contiguous() {
-        return Err(PyValueError::new_err("crc32c() needs a C-contiguous buffer"));
+        return Err(PyValueError::new_err(
+            "crc32c() needs a C-contiguous buffer",
+        ));
     }
     let src = Source(data.buf_ptr() as *const u8, data.len_bytes());
     Ok(py.detach(move || {
