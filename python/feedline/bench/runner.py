@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import shutil
 import statistics
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import feedline
 from feedline.bench import dataset as _dataset
 from feedline.bench.metrics import Recorder
+from feedline.bench.replicas import ReplicaSet, nginx_support, open_replicas
 from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError
 from feedline.bench.systems import (
     FOREVER_S,
@@ -85,15 +85,15 @@ def check_runnable(scenario: Scenario, *, is_root: bool | None = None) -> None:
     """Raises a clear error for what this machine cannot run."""
     scenario.check_requirements(is_root=is_root)
     kind = scenario.replicas.kind
-    if kind == "nginx" and shutil.which("nginx") is None:
+    if kind == "nginx":
+        why = nginx_support()
+        if why is not None:
+            raise ScenarioError(f'{scenario.source}: [replicas] kind = "nginx": {why}')
+    if kind == "netns":
         raise ScenarioError(
-            f'{scenario.source}: [replicas] kind = "nginx" needs Debian\'s nginx on PATH'
-        )
-    if kind in ("nginx", "netns"):
-        raise ScenarioError(
-            f"{scenario.source}: [replicas] kind = {kind!r} needs the remote-replica rig "
-            "(feedline.testing, issue 4), which this build's harness does not drive yet; "
-            'use kind = "local"'
+            f'{scenario.source}: [replicas] kind = "netns" needs the namespace rig of '
+            "issue 4 (veth pairs, nftables), which this build's harness does not drive yet; "
+            'use kind = "local" or "nginx"'
         )
 
 
@@ -104,6 +104,7 @@ def run_system(
     *,
     stop: threading.Event,
     progress: ProgressFn | None = None,
+    replicas: ReplicaSet | None = None,
 ) -> dict[str, Any]:
     """One system, one run. Returns its result dict (status ok/partial/skipped)."""
     batches = plan_batches(scenario, data)
@@ -112,7 +113,7 @@ def run_system(
     # Fault-plan notes concern every system: the report carries them once.
     base: dict[str, Any] = {"system": name, "notes": []}
     try:
-        system = make_system(name, scenario, data, chaos)
+        system = make_system(name, scenario, data, chaos, replicas.roots if replicas else None)
     except SystemUnavailable as exc:
         return {**base, "status": "skipped", "notes": [*base["notes"], str(exc)]}
     except (OSError, ValueError, TypeError) as exc:
@@ -137,6 +138,8 @@ def run_system(
     ticker = threading.Thread(target=tick, name="bench-ticker", daemon=True)
     ticker.start()
     status = "ok"
+    if replicas is not None:
+        replicas.start_events(scenario.events, stop)
     try:
         rec.sample_rss()
         if scenario.load.mode == "open":
@@ -167,6 +170,8 @@ def run_system(
         stop.set()
         status = "partial"
     finally:
+        if replicas is not None:
+            replicas.end_events()
         ticker_stop.set()
         ticker.join(timeout=2)
         rec.sample_rss()
@@ -281,12 +286,16 @@ def run(
     runs: list[list[dict[str, Any]]] = []
     interrupted = False
     data = _dataset.materialize(scenario)
+    replicas: ReplicaSet | None = None
     try:
+        replicas = open_replicas(scenario, data)
         for _ in range(repeat):
             this_run: list[dict[str, Any]] = []
             runs.append(this_run)
             for name in scenario.systems:
-                result = run_system(name, scenario, data, stop=stop, progress=progress)
+                result = run_system(
+                    name, scenario, data, stop=stop, progress=progress, replicas=replicas
+                )
                 this_run.append(result)
                 if on_system_done is not None:
                     on_system_done(result)
@@ -299,6 +308,8 @@ def run(
         stop.set()
         interrupted = True
     finally:
+        if replicas is not None:
+            replicas.close()
         data.cleanup()
     complete_runs = [r for r in runs if len(r) == len(scenario.systems)] or runs[:1]
     plan = fault_plan(scenario)

@@ -86,6 +86,12 @@ class FaultPlan:
 
 
 def fault_plan(scenario: Scenario, run_s: float | None = None) -> FaultPlan:
+    """See :func:`_fault_plan`; on nginx replicas kill/stop/resume act on the
+    real processes, so they are not turned into chaos outages."""
+    return _fault_plan(scenario, run_s, events_as_outages=scenario.replicas.kind == "local")
+
+
+def _fault_plan(scenario: Scenario, run_s: float | None, *, events_as_outages: bool) -> FaultPlan:
     """Turns ``[[faults.replica]]`` and timed events into chaos specs.
 
     On local directories a ``kill`` or ``stop`` is an outage window from its
@@ -108,7 +114,8 @@ def fault_plan(scenario: Scenario, run_s: float | None = None) -> FaultPlan:
                     if e.action == "resume" and e.replica == ev.replica
                 ]
                 end = later[0] if later else FOREVER_S
-            outages.setdefault(ev.replica, []).append((ev.at_s, end))
+            if events_as_outages:
+                outages.setdefault(ev.replica, []).append((ev.at_s, end))
             shown_end = min(end, end_default)
             plan.windows.append((ev.at_s, shown_end, f"replica {ev.replica} {ev.action}"))
         elif ev.action in ("loss", "delay"):
@@ -180,14 +187,25 @@ def build_chaos(plan: FaultPlan) -> dict[int, Any] | None:
 
 
 class System:
-    """One data path. ``read`` is called from many reader threads at once."""
+    """One data path. ``read`` is called from many reader threads at once.
+
+    ``roots`` are the replicas as this system reaches them: directories, or
+    ``http://`` URLs of nginx replicas serving the same objects."""
 
     name = "system"
 
-    def __init__(self, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
         self.scenario = scenario
         self.data = data
         self.chaos = chaos or {}
+        self.roots = list(roots) if roots is not None else list(data.replica_dirs)
+        self.http = any(r.startswith(("http://", "https://")) for r in self.roots)
         self.notes: list[str] = []
 
     def read(self, key: str, start: int | None, end: int | None) -> bytes:
@@ -204,8 +222,14 @@ class System:
 class FeedlineSystem(System):
     name = "feedline"
 
-    def __init__(self, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None):
-        super().__init__(scenario, data, chaos)
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
+        super().__init__(scenario, data, chaos, roots)
         import feedline
 
         init = feedline.FileSystem.__init__
@@ -231,7 +255,7 @@ class FeedlineSystem(System):
             manifest = feedline_manifest(data)
             if manifest is not None:
                 kwargs["manifest"] = manifest
-        replicas = list(data.replica_dirs)
+        replicas = list(self.roots)
         if len(replicas) > 1 and not accepts(init, "hedge_after_ms"):
             # The foundation build refuses several replicas (issue 3 adds routing).
             self.notes.append("no replica routing in this build: feedline read replica 0 only")
@@ -306,8 +330,14 @@ class FsspecSystem(System):
 
     name = "fsspec"
 
-    def __init__(self, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None):
-        super().__init__(scenario, data, chaos)
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
+        super().__init__(scenario, data, chaos, roots)
         from fsspec.implementations.local import LocalFileSystem
 
         self.replica_fs: list[Any] = []
@@ -319,8 +349,12 @@ class FsspecSystem(System):
                 self.notes.append(
                     "faults NOT applied to fsspec: no feedline.chaos.ChaosFileSystem in this build"
                 )
-        for i in range(len(data.replica_dirs)):
+        for i in range(len(self.roots)):
             fs: Any = LocalFileSystem()
+            if self.http:
+                import fsspec
+
+                fs = fsspec.filesystem("http", skip_instance_cache=True)
             if wrapper is not None and i in self.chaos:
                 fs = wrapper(fs, self.chaos[i])
             self.replica_fs.append(self._wrap(fs, i))
@@ -331,7 +365,9 @@ class FsspecSystem(System):
         return fs
 
     def _path(self, index: int, key: str) -> str:
-        return os.path.join(self.data.replica_dirs[index], key)
+        if self.http:
+            return f"{self.roots[index].rstrip('/')}/{key}"
+        return os.path.join(self.roots[index], key)
 
     def _cat(self, fs: Any, path: str, start: int | None, end: int | None) -> bytes:
         data: bytes = fs.cat_file(path, start=start, end=end)
@@ -380,9 +416,15 @@ class FsspecBlockcacheSystem(FsspecSystem):
 
     name = "fsspec-blockcache"
 
-    def __init__(self, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
         self._cache_dirs: list[str] = []
-        super().__init__(scenario, data, chaos)
+        super().__init__(scenario, data, chaos, roots)
 
     def _wrap(self, fs: Any, index: int) -> Any:
         import fsspec
@@ -408,17 +450,49 @@ class TorchDataLoaderSystem(FsspecSystem):
         super().__init__(scenario, data, chaos)
 
 
-class ObstoreSystem(System):
+class ObstoreSystem(FsspecSystem):
+    """obstore's ``HTTPStore`` per nginx replica, with the same static
+    sharding and one hand-written failover as ``fsspec``. In-process chaos
+    does not reach it (obstore has no wrapper); real events (kill, stop) do."""
+
     name = "obstore"
 
-    def __init__(self, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
         if not has_module("obstore"):
             raise SystemUnavailable("obstore skipped: obstore is not installed")
-        if scenario.replicas.kind == "local":
+        System.__init__(self, scenario, data, chaos, roots)
+        if not self.http:
             raise SystemUnavailable(
                 'obstore skipped: it is compared on HTTP replicas (replicas kind = "nginx")'
             )
-        raise SystemUnavailable("obstore skipped: HTTP replicas are not wired into the harness yet")
+        from obstore.store import HTTPStore
+
+        if self.chaos:
+            self.notes.append("in-process faults NOT applied to obstore (no chaos wrapper)")
+        self.replica_fs = [
+            HTTPStore.from_url(r, client_options={"allow_http": True}) for r in self.roots
+        ]
+        self.retries = 0
+        self.errors = 0
+
+    def _path(self, index: int, key: str) -> str:
+        return key
+
+    def _cat(self, fs: Any, path: str, start: int | None, end: int | None) -> bytes:
+        import obstore
+
+        if start is None and end is None:
+            return bytes(obstore.get(fs, path).bytes())
+        s = 0 if start is None else start
+        if end is None:
+            end = int(obstore.head(fs, path)["size"])
+        return bytes(obstore.get_range(fs, path, start=s, end=end))
 
 
 SYSTEMS: dict[str, type[System]] = {
@@ -432,10 +506,14 @@ SYSTEMS: dict[str, type[System]] = {
 
 
 def make_system(
-    name: str, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None
+    name: str,
+    scenario: Scenario,
+    data: Materialized,
+    chaos: Mapping[int, Any] | None,
+    roots: list[str] | None = None,
 ) -> System:
     try:
         cls = SYSTEMS[name]
     except KeyError:
         raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}") from None
-    return cls(scenario, data, chaos)
+    return cls(scenario, data, chaos, roots)
