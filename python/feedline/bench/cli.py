@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--check", action="store_true", help="validate the scenario and exit without running"
     )
-    p.set_defaults(func=run_command)
+    p.set_defaults(func=run_command, run=run_command)
 
 
 def _apply_overrides(sc: _scenario.Scenario, args: argparse.Namespace) -> _scenario.Scenario:
