@@ -10,6 +10,7 @@ pub mod error;
 pub mod metrics;
 pub mod plan;
 pub mod prefetch;
+pub mod proxy;
 pub mod reader;
 pub mod ring;
 pub mod runtime;

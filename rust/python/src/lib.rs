@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 mod checksum;
 mod errors;
 mod metrics;
+mod proxy;
 mod reader;
 mod storage;
 mod stream;
@@ -20,5 +21,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     reader::register(m)?;
     metrics::register(m)?;
     checksum::register(m)?;
+    proxy::register(m)?;
     Ok(())
 }
