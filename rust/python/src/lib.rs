@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod reader;
+mod route;
 mod storage;
 mod stream;
 
@@ -16,5 +17,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;
+    route::register(m)?;
     Ok(())
 }
