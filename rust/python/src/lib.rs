@@ -9,6 +9,7 @@ mod errors;
 mod metrics;
 mod proxy;
 mod reader;
+mod route;
 mod storage;
 mod stream;
 
@@ -22,5 +23,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     metrics::register(m)?;
     checksum::register(m)?;
     proxy::register(m)?;
+    route::register(m)?;
     Ok(())
 }
