@@ -91,6 +91,7 @@ SYSTEM_KEYS = {
     "hedges_won",
     "ejections",
     "replica_stats",
+    "extra_request_ratio",
     "sla",
     "sla_pass",
 }

@@ -35,6 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, metavar="N", help="override [workload] steps")
     p.add_argument("--no-progress", action="store_true", help="no live display")
     p.add_argument(
+        "--fail-on-sla", action="store_true", help="exit 1 when a system misses the scenario's SLA"
+    )
+    p.add_argument(
         "--check", action="store_true", help="validate the scenario and exit without running"
     )
     p.set_defaults(func=run_command, run=run_command)
@@ -119,7 +122,9 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     failed = [s["system"] for s in rep["systems"] if s.get("sla_pass") is False]
     if failed:
-        err.print(f"SLA failed for: {', '.join(failed)}")
+        err.print(f"SLA missed by: {', '.join(failed)}")
+        if args.fail_on_sla:
+            return 1
     return 0
 
 

@@ -29,6 +29,7 @@ ROWS: tuple[tuple[str, str, str, bool | None], ...] = (
     ("retries", "retries", "{:.0f}", None),
     ("hedges sent / won", "hedges", "{}", None),
     ("ejections", "ejections", "{:.0f}", None),
+    ("extra requests / read", "extra_request_ratio", "{:.3f}", None),
     ("bytes verified (MB)", "verified_mb", "{:.1f}", None),
     ("manifest mismatches", "mismatches", "{:.0f}", True),
     ("peak RSS (MB)", "peak_rss_mb", "{:.0f}", True),

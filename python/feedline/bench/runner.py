@@ -182,6 +182,8 @@ def run_system(
     for counter in ("requests", "retries", "hedges_sent", "hedges_won", "ejections"):
         result[counter] = totals.get(counter) if stats is not None else None
     result["replica_stats"] = (stats or {}).get("replicas")
+    # (retries + hedges) / reads, as feedline's router counts it (issue 3's budget).
+    result["extra_request_ratio"] = (stats or {}).get("extra_request_ratio")
     result["sla"] = evaluate_sla(dict(scenario.sla), result)
     verdicts = [v["pass"] for v in result["sla"].values()]
     result["sla_pass"] = None if not verdicts or None in verdicts else all(verdicts)

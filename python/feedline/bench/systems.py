@@ -312,7 +312,10 @@ def summarize_replica_stats(raw: Any) -> dict[str, Any]:
             v = rep.get(c)
             if isinstance(v, int | float) and not isinstance(v, bool):
                 totals[c] += int(v)
-    return {"totals": totals, "replicas": _jsonable(replicas)}
+    out: dict[str, Any] = {"totals": totals, "replicas": _jsonable(replicas)}
+    if isinstance(raw, dict) and isinstance(raw.get("extra_request_ratio"), int | float):
+        out["extra_request_ratio"] = float(raw["extra_request_ratio"])
+    return out
 
 
 def _jsonable(value: Any) -> Any:

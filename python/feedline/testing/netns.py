@@ -95,7 +95,9 @@ def _pick_subnet(replicas: int) -> ipaddress.IPv4Network:
     if replicas > 64:
         raise ValueError(f"replicas must be at most 64, got {replicas}")
     used = _run("ip", "-4", "-o", "addr", "show") + _run("ip", "-4", "route", "show")
-    taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"\d+\.\d+\.\d+\.\d+/\d+", used)]
+    taken = [
+        ipaddress.ip_network(m, strict=False) for m in re.findall(r"\d+\.\d+\.\d+\.\d+/\d+", used)
+    ]
     taken += [
         ipaddress.ip_network(f"{m}/32")
         for m in re.findall(r"(?<![\d/])(\d+\.\d+\.\d+\.\d+)(?![\d/])", used)
@@ -172,15 +174,22 @@ class Replica:
             return
         conf = self.workdir / "nginx.conf"
         conf.write_text(
-            _NGINX_CONF.format(
-                dir=self.workdir, address=self.ns_ip, port=self.port, root=self.root
-            )
+            _NGINX_CONF.format(dir=self.workdir, address=self.ns_ip, port=self.port, root=self.root)
         )
         with open(self.workdir / "stderr.log", "ab") as err:
             # Its own session: SIGSTOP/SIGKILL reach master and worker alike.
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, "nginx", "-c", str(conf),
-                 "-e", str(self.workdir / "error.log")],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.netns,
+                    "nginx",
+                    "-c",
+                    str(conf),
+                    "-e",
+                    str(self.workdir / "error.log"),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
