@@ -5,7 +5,6 @@ every system's bytes verified. Skips where nginx or issue 4's
 from __future__ import annotations
 
 import pytest
-
 from feedline.bench import runner
 from feedline.bench import scenario as sc
 from feedline.bench.replicas import nginx_support
