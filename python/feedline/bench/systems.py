@@ -376,12 +376,15 @@ class FsspecSystem(System):
         data: bytes = fs.cat_file(path, start=start, end=end)
         return data
 
+    #: What the hand-written failover catches.
+    failover_errors: tuple[type[BaseException], ...] = (OSError,)
+
     def read(self, key: str, start: int | None, end: int | None) -> bytes:
         n = len(self.replica_fs)
         first = zlib.crc32(key.encode()) % n
         try:
             return self._cat(self.replica_fs[first], self._path(first, key), start, end)
-        except OSError:
+        except self.failover_errors:
             self.errors += 1
             if n == 1:
                 raise
@@ -474,12 +477,19 @@ class ObstoreSystem(FsspecSystem):
             raise SystemUnavailable(
                 'obstore skipped: it is compared on HTTP replicas (replicas kind = "nginx")'
             )
+        from obstore.exceptions import BaseError
         from obstore.store import HTTPStore
 
+        self.failover_errors = (OSError, BaseError)
         if self.chaos:
             self.notes.append("in-process faults NOT applied to obstore (no chaos wrapper)")
+        # Two retries, not obstore's default ten: with ten, every read of a
+        # dead replica costs seconds of backoff before the failover.
         self.replica_fs = [
-            HTTPStore.from_url(r, client_options={"allow_http": True}) for r in self.roots
+            HTTPStore.from_url(
+                r, client_options={"allow_http": True}, retry_config={"max_retries": 2}
+            )
+            for r in self.roots
         ]
         self.retries = 0
         self.errors = 0
