@@ -241,3 +241,20 @@ def test_root_scenario_without_root_is_a_clear_cli_error(
     assert main(["bench", str(lossy), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "needs root" in err and "netns" in err
+
+
+def test_live_display_renders_running_figures() -> None:
+    from rich.console import Console
+
+    from feedline.bench.report import LiveProgress
+
+    rec = Recorder()
+    for _ in range(5):
+        rec.record_read(latency_s=0.002, end_s=0.5, nbytes=100, ok=True, verified=True)
+    rec.record_read(latency_s=0.002, end_s=1.5, nbytes=100, ok=True, verified=True)
+    live = LiveProgress()
+    live.update("fsspec", rec, 10)
+    console = Console(record=True, width=100)
+    console.print(live._render())
+    text = console.export_text()
+    assert "fsspec" in text and "running p99 ms" in text and "0/10" in text
