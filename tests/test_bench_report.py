@@ -244,9 +244,8 @@ def test_root_scenario_without_root_is_a_clear_cli_error(
 
 
 def test_live_display_renders_running_figures() -> None:
-    from rich.console import Console
-
     from feedline.bench.report import LiveProgress
+    from rich.console import Console
 
     rec = Recorder()
     for _ in range(5):

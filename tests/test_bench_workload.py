@@ -221,3 +221,29 @@ until = "8s"
     assert plan.per_replica[1]["spike_probability"] == 0.1
     assert "outages" not in plan.per_replica[1]
     assert [w[:2] for w in plan.windows] == [(2.0, 5.0), (7.0, 8.0)]
+
+
+def test_parquet_and_lognormal_datasets(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    text = """
+seed = 9
+[dataset]
+objects = 6
+size_bytes = 20000
+size_distribution = "lognormal"
+size_sigma = 0.5
+format = "parquet"
+[replicas]
+count = 2
+"""
+    scenario = sc.loads(text)
+    data = generate(scenario, str(tmp_path))
+    assert all(k.endswith(".parquet") for k in data.keys)
+    first = Path(data.replica_dirs[1]) / data.keys[0]
+    assert pq.read_table(first).column_names == ["sample"]
+    verify = manifest_verifier(data)
+    for key in data.keys:
+        payload = (Path(data.replica_dirs[1]) / key).read_bytes()
+        assert verify((key, None, None), payload) is True
+        assert verify((key, None, None), payload[:-1] + b"\0") is False
