@@ -247,3 +247,42 @@ count = 2
         payload = (Path(data.replica_dirs[1]) / key).read_bytes()
         assert verify((key, None, None), payload) is True
         assert verify((key, None, None), payload[:-1] + b"\0") is False
+
+
+def test_existing_dataset_with_its_manifest(tmp_path: Path) -> None:
+    from feedline.bench import runner
+
+    made = generate(sc.loads(TINY), str(tmp_path / "made"))
+    text = f"""
+systems = ["fsspec"]
+[dataset]
+path = "{made.replica_dirs[0]}"
+manifest = "{made.manifest_path}"
+[replicas]
+dirs = ["{made.replica_dirs[0]}", "{made.replica_dirs[1]}"]
+[workload]
+readers = 1
+batch_size = 4
+steps = 5
+"""
+    p = tmp_path / "existing.toml"
+    p.write_text(text, encoding="utf-8")
+    rep = runner.run(sc.load(p))
+    s = rep["systems"][0]
+    assert s["status"] == "ok" and s["samples"] == 20
+    assert s["verified_bytes"] == s["bytes"] and s["mismatches"] == 0
+    assert rep["dataset_bytes"] == 40 * 4096
+
+
+def test_manifest_naming_a_missing_object(tmp_path: Path) -> None:
+    from feedline.bench.dataset import existing
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "m.json").write_text('{"objects": {"nope.bin": {"crc32c": "0000abcd"}}}')
+    scen = tmp_path / "s.toml"
+    scen.write_text('[dataset]\npath = "d"\nmanifest = "m.json"\n', encoding="utf-8")
+    with pytest.raises(sc.ScenarioError, match=r"names 'nope.bin', missing under"):
+        existing(sc.load(scen))
+    (tmp_path / "m.json").write_text('{"x": "zz"}')
+    with pytest.raises(sc.ScenarioError, match=r"'x': malformed crc32c 'zz'"):
+        existing(sc.load(scen))
