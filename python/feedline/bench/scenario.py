@@ -11,7 +11,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -728,6 +728,3 @@ def override(scenario: Scenario, **changes: Any) -> Scenario:
     from dataclasses import replace
 
     return replace(scenario, **changes)
-
-
-Validator = Callable[[Scenario], None]
