@@ -4,8 +4,10 @@
 
 use pyo3::prelude::*;
 
+mod chaos;
 mod checksum;
 mod errors;
+mod manifest;
 mod metrics;
 mod proxy;
 mod reader;
@@ -24,5 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     checksum::register(m)?;
     proxy::register(m)?;
     route::register(m)?;
+    chaos::register(m)?;
+    manifest::register(m)?;
     Ok(())
 }
