@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import feedline
+import pytest
 from feedline.chaos import Chaos
 
 BLOCK = 4096

@@ -15,8 +15,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from feedline import _core
-from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
 from feedline.chaos import Chaos
+from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
