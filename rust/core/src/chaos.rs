@@ -316,6 +316,9 @@ impl ChaosSampler {
 
     /// Whether the replica is inside an outage window now.
     pub fn in_outage_window(&self) -> bool {
+        if self.spec.outages.is_empty() {
+            return false;
+        }
         let now = self.elapsed_s();
         self.spec
             .outages
