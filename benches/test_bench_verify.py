@@ -23,7 +23,7 @@ RANGE_BYTES = 4096
 
 
 @pytest.fixture(scope="module")
-def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
+def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str, str]]:
     root = tmp_path_factory.mktemp("verify") / "r0"
     root.mkdir()
     rng = random.Random(0)
@@ -31,7 +31,8 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, st
         (root / f"f{i:02d}.bin").write_bytes(rng.randbytes(FILE_BYTES))
     streaming = feedline.write_manifest(root, block_bytes=MiB, path=root.parent / "m1m.json")
     ranged = feedline.write_manifest(root, block_bytes=64 << 10, path=root.parent / "m64k.json")
-    yield root, streaming, ranged
+    small = feedline.write_manifest(root, block_bytes=4 << 10, path=root.parent / "m4k.json")
+    yield root, streaming, ranged, small
 
 
 def _stream_all(fs: feedline.FileSystem) -> int:
@@ -45,8 +46,8 @@ def _stream_all(fs: feedline.FileSystem) -> int:
 
 
 @pytest.mark.parametrize("mode", ["plain", "chaos_noop", "verified"])
-def test_stream_throughput(benchmark: Any, replica: tuple[Path, str, str], mode: str) -> None:
-    root, streaming, _ = replica
+def test_stream_throughput(benchmark: Any, replica: tuple[Path, str, str, str], mode: str) -> None:
+    root, streaming, _, _ = replica
     kwargs: dict[str, Any] = {}
     if mode == "verified":
         kwargs["manifest"] = streaming
@@ -59,12 +60,14 @@ def test_stream_throughput(benchmark: Any, replica: tuple[Path, str, str], mode:
     )
 
 
-@pytest.mark.parametrize("mode", ["plain", "chaos_noop", "verified"])
-def test_random_4k_ranges(benchmark: Any, replica: tuple[Path, str, str], mode: str) -> None:
-    root, _, ranged = replica
+@pytest.mark.parametrize("mode", ["plain", "chaos_noop", "verified", "verified_4k_blocks"])
+def test_random_4k_ranges(benchmark: Any, replica: tuple[Path, str, str, str], mode: str) -> None:
+    root, _, ranged, small = replica
     kwargs: dict[str, Any] = {}
     if mode == "verified":
         kwargs["manifest"] = ranged
+    if mode == "verified_4k_blocks":
+        kwargs["manifest"] = small
     if mode == "chaos_noop":
         kwargs["chaos"] = {0: Chaos(seed=1)}
     fs = feedline.FileSystem(replicas=[root], **kwargs)
@@ -72,6 +75,6 @@ def test_random_4k_ranges(benchmark: Any, replica: tuple[Path, str, str], mode: 
     paths = [f"f{rng.randrange(FILES):02d}.bin" for _ in range(RANGES)]
     starts = [rng.randrange(FILE_BYTES - RANGE_BYTES) for _ in range(RANGES)]
     ends = [s + RANGE_BYTES for s in starts]
-    benchmark.group = "cat_ranges 20k x 4 KiB (verified: 64 KiB blocks)"
+    benchmark.group = "cat_ranges 20k x 4 KiB (verified: 64 KiB blocks unless named)"
     out = benchmark.pedantic(fs.cat_ranges, args=(paths, starts, ends), rounds=7, warmup_rounds=1)
     assert all(isinstance(b, bytes) for b in out)
