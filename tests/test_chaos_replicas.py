@@ -51,6 +51,10 @@ def test_corrupting_replica_heals_from_the_others(replicas: tuple[list[Path], st
     assert corrupted > 0, "replica 1 was never read; the test proves nothing"
     assert faults[1]["checksum_mismatches"] == corrupted
     assert faults[0]["checksum_mismatches"] == faults[2]["checksum_mismatches"] == 0
+    # The router counted each one as that replica's error.
+    routed = fs.stats()["replicas"]
+    assert routed[1]["checksum_mismatches"] == corrupted
+    assert routed[0]["checksum_mismatches"] == routed[2]["checksum_mismatches"] == 0
 
 
 def test_no_good_replica_fails_loudly(replicas: tuple[list[Path], str]) -> None:
