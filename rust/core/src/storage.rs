@@ -4,14 +4,19 @@
 //! the Python API needs: one range into a buffer, many ranges in parallel,
 //! and a prefetching stream.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::chaos::ChaosSpec;
 use crate::error::{Error, Result};
+use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
+use crate::manifest::ManifestSource;
 use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
+use crate::route::{HedgeAfterMs, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
 use crate::store::{LocalStore, Store};
 
@@ -31,6 +36,28 @@ pub struct StorageConfig {
     pub replicas: Vec<String>,
     /// Async reads in flight for `cat_ranges` on remote stores.
     pub concurrency: Option<usize>,
+    // -- replica routing (see `route::config` for meanings and defaults) --
+    /// Relative share of keys per replica (default: equal).
+    pub weights: Option<Vec<f64>>,
+    /// "affinity" (default) or "p2c".
+    pub policy: Option<String>,
+    /// Bounded-load factor (> 1); unset: off.
+    pub load_factor: Option<f64>,
+    /// Milliseconds, or "p95"-style: the replica's own latency percentile.
+    pub hedge_after_ms: Option<HedgeAfterMs>,
+    pub timeout_ms: Option<f64>,
+    pub deadline_ms: Option<f64>,
+    pub eject_after_failures: Option<u32>,
+    pub base_ejection_ms: Option<f64>,
+    pub max_ejection_ms: Option<f64>,
+    pub retry_budget_ratio: Option<f64>,
+    pub retry_budget_floor_per_s: Option<f64>,
+    pub backoff_base_ms: Option<f64>,
+    pub backoff_max_ms: Option<f64>,
+    /// Faults to inject, by replica index (see [`crate::chaos`]).
+    pub chaos: BTreeMap<usize, ChaosSpec>,
+    /// Per-block CRC32C manifest; with it every read is verified.
+    pub manifest: Option<ManifestSource>,
 }
 
 impl StorageConfig {
@@ -38,6 +65,32 @@ impl StorageConfig {
         serde_json::from_str(json)
             .map_err(|e| Error::invalid(format!("bad storage configuration: {e}")))
     }
+
+    /// The router's settings, validated.
+    pub fn router_config(&self) -> Result<RouterConfig> {
+        RouterConfig::from_options(&RoutingOptions {
+            weights: self.weights.clone(),
+            policy: self.policy.clone(),
+            load_factor: self.load_factor,
+            hedge_after_ms: self.hedge_after_ms.clone(),
+            timeout_ms: self.timeout_ms,
+            deadline_ms: self.deadline_ms,
+            eject_after_failures: self.eject_after_failures,
+            base_ejection_ms: self.base_ejection_ms,
+            max_ejection_ms: self.max_ejection_ms,
+            retry_budget_ratio: self.retry_budget_ratio,
+            retry_budget_floor_per_s: self.retry_budget_floor_per_s,
+            backoff_base_ms: self.backoff_base_ms,
+            backoff_max_ms: self.backoff_max_ms,
+        })
+    }
+}
+
+/// The store for one replica root. Local directories today; the remote
+/// backends (URLs) and the per-replica wrappers (chaos, verification) are
+/// added here.
+pub fn open_replica(root: &str) -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(LocalStore::rooted(root)?))
 }
 
 /// One request of `read_many`: fill `buf` from `offset` of `key`.
@@ -50,29 +103,73 @@ pub struct RangeRequest<'a> {
 #[derive(Debug)]
 pub struct Storage {
     store: Arc<dyn Store>,
+    /// The same store as `store` when it is a router (always, from `new`).
+    router: Option<Arc<Router>>,
     config: StorageConfig,
+    layers: ReplicaLayers,
 }
 
 impl Storage {
+    /// Builds one store per replica root and a [`Router`] over them; every
+    /// read goes through the router. No replicas: the local filesystem,
+    /// paths as given (still through a one-replica router, for stats).
     pub fn new(config: StorageConfig) -> Result<Self> {
-        let store: Arc<dyn Store> = match config.replicas.as_slice() {
-            [] => Arc::new(LocalStore::unrooted()),
-            [root] => Arc::new(LocalStore::rooted(root)?),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{} replicas given; replica routing is not built yet",
-                    config.replicas.len()
-                )))
+        let router_config = config.router_config()?;
+        let (names, stores): (Vec<String>, Vec<Arc<dyn Store>>) = if config.replicas.is_empty() {
+            if config.weights.is_some() {
+                return Err(Error::invalid("weights given without replicas"));
             }
+            let local: Arc<dyn Store> = Arc::new(LocalStore::unrooted());
+            (vec![local.name().to_owned()], vec![local])
+        } else {
+            let stores = config
+                .replicas
+                .iter()
+                .map(|root| open_replica(root))
+                .collect::<Result<Vec<_>>>()?;
+            (config.replicas.clone(), stores)
         };
-        Ok(Storage { store, config })
+        // Chaos and verification wrap each replica's store, under the
+        // router: an injected fault or a checksum mismatch is that replica's
+        // error, so the router fails over, hedges or ejects as for a real one.
+        let (stores, layers) = wrap_replicas(stores, &config.chaos, config.manifest.as_ref())?;
+        let router = Arc::new(Router::new(names, stores, router_config)?);
+        Ok(Storage {
+            store: Arc::clone(&router) as Arc<dyn Store>,
+            router: Some(router),
+            config,
+            layers,
+        })
     }
 
     pub fn from_store(store: Arc<dyn Store>) -> Self {
         Storage {
             store,
+            router: None,
             config: StorageConfig::default(),
+            layers: ReplicaLayers::default(),
         }
+    }
+
+    /// Per-replica and end-to-end figures; `reset` clears them after
+    /// reading. Empty replica list for a `Storage` built from a bare store.
+    pub fn stats(&self, reset: bool) -> Option<RouterStats> {
+        self.router.as_ref().map(|r| r.stats(reset))
+    }
+
+    /// `stats` as JSON (`null` for a bare store).
+    pub fn stats_json(&self, reset: bool) -> String {
+        // Plain numbers and strings: serialising cannot fail.
+        serde_json::to_string(&self.stats(reset)).unwrap_or_else(|_| "null".into())
+    }
+
+    pub fn router(&self) -> Option<&Arc<Router>> {
+        self.router.as_ref()
+    }
+
+    /// What chaos injected into and verification checked on each replica.
+    pub fn fault_stats(&self) -> Vec<ReplicaFaultStats> {
+        self.layers.fault_stats()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

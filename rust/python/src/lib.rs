@@ -4,8 +4,14 @@
 
 use pyo3::prelude::*;
 
+mod chaos;
+mod checksum;
 mod errors;
+mod manifest;
+mod metrics;
+mod proxy;
 mod reader;
+mod route;
 mod storage;
 mod stream;
 
@@ -16,5 +22,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;
+    metrics::register(m)?;
+    checksum::register(m)?;
+    proxy::register(m)?;
+    route::register(m)?;
+    chaos::register(m)?;
+    manifest::register(m)?;
     Ok(())
 }
