@@ -1,0 +1,229 @@
+"""PyTorch hand-off: :class:`ParquetDataset` for ``DataLoader`` and
+:func:`to_device`, the double-buffered host-to-GPU feeder.
+
+Needs ``torch`` (the ``feedline[torch]`` extra)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import IterableDataset
+
+from feedline.arrow import ParquetStream, batch_to_numpy, batch_to_torch, tensor_from_numpy
+from feedline.fs import FileSystem
+
+Batch = dict[str, Any]
+
+FORMATS = ("torch", "numpy", "arrow")
+
+
+class ParquetDataset(IterableDataset):  # type: ignore[type-arg,misc]
+    """An ``IterableDataset`` of whole batches from a :class:`ParquetStream`:
+    use it with ``DataLoader(dataset, batch_size=None, num_workers=N)``.
+
+    Each DataLoader worker reads a disjoint share of the row groups (and each
+    rank a disjoint share of those), so the union over ranks and workers is
+    every row exactly once per epoch. It pickles (``spawn``/``forkserver``)
+    as its arguments plus the cached footers; nothing is read until a worker
+    iterates. ``format`` is ``"torch"`` (dict of tensors), ``"numpy"`` or
+    ``"arrow"`` (``pyarrow.RecordBatch``).
+
+    Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``.
+    With ``persistent_workers=True`` the workers keep the copy they were
+    started with, so there the epoch advances by itself in each worker after
+    every full pass.
+    """
+
+    def __init__(
+        self,
+        paths_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        fs: FileSystem | None = None,
+        *,
+        format: str = "torch",
+        **stream_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        self.format = format
+        self.stream = ParquetStream(paths_or_glob, fs=fs, **stream_kwargs)
+        self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+        self._passes = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The underlying stream's state (meaningful where this object is the
+        one iterated: ``num_workers=0``, or inside a worker)."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._passes and torch.utils.data.get_worker_info() is not None:
+            # A persistent worker's second pass: main's set_epoch cannot
+            # reach this copy, so take the next epoch here.
+            self.stream.set_epoch(self.stream.epoch + 1)
+        self._passes += 1
+        for batch in self.stream:
+            if self.format == "torch":
+                yield batch_to_torch(batch)
+            elif self.format == "numpy":
+                yield batch_to_numpy(batch)
+            else:
+                yield batch
+
+
+def _as_tensor(value: Any) -> torch.Tensor | None:
+    """A CPU tensor over ``value``'s memory where possible, else ``None``
+    (strings, objects: passed through unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, pa.Array | pa.ChunkedArray):
+        value = value.to_numpy(zero_copy_only=False)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        return tensor_from_numpy(value)
+    return None
+
+
+def _as_dict(batch: Any) -> Batch:
+    if isinstance(batch, pa.RecordBatch):
+        return batch_to_torch(batch)
+    if not isinstance(batch, dict):
+        raise TypeError(f"to_device takes dicts of arrays or RecordBatches, got {type(batch)!r}")
+    return batch
+
+
+def to_device(
+    batches: Iterable[Any],
+    device: str | torch.device | None = None,
+    *,
+    depth: int = 2,
+    events: list[tuple[Any, Any]] | None = None,
+) -> Iterator[Batch]:
+    """Moves each batch (a dict of arrays/tensors, or a RecordBatch) to
+    ``device``.
+
+    On CUDA: each batch is staged into one of ``depth`` reusable pinned host
+    buffers and copied with ``non_blocking=True`` on a side CUDA stream;
+    batch n is handed out only after the copy of batch n+1 has been queued,
+    so that copy overlaps whatever the caller computes on batch n. Tensors
+    handed out are safe on the current stream (it waits on the copy's event).
+    ``events``, if given, collects a (start, end) CUDA event pair per copy.
+
+    Elsewhere (``device`` "cpu", or ``None`` without CUDA): batches come back
+    as dicts of CPU tensors over the same memory; nothing is copied.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+        raise ValueError(f"depth must be an int >= 2 (double buffering), got {depth!r}")
+    if device is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"to_device({str(dev)!r}): CUDA is not available here")
+        return _CudaFeeder(batches, dev, depth, events)
+    if dev.type != "cpu":
+        raise ValueError(f"to_device supports 'cuda' and 'cpu' devices, got {str(dev)!r}")
+    return _cpu_batches(batches)
+
+
+def _cpu_batches(batches: Iterable[Any]) -> Iterator[Batch]:
+    for batch in batches:
+        out: Batch = {}
+        for name, value in _as_dict(batch).items():
+            tensor = _as_tensor(value)
+            out[name] = value if tensor is None else tensor
+        yield out
+
+
+class _CudaFeeder:
+    """Iterator behind :func:`to_device` on CUDA (see there)."""
+
+    def __init__(
+        self,
+        batches: Iterable[Any],
+        device: torch.device,
+        depth: int,
+        events: list[tuple[Any, Any]] | None,
+    ) -> None:
+        self._source = iter(batches)
+        self._device = device
+        self._copy_stream = torch.cuda.Stream(device=device)
+        # Pinned staging buffers per slot and column, grown on demand.
+        self._pool: list[dict[str, torch.Tensor]] = [{} for _ in range(depth)]
+        # The copy that last read each slot: the slot is refilled only after it.
+        self._slot_done: list[Any] = [None] * depth
+        self._events = events
+        self._count = 0
+        self._ready: tuple[Batch, Any] | None = None
+        self._exhausted = False
+
+    def __iter__(self) -> _CudaFeeder:
+        return self
+
+    def _pinned(self, slot: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        buf = self._pool[slot].get(name)
+        if buf is None or buf.dtype != tensor.dtype or buf.numel() < tensor.numel():
+            buf = torch.empty(max(tensor.numel(), 1), dtype=tensor.dtype, pin_memory=True)
+            self._pool[slot][name] = buf
+        return buf[: tensor.numel()].view(tensor.shape)
+
+    def _stage(self, batch: Any) -> tuple[Batch, Any]:
+        slot = self._count % len(self._pool)
+        self._count += 1
+        done = self._slot_done[slot]
+        if done is not None:
+            done.synchronize()  # its previous copy must finish before we overwrite
+        out: Batch = {}
+        start = torch.cuda.Event(enable_timing=self._events is not None)
+        end = torch.cuda.Event(enable_timing=self._events is not None)
+        with torch.cuda.stream(self._copy_stream):
+            start.record(self._copy_stream)
+            for name, value in _as_dict(batch).items():
+                tensor = _as_tensor(value)
+                if tensor is None:
+                    out[name] = value
+                    continue
+                staged = self._pinned(slot, name, tensor)
+                staged.copy_(tensor)
+                out[name] = staged.to(self._device, non_blocking=True)
+            end.record(self._copy_stream)
+        self._slot_done[slot] = end
+        if self._events is not None:
+            self._events.append((start, end))
+        return out, end
+
+    def __next__(self) -> Batch:
+        if self._ready is None:
+            if self._exhausted:
+                raise StopIteration
+            try:
+                self._ready = self._stage(next(self._source))
+            except StopIteration:
+                self._exhausted = True
+                raise
+        out, done = self._ready
+        # Queue the next copy before handing this batch out: it overlaps
+        # the caller's work on this one.
+        try:
+            self._ready = None if self._exhausted else self._stage(next(self._source))
+        except StopIteration:
+            self._exhausted = True
+            self._ready = None
+        current = torch.cuda.current_stream(self._device)
+        current.wait_event(done)
+        for value in out.values():
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                # The allocator must not reuse this memory while the
+                # caller's stream may still read it.
+                value.record_stream(current)
+        return out
