@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import feedline
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from parquet_data import write_dataset
-
-import feedline
 from feedline.arrow import ParquetReadError, ParquetStream
+from parquet_data import write_dataset
 
 
 def row_ids(stream: ParquetStream) -> list[int]:
@@ -110,7 +109,7 @@ def test_ranks_are_disjoint_and_complete(dataset: Path, monkeypatch: pytest.Monk
         row_ids(ParquetStream(str(dataset / "*.parquet"), shuffle=True, rank=r, world_size=3))
         for r in range(3)
     ]
-    assert sorted(sum(seen, [])) == list(range(3000))
+    assert sorted(i for ids in seen for i in ids) == list(range(3000))
     # The environment is the fallback for explicit arguments.
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -180,7 +179,7 @@ def test_skip_drops_the_bad_row_group_and_resumes_deterministically(dataset: Pat
     stream = make()
     full = [b["row_id"].tolist() for b in stream.numpy()]
     lost = set(range(1200, 1300))
-    assert sorted(sum(full, [])) == sorted(set(range(3000)) - lost)
+    assert sorted(i for ids in full for i in ids) == sorted(set(range(3000)) - lost)
     assert [(s["path"].rsplit("/", 1)[-1], s["row_group"]) for s in stream.skipped] == [
         ("part-001.parquet", 2)
     ]
@@ -214,7 +213,9 @@ def test_corrupt_footer_names_the_file(dataset: Path) -> None:
 
 
 def test_schema_mismatch_is_refused_or_unified(tmp_path: Path) -> None:
-    pq.write_table(pa.table({"a": pa.array([1, 2], pa.int32()), "b": [1.0, 2.0]}), tmp_path / "x.parquet")
+    pq.write_table(
+        pa.table({"a": pa.array([1, 2], pa.int32()), "b": [1.0, 2.0]}), tmp_path / "x.parquet"
+    )
     pq.write_table(pa.table({"a": pa.array([3], pa.int64()), "c": ["s"]}), tmp_path / "y.parquet")
     with pytest.raises(ValueError, match=r"y\.parquet differs from .*x\.parquet.*unify_schemas"):
         ParquetStream(str(tmp_path / "*.parquet"))

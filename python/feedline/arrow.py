@@ -25,7 +25,7 @@ Order, shards and resume
 ------------------------
 An epoch's unit of work is a row group. Every epoch, all row groups of all
 files are permuted (``shuffle=True``) with a generator seeded by
-``(seed, epoch)``, then dealt round-robin to ``world_size × num_workers``
+``(seed, epoch)``, then dealt round-robin to ``world_size * num_workers``
 shards: disjoint and complete. A shard's row groups are cut into windows of
 at least ``shuffle_buffer_rows`` rows (whole row groups); rows inside a window
 are permuted by a generator seeded by ``(seed, epoch, shard, window)``. That
@@ -37,6 +37,7 @@ row is re-read and the rows already delivered are dropped.
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import hashlib
 import io
@@ -152,8 +153,10 @@ def _read_footers(fs: FileSystem, paths: Sequence[str]) -> list[bytes | ParquetR
                 out[i] = footer
             except ParquetReadError as exc:
                 out[i] = exc
-    return [o if o is not None else ParquetReadError("unreachable", path="", row_group=None)
-            for o in out]
+    return [
+        o if o is not None else ParquetReadError("unreachable", path="", row_group=None)
+        for o in out
+    ]
 
 
 # -- plans -----------------------------------------------------------------------
@@ -165,9 +168,7 @@ def _leaf_indices(meta: pq.FileMetaData, columns: Sequence[str] | None) -> list[
     if columns is None:
         return list(range(n))
     wanted = set(columns)
-    return [
-        i for i in range(n) if meta.schema.column(i).path.split(".", 1)[0] in wanted
-    ]
+    return [i for i in range(n) if meta.schema.column(i).path.split(".", 1)[0] in wanted]
 
 
 def _column_ranges(
@@ -452,9 +453,7 @@ class ParquetStream:
             return schema
         missing = [c for c in self.columns if schema.get_field_index(c) < 0]
         if missing and not self.unify_schemas:
-            raise ValueError(
-                f"{self.paths[i]}: no column(s) {missing}; it has {schema.names}"
-            )
+            raise ValueError(f"{self.paths[i]}: no column(s) {missing}; it has {schema.names}")
         return pa.schema([schema.field(c) for c in self.columns if c not in missing])
 
     def _resolve_schema(self) -> pa.Schema:
@@ -475,7 +474,8 @@ class ParquetStream:
         for i, schema in schemas[1:]:
             if not schema.equals(first):
                 diff = [
-                    f"{f.name}: {f.type}" if first.get_field_index(f.name) < 0
+                    f"{f.name}: {f.type}"
+                    if first.get_field_index(f.name) < 0
                     else f"{f.name}: {first.field(f.name).type} vs {f.type}"
                     for f in schema
                     if first.get_field_index(f.name) < 0 or not first.field(f.name).equals(f)
@@ -551,7 +551,8 @@ class ParquetStream:
         shard, shards = self._shard()
         parts = {
             "files": [
-                [p, m.num_rows if m is not None else None] for p, m in zip(self.paths, self._metas)
+                [p, m.num_rows if m is not None else None]
+                for p, m in zip(self.paths, self._metas, strict=True)
             ],
             "columns": self.columns,
             "batch_rows": self.batch_rows,
@@ -621,7 +622,7 @@ class ParquetStream:
             sum(-(-length // chunk_bytes) for _, length in epoch.units[i].ranges) for i in todo
         )
         # The consumer holds every slot of one row group while it decodes;
-        # 2 × depth slots must cover that plus the reads in flight.
+        # 2 * depth slots must cover that plus the reads in flight.
         depth = max(self.depth, pieces)
         self.bytes_requested += sum(length for _, _, length in plan)
         pending: list[pa.Table] = []
@@ -718,10 +719,8 @@ class ParquetStream:
             for chunk in rf.unload():
                 # Give the slot back now; if something still holds a view,
                 # the slot goes back when that view dies.
-                try:
+                with contextlib.suppress(BufferError):
                     chunk.release()
-                except BufferError:
-                    pass
         return table
 
     def _file_columns(self, f: int) -> list[str] | None:

@@ -22,7 +22,7 @@ Batch = dict[str, Any]
 FORMATS = ("torch", "numpy", "arrow")
 
 
-class ParquetDataset(IterableDataset):  # type: ignore[type-arg,misc]
+class ParquetDataset(IterableDataset):  # type: ignore[type-arg]
     """An ``IterableDataset`` of whole batches from a :class:`ParquetStream`:
     use it with ``DataLoader(dataset, batch_size=None, num_workers=N)``.
 
@@ -89,7 +89,8 @@ def _as_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, pa.Array | pa.ChunkedArray):
         value = value.to_numpy(zero_copy_only=False)
     if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
-        return tensor_from_numpy(value)
+        tensor: torch.Tensor = tensor_from_numpy(value)
+        return tensor
     return None
 
 
@@ -157,7 +158,7 @@ class _CudaFeeder:
     ) -> None:
         self._source = iter(batches)
         self._device = device
-        self._copy_stream = torch.cuda.Stream(device=device)
+        self._copy_stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         # Pinned staging buffers per slot and column, grown on demand.
         self._pool: list[dict[str, torch.Tensor]] = [{} for _ in range(depth)]
         # The copy that last read each slot: the slot is refilled only after it.
@@ -184,8 +185,8 @@ class _CudaFeeder:
         if done is not None:
             done.synchronize()  # its previous copy must finish before we overwrite
         out: Batch = {}
-        start = torch.cuda.Event(enable_timing=self._events is not None)
-        end = torch.cuda.Event(enable_timing=self._events is not None)
+        start = torch.cuda.Event(enable_timing=self._events is not None)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=self._events is not None)  # type: ignore[no-untyped-call]
         with torch.cuda.stream(self._copy_stream):
             start.record(self._copy_stream)
             for name, value in _as_dict(batch).items():
