@@ -248,3 +248,14 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
         ParquetStream(str(tmp_path / "nothing-here-*.parquet"))
     with pytest.raises(FileNotFoundError):
         ParquetStream(str(tmp_path / "absent.parquet"))
+
+
+def test_shuffle_buffer_bounds_the_rows_held(dataset: Path) -> None:
+    # Unshuffled, each row group is yielded as soon as it is decoded.
+    plain = ParquetStream(str(dataset / "*.parquet"))._plan_epoch()
+    assert all(len(w) == 1 for w in plain.windows)
+    # Shuffled, a window holds whole row groups up to shuffle_buffer_rows.
+    mixed = ParquetStream(
+        str(dataset / "*.parquet"), shuffle=True, shuffle_buffer_rows=250
+    )._plan_epoch()
+    assert [len(w) for w in mixed.windows] == [3] * 10

@@ -432,7 +432,7 @@ class ParquetStream:
                 self._footers.append(None)
                 self._metas.append(None)
                 self._sizes.append(0)
-                self._record_skip(path, None, footer, count_bytes=False)
+                self._record_skip(path, None, footer)
                 continue
             self.bytes_requested += len(footer)
             self._footers.append(footer)
@@ -487,9 +487,7 @@ class ParquetStream:
                 )
         return first
 
-    def _record_skip(
-        self, path: str, row_group: int | None, exc: BaseException, *, count_bytes: bool = True
-    ) -> None:
+    def _record_skip(self, path: str, row_group: int | None, exc: BaseException) -> None:
         entry = {"path": path, "row_group": row_group, "error": str(exc)}
         if entry not in self.skipped:
             self.skipped.append(entry)
@@ -533,7 +531,8 @@ class ParquetStream:
         windows: list[list[int]] = []
         rows = 0
         for i, unit in enumerate(mine):
-            if not windows or (self.shuffle and rows >= self.shuffle_buffer_rows):
+            # Unshuffled, a window is one row group: nothing waits for more.
+            if not windows or not self.shuffle or rows >= self.shuffle_buffer_rows:
                 windows.append([])
                 rows = 0
             windows[-1].append(i)
