@@ -4,6 +4,7 @@ persistent workers, pin_memory) and the to_device feeder's CPU path."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,3 +140,25 @@ def test_to_device_cuda_matches_source(dataset: str) -> None:
     for a, b in zip(src, out, strict=True):
         assert b["c0"].is_cuda
         np.testing.assert_array_equal(b["c0"].cpu().numpy(), a["c0"])
+
+
+def test_torch_distributed_wins_over_the_environment(
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        ds = ParquetDataset(dataset, batch_rows=100, format="numpy")
+        assert sorted(int(i) for b in ds for i in b["row_id"]) == list(range(ROWS))
+    finally:
+        dist.destroy_process_group()
+    # Without it, the environment's rank 1 of 3 reads a third.
+    ds = ParquetDataset(dataset, batch_rows=100, format="numpy")
+    assert len([i for b in ds for i in b["row_id"]]) < ROWS
