@@ -236,6 +236,7 @@ def test_schema_mismatch_is_refused_or_unified(tmp_path: Path) -> None:
         ({"rank": 2, "world_size": 2}, "rank must be in"),
         ({"columns": "c0"}, "list of names"),
         ({"columns": ["nope"]}, "nope"),
+        ({"columns": []}, "at least one column"),
     ],
 )
 def test_bad_arguments_are_named(dataset: Path, kwargs: dict[str, Any], error: str) -> None:

@@ -387,6 +387,8 @@ class ParquetStream:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if isinstance(columns, str):
             raise TypeError(f"columns must be a list of names, got the string {columns!r}")
+        if columns is not None and not list(columns):
+            raise ValueError("columns must name at least one column, got []")
         self.paths = _expand(paths_or_glob)
         self.fs = fs if fs is not None else FileSystem()
         self.columns = list(columns) if columns is not None else None
