@@ -260,3 +260,12 @@ def test_shuffle_buffer_bounds_the_rows_held(dataset: Path) -> None:
         str(dataset / "*.parquet"), shuffle=True, shuffle_buffer_rows=250
     )._plan_epoch()
     assert [len(w) for w in mixed.windows] == [3] * 10
+
+
+def test_column_chunks_larger_than_a_slot_are_joined(tmp_path: Path) -> None:
+    # ~1.6 MiB column chunks with 1 MiB slots: each spans two slots.
+    (path,) = write_dataset(tmp_path, files=1, rows_per_file=200_000, row_group_rows=200_000)
+    stream = ParquetStream(str(path), batch_rows=50_000, max_block_bytes=1 << 20)
+    got = pa.Table.from_batches(list(stream))
+    assert got.equals(pq.read_table(path))
+    assert stream.fallback_reads == 0

@@ -347,7 +347,8 @@ class ParquetStream:
     when initialised; else the ``RANK``/``WORLD_SIZE`` environment; else one
     rank. DataLoader workers split a rank's share further. The unit of a
     shard is a row group, so a dataset needs at least as many row groups as
-    shards for every shard to get data.
+    shards for every shard to get data. Globs (``*``, ``?``, ``[``) are
+    expanded on the local filesystem; for replicas pass the keys.
     """
 
     def __init__(
@@ -618,7 +619,9 @@ class ParquetStream:
             self._rows_delivered = 0
             return
         largest = max(length for _, _, length in plan)
-        chunk_bytes = max(MiB, -(-largest // MiB) * MiB)
+        # One range per slot (zero-copy), unless a single column chunk is
+        # over max_block_bytes: then it spans slots and is joined (a copy).
+        chunk_bytes = max(MiB, -(-min(largest, self.max_block_bytes) // MiB) * MiB)
         pieces = max(
             sum(-(-length // chunk_bytes) for _, length in epoch.units[i].ranges) for i in todo
         )
