@@ -113,7 +113,8 @@ def to_device(
     ``device``.
 
     On CUDA: each batch is staged into one of ``depth`` reusable pinned host
-    buffers and copied with ``non_blocking=True`` on a side CUDA stream;
+    buffers (tensors already pinned skip this) and copied with
+    ``non_blocking=True`` on a side CUDA stream;
     batch n is handed out only after the copy of batch n+1 has been queued,
     so that copy overlaps whatever the caller computes on batch n. Tensors
     handed out are safe on the current stream (it waits on the copy's event).
@@ -193,6 +194,11 @@ class _CudaFeeder:
                 tensor = _as_tensor(value)
                 if tensor is None:
                     out[name] = value
+                    continue
+                if tensor.is_pinned():
+                    # Already pinned (DataLoader's pin_memory=True): copy as
+                    # is; torch's host allocator keeps it until the copy ends.
+                    out[name] = tensor.to(self._device, non_blocking=True)
                     continue
                 staged = self._pinned(slot, name, tensor)
                 staged.copy_(tensor)
