@@ -162,3 +162,31 @@ def test_torch_distributed_wins_over_the_environment(
     # Without it, the environment's rank 1 of 3 reads a third.
     ds = ParquetDataset(dataset, batch_rows=100, format="numpy")
     assert len([i for b in ds for i in b["row_id"]]) < ROWS
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+@pytest.mark.parametrize(("first", "second"), [(3, 7), (22, 1)])
+def test_loader_resume_with_workers_continues_exactly(
+    dataset: str, first: int, second: int
+) -> None:
+    # 24 row groups of 50 rows over 5 workers: 5,5,5,5,4 batches of 50, so
+    # the last worker runs dry first and the round-robin skips it.
+    def run(state: dict[str, Any] | None, stop: int | None) -> tuple[list[Any], Any]:
+        ds = ParquetDataset(dataset, batch_rows=50, shuffle=True, seed=4)
+        ds.set_epoch(3)
+        if state is not None:
+            ds.load_state_dict(state)
+        loader = DataLoader(ds, batch_size=None, num_workers=5, multiprocessing_context="fork")
+        got = []
+        for batch in loader:
+            got.append(batch["row_id"].tolist())
+            if len(got) == stop:
+                break
+        return got, ds.loader_state_dict(len(got), num_workers=5) if stop else None
+
+    full, _ = run(None, None)
+    assert len(full) == 24
+    head, state = run(None, first)
+    middle, state = run(state, second)  # a resumed run checkpointed again
+    tail, _ = run(state, None)
+    assert head + middle + tail == full

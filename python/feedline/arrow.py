@@ -417,6 +417,8 @@ class ParquetStream:
         self.fallback_reads = 0
         self._epoch = 0
         self._rows_delivered = 0
+        # Set to plan as a given DataLoader worker from outside that worker.
+        self._worker_override: tuple[int, int] | None = None
         self._footers: list[bytes | None] = []
         self._metas: list[pq.FileMetaData | None] = []
         self._sizes: list[int] = []
@@ -514,8 +516,22 @@ class ParquetStream:
             rank, world = _shard_from_env() or (0, 1)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside world_size {world}")
-        worker, workers = _worker()
+        worker, workers = self._worker_override or _worker()
         return rank * workers + worker, world * workers
+
+    def _shard_rows(self, worker: int, workers: int) -> tuple[int, dict[str, Any]]:
+        """Rows the DataLoader worker ``worker`` of ``workers`` reads this
+        epoch (row groups already known to be bad excluded)."""
+        saved, self._worker_override = self._worker_override, (worker, workers)
+        try:
+            epoch = self._plan_epoch()
+            state = self.state_dict()
+        finally:
+            self._worker_override = saved
+        rows = sum(
+            u.num_rows for u in epoch.units if (u.file, u.row_group) not in epoch.skipped_keys
+        )
+        return rows, state
 
     def _plan_epoch(self) -> _Epoch:
         units: list[_Unit] = []

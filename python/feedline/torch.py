@@ -53,24 +53,125 @@ class ParquetDataset(IterableDataset):  # type: ignore[type-arg]
         self.format = format
         self.stream = ParquetStream(paths_or_glob, fs=fs, **stream_kwargs)
         self._passes = 0
+        # Per-worker states from load_state_dict(loader_state_dict(...)).
+        self._worker_states: list[dict[str, Any]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
         self._passes = 0
+        self._worker_states = None
 
     def state_dict(self) -> dict[str, Any]:
         """The underlying stream's state (meaningful where this object is the
-        one iterated: ``num_workers=0``, or inside a worker)."""
+        one iterated: ``num_workers=0``). With workers use
+        :meth:`loader_state_dict`."""
         return self.stream.state_dict()
 
+    def loader_state_dict(self, batches_consumed: int, num_workers: int) -> dict[str, Any]:
+        """The state of ``DataLoader(self, batch_size=None,
+        num_workers=num_workers)`` after the training loop took
+        ``batches_consumed`` batches of this epoch (counted from where this
+        dataset's loaded state, if any, started).
+
+        A DataLoader over an ``IterableDataset`` hands out batches round-robin
+        over its workers, dropping each worker once it runs dry; each worker's
+        batch count follows from the footers, so the rows every worker has
+        delivered follow from ``batches_consumed`` alone. Exact while no row
+        group is skipped for bad data after this point.
+        """
+        if isinstance(batches_consumed, bool) or not isinstance(batches_consumed, int):
+            raise TypeError(f"batches_consumed must be an int, got {batches_consumed!r}")
+        if batches_consumed < 0:
+            raise ValueError(f"batches_consumed must be >= 0, got {batches_consumed}")
+        workers = max(1, int(num_workers))
+        batch_rows = self.stream.batch_rows
+        # Loader slot j (DataLoader worker j) reads the share of worker
+        # slots[j]: the identity, unless a resumed state rotated them.
+        if self._worker_states is not None:
+            if len(self._worker_states) != workers:
+                raise ValueError(
+                    f"the loaded state is for {len(self._worker_states)} worker(s), not {workers}"
+                )
+            slots = [int(st.get("worker", j)) for j, st in enumerate(self._worker_states)]
+        else:
+            slots = list(range(workers))
+        states: dict[int, dict[str, Any]] = {}
+        totals: dict[int, int] = {}
+        left: list[int] = []  # batches still to come, per slot
+        for j, w in enumerate(slots):
+            rows, state = self.stream._shard_rows(w, workers)
+            base = self._start_rows(j)
+            remaining = rows - base
+            n = remaining // batch_rows
+            if remaining % batch_rows and not self.stream.drop_last:
+                n += 1
+            state["rows_delivered"] = base
+            states[w], totals[w] = state, rows
+            left.append(n)
+        # Replay the DataLoader's round-robin over the slots still active.
+        taken = [0] * workers
+        k = batches_consumed
+        last = -1
+        while k:
+            active = [j for j in range(workers) if taken[j] < left[j]]
+            if not active:
+                raise ValueError(
+                    f"batches_consumed={batches_consumed} is more than this epoch holds "
+                    f"({sum(left)} batches over {workers} worker(s))"
+                )
+            for j in active:
+                if not k:
+                    break
+                taken[j] += 1
+                k -= 1
+                last = j
+        for j, w in enumerate(slots):
+            rows = states[w]["rows_delivered"] + taken[j] * batch_rows
+            # A worker that ran dry stays dry on resume (not a new pass).
+            states[w]["rows_delivered"] = min(rows, totals[w])
+            states[w]["worker"] = w
+        # A new DataLoader starts its round-robin at worker 0: let worker i
+        # read the share whose turn comes i-th, so the order of the batches
+        # continues as it would have.
+        order = [slots[(last + 1 + i) % workers] for i in range(workers)]
+        return {"num_workers": workers, "workers": [states[w] for w in order]}
+
+    def _start_rows(self, slot: int) -> int:
+        """Rows loader slot ``slot``'s share had delivered when this
+        dataset's loaded state was taken (0 without one)."""
+        if self._worker_states is None:
+            return 0
+        return int(self._worker_states[slot]["rows_delivered"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.load_state_dict(state)
+        """Loads a :meth:`state_dict` or a :meth:`loader_state_dict`; a
+        DataLoader must then use the same ``num_workers``."""
+        if "workers" in state:
+            self._worker_states = [dict(s) for s in state["workers"]]
+            self.stream.set_epoch(int(self._worker_states[0]["epoch"]))
+        else:
+            self._worker_states = None
+            self.stream.load_state_dict(state)
 
     def __iter__(self) -> Iterator[Any]:
-        if self._passes and torch.utils.data.get_worker_info() is not None:
+        info = torch.utils.data.get_worker_info()
+        if self._passes and info is not None:
             # A persistent worker's second pass: main's set_epoch cannot
             # reach this copy, so take the next epoch here.
             self.stream.set_epoch(self.stream.epoch + 1)
+        elif self._worker_states is not None:
+            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            if len(self._worker_states) != workers:
+                raise ValueError(
+                    f"the loaded state is for {len(self._worker_states)} DataLoader "
+                    f"worker(s); this DataLoader has {workers}"
+                )
+            state = self._worker_states[worker]
+            # Read the share of the worker whose turn this one took over.
+            self.stream._worker_override = (int(state.get("worker", worker)), workers)
+            self.stream.load_state_dict(state)
+            if info is None:
+                self._worker_states = None  # in-process: consumed by this pass
         self._passes += 1
         for batch in self.stream:
             if self.format == "torch":
