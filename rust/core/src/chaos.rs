@@ -324,13 +324,21 @@ impl ChaosSampler {
     }
 
     /// Whether the replica is down now for a request that draws no fate
-    /// (a `size`): an outage window, or past `fail_after_requests`.
+    /// (a `size`): an outage window, or past `fail_after_requests`. A
+    /// refusal is counted: behind the router a read's first request to a
+    /// replica is often its `size`.
     pub fn down_now(&self) -> bool {
-        self.in_outage_window()
+        let down = self.in_outage_window()
             || self
                 .spec
                 .fail_after_requests
-                .is_some_and(|n| self.next_request.load(Ordering::Relaxed) >= n)
+                .is_some_and(|n| self.next_request.load(Ordering::Relaxed) >= n);
+        if down {
+            self.counters
+                .outage_rejections
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        down
     }
 
     /// The pure part: what the seed says about request `request` moving
@@ -788,7 +796,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(store.size_blocking("obj").unwrap().unwrap(), 6);
-        assert_eq!(store.counts().outage_rejections, 1);
+        // The refused read and the refused size.
+        assert_eq!(store.counts().outage_rejections, 2);
 
         let store = ChaosStore::new(local, spec(r#"{"fail_after_requests": 2}"#).unwrap()).unwrap();
         for i in 0..5 {
@@ -796,7 +805,7 @@ mod tests {
             assert_eq!(r.is_ok(), i < 2, "request {i}: {r:?}");
         }
         assert!(store.size_blocking("obj").unwrap().is_err());
-        assert_eq!(store.counts().outage_rejections, 3);
+        assert_eq!(store.counts().outage_rejections, 4);
     }
 
     #[test]
