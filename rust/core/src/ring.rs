@@ -168,6 +168,14 @@ impl Parking {
     }
 }
 
+fn into_result((reader, error): (SlotReader, Option<Error>)) -> Result<SlotReader> {
+    match error {
+        None => Ok(reader),
+        // Dropping the reader releases the slot: the error carries no bytes.
+        Some(err) => Err(err),
+    }
+}
+
 #[cfg(not(loom))]
 fn wait_timeout<'a>(
     cond: &Condvar,
@@ -311,6 +319,13 @@ impl Ring {
 
     /// Consumes `seq` without waiting.
     pub fn try_consume(self: &Arc<Self>, seq: u64) -> Option<Result<SlotReader>> {
+        self.take(seq).map(into_result)
+    }
+
+    /// Takes slot `seq` if published: its reader and, for a failed read,
+    /// the error (the reader then carries no bytes; dropping it releases
+    /// the slot).
+    fn take(self: &Arc<Self>, seq: u64) -> Option<(SlotReader, Option<Error>)> {
         if !self.try_transition(seq, PUBLISHED, CONSUMING) {
             return None;
         }
@@ -324,19 +339,20 @@ impl Ring {
             idx,
             len: meta.len,
         };
-        Some(match meta.error {
-            None => Ok(reader),
-            // Dropping the reader releases the slot: the error carries no bytes.
-            Some(err) => Err(err),
-        })
+        Some((reader, meta.error))
     }
 
     /// Waits for `seq` to be published and takes it. Delivery is in plan
     /// order because the caller asks for `seq` in order.
     pub fn consume(self: &Arc<Self>, seq: u64, timeout: Option<Duration>) -> Result<SlotReader> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        // A failed slot's reader is dropped (releasing the slot, which wakes
+        // waiters under the parking lock) only after the wait returns: the
+        // wait polls `take` while holding that lock, and the lock is not
+        // reentrant.
         self.parking
-            .wait_until(deadline, || self.try_consume(seq), || self.is_closed())
+            .wait_until(deadline, || self.take(seq), || self.is_closed())
+            .map(into_result)
             .unwrap_or_else(|| Err(self.wait_error("consume", seq, timeout)))
     }
 
