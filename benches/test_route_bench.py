@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from feedline import _core
 
 uhashring = pytest.importorskip("uhashring")
@@ -71,7 +70,9 @@ def test_lookup_ratio_in_one_run(benchmark: Any) -> None:
         "feedline_primary_ns": round(statistics.median(feedline_ns), 1),
         "feedline_preference_list_ns": round(statistics.median(list_ns), 1),
         "uhashring_ns": round(statistics.median(ring_ns), 1),
-        "uhashring_over_feedline": round(statistics.median(ring_ns) / statistics.median(feedline_ns), 2),
+        "uhashring_over_feedline": round(
+            statistics.median(ring_ns) / statistics.median(feedline_ns), 2
+        ),
         "feedline_peak_over_mean": round(peak_over_mean(rendezvous.replica_for), 4),
         "uhashring_peak_over_mean": round(peak_over_mean(ring.get_node), 4),
     }

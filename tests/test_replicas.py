@@ -11,10 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import feedline
 import fsspec
 import pytest
-
-import feedline
 from feedline import _core
 
 KEY = "shard-0/part.bin"
@@ -159,7 +158,9 @@ def test_ejection_after_failures_and_readmission(roots: list[str]) -> None:
     assert fs.stats()["read_errors"] == 0
 
 
-def test_open_and_fsspec_route_the_same_way(roots: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_and_fsspec_route_the_same_way(
+    roots: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     prefs = order(roots, KEY)
     Path(roots[prefs[0]], KEY).write_bytes(payload(1))
     # The primary's copy differs: whoever routes like the router reads it.

@@ -457,6 +457,7 @@ impl Router {
 
     /// One attempt on replica `r`, limited by the per-try timeout and the
     /// read's deadline.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         r: usize,
