@@ -13,9 +13,12 @@ from feedline._core import (
     ShortReadError,
     __version__,
 )
-from feedline.fs import FeedlineFile, FileSystem, open
+from feedline import chaos
+from feedline.chaos import Chaos
+from feedline.fs import FeedlineFile, FileSystem, open, write_manifest
 
 __all__ = [
+    "Chaos",
     "ChecksumMismatch",
     "Chunk",
     "ChunkStream",
@@ -24,5 +27,7 @@ __all__ = [
     "ReplicasUnavailable",
     "ShortReadError",
     "__version__",
+    "chaos",
     "open",
+    "write_manifest",
 ]

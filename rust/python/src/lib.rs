@@ -4,7 +4,9 @@
 
 use pyo3::prelude::*;
 
+mod chaos;
 mod errors;
+mod manifest;
 mod reader;
 mod route;
 mod storage;
@@ -18,5 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stream::register(m)?;
     reader::register(m)?;
     route::register(m)?;
+    chaos::register(m)?;
+    manifest::register(m)?;
     Ok(())
 }
