@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import feedline
 import pytest
+
+import feedline
 from feedline.chaos import Chaos
 
 BLOCK = 4096
@@ -107,7 +108,7 @@ def _manifest(objects: object, **top: object) -> dict[str, object]:
     ("manifest", "needle"),
     [
         (_manifest({"ghost.bin": {"size": 0, "crc32c": []}}), "ghost.bin"),
-        (_manifest({"a.bin": {"size": -1, "crc32c": []}}), 'size of "a.bin"'),
+        (_manifest({"a.bin": {"size": -1, "crc32c": []}}), "size of \"a.bin\""),
         (_manifest({"a.bin": {"size": 5, "crc32c": ["zz"]}}), "zz"),
         (_manifest({"a.bin": {"size": 5, "crc32c": ["0123456789"]}}), "0123456789"),
         (_manifest({"a.bin": {"size": 9000, "crc32c": ["00000000"]}}), "needs 3"),

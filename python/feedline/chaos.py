@@ -56,9 +56,7 @@ def _positive(owner: str, name: str, value: object) -> None:
 def _probability(owner: str, name: str, value: object) -> None:
     v = _number(owner, name, value)
     if not 0.0 <= v <= 1.0:
-        raise ValueError(
-            f"{owner}.{name} is a probability and must be within [0, 1], got {value!r}"
-        )
+        raise ValueError(f"{owner}.{name} is a probability and must be within [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -276,9 +274,7 @@ class ChaosFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise OSError(f"chaos: injected outage reading {path!r}")
         if kind == "stall":
             time.sleep(self.stall_s)
-            raise TimeoutError(
-                f"chaos: injected stall reading {path!r} (gave up after {self.stall_s} s)"
-            )
+            raise TimeoutError(f"chaos: injected stall reading {path!r} (gave up after {self.stall_s} s)")
         if delay_ms > 0:
             time.sleep(delay_ms / 1000)
         if kind == "error":
