@@ -15,8 +15,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from feedline import _core
-from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
 from feedline.chaos import Chaos
+from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -116,7 +116,7 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
     failures fail over to the next with backoff under ``deadline_ms``, slow
     reads are hedged after ``hedge_after_ms`` (milliseconds or ``"p95"``),
     and a replica failing ``eject_after_failures`` times in a row is ejected
-    for ``base_ejection_ms`` × ejections, then probed. See ``stats()``.
+    for ``base_ejection_ms`` times its ejection count, then probed. See ``stats()``.
     """
 
     protocol = ("feedline",)
