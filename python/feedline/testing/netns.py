@@ -27,6 +27,7 @@ exceptions, and by :func:`cleanup_stale` after a crashed run.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import ipaddress
 import os
@@ -95,14 +96,16 @@ def _pick_subnet(replicas: int) -> ipaddress.IPv4Network:
     if replicas > 64:
         raise ValueError(f"replicas must be at most 64, got {replicas}")
     used = _run("ip", "-4", "-o", "addr", "show") + _run("ip", "-4", "route", "show")
-    taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"\d+\.\d+\.\d+\.\d+/\d+", used)]
+    taken = [
+        ipaddress.ip_network(m, strict=False) for m in re.findall(r"\d+\.\d+\.\d+\.\d+/\d+", used)
+    ]
     taken += [
         ipaddress.ip_network(f"{m}/32")
         for m in re.findall(r"(?<![\d/])(\d+\.\d+\.\d+\.\d+)(?![\d/])", used)
     ]
     rng = random.Random(secrets.randbits(64))
     for _ in range(64):
-        candidate = ipaddress.ip_network(f"10.{rng.randrange(200, 250)}.{rng.randrange(256)}.0/24")
+        candidate = ipaddress.IPv4Network(f"10.{rng.randrange(200, 250)}.{rng.randrange(256)}.0/24")
         if not any(candidate.overlaps(net) for net in taken):
             return candidate
     raise NetnsError("found no free 10.x.y.0/24 for the rig's veth pairs")
@@ -172,15 +175,22 @@ class Replica:
             return
         conf = self.workdir / "nginx.conf"
         conf.write_text(
-            _NGINX_CONF.format(
-                dir=self.workdir, address=self.ns_ip, port=self.port, root=self.root
-            )
+            _NGINX_CONF.format(dir=self.workdir, address=self.ns_ip, port=self.port, root=self.root)
         )
         with open(self.workdir / "stderr.log", "ab") as err:
             # Its own session: SIGSTOP/SIGKILL reach master and worker alike.
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, "nginx", "-c", str(conf),
-                 "-e", str(self.workdir / "error.log")],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.netns,
+                    "nginx",
+                    "-c",
+                    str(conf),
+                    "-e",
+                    str(self.workdir / "error.log"),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -490,14 +500,10 @@ class NetnsRig:
             self._scheduler.close()
         for r in self.replicas:
             if r.process is not None and r.process.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(r.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     r.process.wait(timeout=COMMAND_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    pass
         for r in self.replicas:
             _delete_netns(r.netns)
             _run("ip", "link", "del", r.host_if, check=False)
@@ -533,10 +539,8 @@ class NetnsRig:
 def _delete_netns(name: str) -> None:
     pids = _run("ip", "netns", "pids", name, check=False).split()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
     _run("ip", "netns", "del", name, check=False)
 
 
@@ -582,9 +586,12 @@ def _sweep(prefix: str, *, force: bool) -> int:
     link_prefix = prefix.replace("-", "")
     for line in _run("ip", "-o", "link", "show", check=False).splitlines():
         m = re.match(r"\d+:\s+([^@:\s]+)", line)
-        if m and m.group(1).startswith(link_prefix):
-            if stale(m.group(1), r"[a-z]+([0-9a-f]{6})[hn]\d+$"):
-                _run("ip", "link", "del", m.group(1), check=False)
+        if (
+            m
+            and m.group(1).startswith(link_prefix)
+            and stale(m.group(1), r"[a-z]+([0-9a-f]{6})[hn]\d+$")
+        ):
+            _run("ip", "link", "del", m.group(1), check=False)
     if prefix == PREFIX:
         # A rig's blackhole route is stale once no address in its /24 is left.
         addrs = _run("ip", "-4", "-o", "addr", "show", check=False)
