@@ -5,6 +5,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod fsspec_store;
 mod reader;
 mod storage;
 mod stream;
@@ -16,5 +17,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;
+    fsspec_store::register(m)?;
     Ok(())
 }
