@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -74,4 +73,3 @@ def test_cleanup_on_failure_and_bad_arguments(tmp_path: Path, nginx_bin: str) ->
         NginxReplicas(tmp_path / "nope", 1)
     with pytest.raises(ValueError, match="n must be"):
         NginxReplicas(tmp_path, 0)
-    del socket

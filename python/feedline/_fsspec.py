@@ -29,7 +29,9 @@ def register_instance(fs: AbstractFileSystem, root: str = "") -> str:
     with _lock:
         token = str(next(_counter))
         _instances[token] = fs
-    return f"{INSTANCE_SCHEME}://{token}/{root.lstrip('/')}"
+    # The root follows the first "/" verbatim (an absolute local root keeps
+    # its leading slash).
+    return f"{INSTANCE_SCHEME}://{token}/{root}"
 
 
 def instance_of(root: str) -> tuple[AbstractFileSystem, str] | None:

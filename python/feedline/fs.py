@@ -87,6 +87,8 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
                 f"feedline:: cannot chain onto protocol {target_protocol!r} yet; local paths only"
             )
         del target_options
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
         # What the filesystem is rebuilt from when pickled (spawn/forkserver
         # workers): configuration, never threads, handles or connections.
         self._init_config: dict[str, Any] = {
@@ -104,8 +106,6 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes)
         self.depth = _positive_int("depth", depth)
         self.direct_bytes = _positive_int("direct_bytes", direct_bytes)
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
         self._storage_options: dict[str, Any] = dict(storage_options or {})
         self.replicas = [_replica_root(r) for r in replicas] if replicas is not None else []
         if replicas is not None and not self.replicas:

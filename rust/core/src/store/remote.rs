@@ -322,7 +322,16 @@ impl RemoteStore {
         let result = client
             .get_opts(&path, options)
             .await
-            .map_err(|e| self.error(key, e))?;
+            .map_err(|e| match self.error(key, e) {
+                // HTTP 416: the copy ends before `offset`.
+                Error::ShortRead { .. } => Error::ShortRead {
+                    path: key.into(),
+                    offset,
+                    wanted_bytes: wanted,
+                    got_bytes: 0,
+                },
+                other => other,
+            })?;
         // object_store has checked Content-Range against the ask, except that
         // it clips the ask to the object's size: a clipped range is a short
         // object on this replica.
@@ -475,11 +484,15 @@ pub fn map_object_store_error(name: &str, key: &str, err: object_store::Error) -
                 Some(404) => return Error::NotFound { path: key.into() },
                 Some(401 | 403) => return Error::PermissionDenied { path: key.into() },
                 // Past the end of this replica's copy: it is shorter than the
-                // size we planned with. Retryable: another copy may be whole.
+                // size we planned with (the object shrank, or this copy is
+                // truncated). Retryable: another copy may be whole.
                 Some(416) => {
-                    return Error::Remote(format!(
-                        "{name}: HTTP 416 range not satisfiable for {key:?} (replica's copy is shorter)"
-                    ))
+                    return Error::ShortRead {
+                        path: key.into(),
+                        offset: 0,
+                        wanted_bytes: 0,
+                        got_bytes: 0,
+                    }
                 }
                 Some(status) => {
                     return Error::Remote(format!("{name}: HTTP {status} for {key:?}"));
