@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from feedline import _core, _fsspec
+from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -58,7 +59,14 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
     """An fsspec filesystem whose reads run in feedline's Rust core.
 
     ``FileSystem()`` reads local paths as given. ``FileSystem(replicas=[root])``
-    reads keys relative to a replica root.
+    reads keys relative to a replica root; with several roots (each holding
+    the same objects under the same keys) every read is routed: weighted
+    rendezvous hashing gives each key a preference list, ``policy`` picks a
+    healthy replica from it (``"affinity"``, the default, or ``"p2c"``),
+    failures fail over to the next with backoff under ``deadline_ms``, slow
+    reads are hedged after ``hedge_after_ms`` (milliseconds or ``"p95"``),
+    and a replica failing ``eject_after_failures`` times in a row is ejected
+    for ``base_ejection_ms`` × ejections, then probed. See ``stats()``.
     """
 
     protocol = ("feedline",)
@@ -73,6 +81,19 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         *,
         storage_options: dict[str, Any] | None = None,
         concurrency: int | None = None,
+        weights: Sequence[float] | None = None,
+        policy: str | None = None,
+        load_factor: float | None = None,
+        hedge_after_ms: float | str | None = None,
+        timeout_ms: float | None = None,
+        deadline_ms: float | None = None,
+        eject_after_failures: int | None = None,
+        base_ejection_ms: float | None = None,
+        max_ejection_ms: float | None = None,
+        retry_budget_ratio: float | None = None,
+        retry_budget_floor_per_s: float | None = None,
+        backoff_base_ms: float | None = None,
+        backoff_max_ms: float | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         depth: int = DEFAULT_DEPTH,
         direct_bytes: int = DEFAULT_DIRECT_BYTES,
@@ -103,19 +124,46 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         # In a chained URL ("feedline::/data/x") fsspec hands the inner path
         # over as `fo` and asks this filesystem for "".
         self._fo = self._strip_protocol(fo) if fo else None
+        if self._fo and replicas:
+            # fsspec's local layer made a relative key ("feedline::shard/x")
+            # absolute against the cwd; with replicas a key is relative to
+            # each root, so take the cwd back off.
+            cwd = os.getcwd().rstrip(os.sep) + os.sep
+            if self._fo.startswith(cwd):
+                self._fo = self._fo[len(cwd) :]
         self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes)
         self.depth = _positive_int("depth", depth)
         self.direct_bytes = _positive_int("direct_bytes", direct_bytes)
         self._storage_options: dict[str, Any] = dict(storage_options or {})
-        self.replicas = [_replica_root(r) for r in replicas] if replicas is not None else []
-        if replicas is not None and not self.replicas:
-            raise ValueError("replicas must name at least one root, got []")
+        roots: Any = replicas
+        if replicas is not None and not isinstance(replicas, str | bytes | os.PathLike):
+            roots = [_replica_root(r) for r in replicas]
+        self.replicas = check_replicas(roots)
         config: dict[str, Any] = {"replicas": self.replicas}
+        routing = {
+            "weights": weights,
+            "policy": policy,
+            "load_factor": load_factor,
+            "hedge_after_ms": hedge_after_ms,
+            "timeout_ms": timeout_ms,
+            "deadline_ms": deadline_ms,
+            "eject_after_failures": eject_after_failures,
+            "base_ejection_ms": base_ejection_ms,
+            "max_ejection_ms": max_ejection_ms,
+            "retry_budget_ratio": retry_budget_ratio,
+            "retry_budget_floor_per_s": retry_budget_floor_per_s,
+            "backoff_base_ms": backoff_base_ms,
+            "backoff_max_ms": backoff_max_ms,
+        }
+        self._init_config.update(routing)
+        config.update(routing_config(self.replicas, **routing))
         if self._storage_options:
             try:
                 json.dumps(self._storage_options)
             except TypeError as e:
-                raise TypeError(f"storage_options must be JSON-like (str, number, bool, dict): {e}") from None
+                raise TypeError(
+                    f"storage_options must be JSON-like (str, number, bool, dict): {e}"
+                ) from None
             config["storage_options"] = self._storage_options
         if concurrency is not None:
             config["concurrency"] = _positive_int("concurrency", concurrency)
@@ -159,23 +207,45 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         return os.path.join(self.replicas[0], key) if self.replicas else key
 
     # -- metadata -------------------------------------------------------------
-    # Local replicas: fsspec's local filesystem on the first replica. URL
-    # replicas: the size through the store (HEAD on HTTP); fsspec-protocol
-    # replicas: that filesystem's own metadata calls.
+    # Local replicas: fsspec's local filesystem on the replicas. URL replicas:
+    # the size through the store (HEAD on HTTP, routed like a read);
+    # fsspec-protocol replicas: that filesystem's own metadata calls.
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        if not self._first_replica_is_url:
-            info: dict[str, Any] = self._local.info(self._local_path(path), **kwargs)
-            return info
+        if not self.replicas:
+            found: dict[str, Any] = self._local.info(self._key(path), **kwargs)
+            return found
         key = self._key(path)
-        fallback = self._fsspec_target(key)
-        if fallback is not None:
-            fs, full = fallback
-            info = dict(fs.info(full, **kwargs))
-            info["name"] = key
+        if self._first_replica_is_url:
+            fallback = self._fsspec_target(key)
+            if fallback is not None:
+                fs, full = fallback
+                info = dict(fs.info(full, **kwargs))
+                info["name"] = key
+                return info
+            size = self._storage.size(key)
+            return {"name": key, "size": size, "type": "file"}
+        # Replicas lag: the first one that has the path answers.
+        for root in self.replicas:
+            try:
+                info = self._local.info(os.path.join(root, key), **kwargs)
+            except FileNotFoundError:
+                continue
             return info
-        size = self._storage.size(key)
-        return {"name": key, "size": size, "type": "file"}
+        raise FileNotFoundError(2, f"no such file on any replica: {key!r}", key)
+
+    # -- routing figures ------------------------------------------------------
+
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        """Read figures: ``reads``, ``read_errors``, ``bytes``,
+        ``extra_request_ratio`` (retries + hedges per read), ``latency``
+        (end to end, ms percentiles) and ``replicas``: per replica
+        ``requests``, ``bytes``, ``errors``, ``retries``, ``hedges_sent``,
+        ``hedges_won``, ``ejections``, ``checksum_mismatches``, ``latency``
+        (``p50_ms``, ``p90_ms``, ``p99_ms``, ``p99.9_ms``, ``max_ms``), ...
+        ``reset=True`` clears them after reading."""
+        stats: dict[str, Any] = json.loads(self._storage.stats_json(reset))
+        return stats
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         if not self._first_replica_is_url:
@@ -415,7 +485,9 @@ def open(
     path = os.fspath(urlpath)
     if mode in READ_MODES or mode in TEXT_READ_MODES:
         fs_kwargs = {
-            k: kwargs.pop(k) for k in ("chunk_bytes", "depth", "direct_bytes") if k in kwargs
+            k: kwargs.pop(k)
+            for k in ("chunk_bytes", "depth", "direct_bytes", "storage_options", "concurrency", *ROUTING_OPTIONS)
+            if k in kwargs
         }
         fs = FileSystem(replicas=replicas, **fs_kwargs)
         return OpenFile(fs, FileSystem._strip_protocol(path), mode=mode, **kwargs)

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod prefetch;
 pub mod reader;
 pub mod ring;
+pub mod route;
 pub mod runtime;
 pub mod storage;
 pub mod store;

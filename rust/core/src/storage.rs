@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
+use crate::route::{HedgeAfterMs, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
 use crate::store::remote::{self, redacted_options, StorageOptions};
 use crate::store::{fallback, LocalStore, RemoteStore, Store};
@@ -42,6 +43,24 @@ pub struct StorageConfig {
     /// fsspec-style options for URL replicas (credentials, endpoint, ...).
     /// Never shown: `Debug` redacts credential values.
     pub storage_options: StorageOptions,
+    // -- replica routing (see `route::config` for meanings and defaults) --
+    /// Relative share of keys per replica (default: equal).
+    pub weights: Option<Vec<f64>>,
+    /// "affinity" (default) or "p2c".
+    pub policy: Option<String>,
+    /// Bounded-load factor (> 1); unset: off.
+    pub load_factor: Option<f64>,
+    /// Milliseconds, or "p95"-style: the replica's own latency percentile.
+    pub hedge_after_ms: Option<HedgeAfterMs>,
+    pub timeout_ms: Option<f64>,
+    pub deadline_ms: Option<f64>,
+    pub eject_after_failures: Option<u32>,
+    pub base_ejection_ms: Option<f64>,
+    pub max_ejection_ms: Option<f64>,
+    pub retry_budget_ratio: Option<f64>,
+    pub retry_budget_floor_per_s: Option<f64>,
+    pub backoff_base_ms: Option<f64>,
+    pub backoff_max_ms: Option<f64>,
 }
 
 impl std::fmt::Debug for StorageConfig {
@@ -58,7 +77,12 @@ impl std::fmt::Debug for StorageConfig {
             .field("replicas", &replicas)
             .field("concurrency", &self.concurrency)
             .field("storage_options", &redacted_options(&self.storage_options))
-            .finish()
+            .field("weights", &self.weights)
+            .field("policy", &self.policy)
+            .field("hedge_after_ms", &self.hedge_after_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("deadline_ms", &self.deadline_ms)
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,6 +121,25 @@ impl StorageConfig {
         serde_json::from_str(json)
             .map_err(|e| Error::invalid(format!("bad storage configuration: {e}")))
     }
+
+    /// The router's settings, validated.
+    pub fn router_config(&self) -> Result<RouterConfig> {
+        RouterConfig::from_options(&RoutingOptions {
+            weights: self.weights.clone(),
+            policy: self.policy.clone(),
+            load_factor: self.load_factor,
+            hedge_after_ms: self.hedge_after_ms.clone(),
+            timeout_ms: self.timeout_ms,
+            deadline_ms: self.deadline_ms,
+            eject_after_failures: self.eject_after_failures,
+            base_ejection_ms: self.base_ejection_ms,
+            max_ejection_ms: self.max_ejection_ms,
+            retry_budget_ratio: self.retry_budget_ratio,
+            retry_budget_floor_per_s: self.retry_budget_floor_per_s,
+            backoff_base_ms: self.backoff_base_ms,
+            backoff_max_ms: self.backoff_max_ms,
+        })
+    }
 }
 
 /// One request of `read_many`: fill `buf` from `offset` of `key`.
@@ -109,29 +152,63 @@ pub struct RangeRequest<'a> {
 #[derive(Debug)]
 pub struct Storage {
     store: Arc<dyn Store>,
+    /// The same store as `store` when it is a router (always, from `new`).
+    router: Option<Arc<Router>>,
     config: StorageConfig,
 }
 
 impl Storage {
+    /// Builds one store per replica root and a [`Router`] over them; every
+    /// read goes through the router. No replicas: the local filesystem,
+    /// paths as given (still through a one-replica router, for stats).
     pub fn new(config: StorageConfig) -> Result<Self> {
-        let store: Arc<dyn Store> = match config.replicas.as_slice() {
-            [] => Arc::new(LocalStore::unrooted()),
-            [root] => open_replica(root, &config)?,
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{} replicas given; replica routing is not built yet",
-                    config.replicas.len()
-                )))
+        let router_config = config.router_config()?;
+        let (names, stores): (Vec<String>, Vec<Arc<dyn Store>>) = if config.replicas.is_empty() {
+            if config.weights.is_some() {
+                return Err(Error::invalid("weights given without replicas"));
             }
+            let local: Arc<dyn Store> = Arc::new(LocalStore::unrooted());
+            (vec![local.name().to_owned()], vec![local])
+        } else {
+            let stores = config
+                .replicas
+                .iter()
+                .map(|root| open_replica(root, &config))
+                .collect::<Result<Vec<_>>>()?;
+            // Names from the stores: URLs without credentials.
+            let names = stores.iter().map(|s| s.name().to_owned()).collect();
+            (names, stores)
         };
-        Ok(Storage { store, config })
+        let router = Arc::new(Router::new(names, stores, router_config)?);
+        Ok(Storage {
+            store: Arc::clone(&router) as Arc<dyn Store>,
+            router: Some(router),
+            config,
+        })
     }
 
     pub fn from_store(store: Arc<dyn Store>) -> Self {
         Storage {
             store,
+            router: None,
             config: StorageConfig::default(),
         }
+    }
+
+    /// Per-replica and end-to-end figures; `reset` clears them after
+    /// reading. Empty replica list for a `Storage` built from a bare store.
+    pub fn stats(&self, reset: bool) -> Option<RouterStats> {
+        self.router.as_ref().map(|r| r.stats(reset))
+    }
+
+    /// `stats` as JSON (`null` for a bare store).
+    pub fn stats_json(&self, reset: bool) -> String {
+        // Plain numbers and strings: serialising cannot fail.
+        serde_json::to_string(&self.stats(reset)).unwrap_or_else(|_| "null".into())
+    }
+
+    pub fn router(&self) -> Option<&Arc<Router>> {
+        self.router.as_ref()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 mod errors;
 mod fsspec_store;
 mod reader;
+mod route;
 mod storage;
 mod stream;
 
@@ -18,5 +19,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     stream::register(m)?;
     reader::register(m)?;
     fsspec_store::register(m)?;
+    route::register(m)?;
     Ok(())
 }
