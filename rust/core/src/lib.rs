@@ -13,6 +13,7 @@ pub mod prefetch;
 pub mod proxy;
 pub mod reader;
 pub mod ring;
+pub mod route;
 pub mod runtime;
 pub mod storage;
 pub mod store;

@@ -5,8 +5,10 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod fsspec_store;
 mod proxy;
 mod reader;
+mod route;
 mod storage;
 mod stream;
 
@@ -17,6 +19,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;
+    fsspec_store::register(m)?;
+    route::register(m)?;
     proxy::register(m)?;
     Ok(())
 }

@@ -165,6 +165,13 @@ impl PyStorage {
         Ok(PyChunkStream::new(stream))
     }
 
+    /// Per-replica and end-to-end read figures as JSON; `reset` clears
+    /// them after reading.
+    #[pyo3(signature = (reset = false))]
+    fn stats_json(&self, py: Python<'_>, reset: bool) -> String {
+        py.detach(|| self.inner.stats_json(reset))
+    }
+
     #[pyo3(signature = (key, chunk_bytes, depth, direct_bytes))]
     fn open_reader(
         &self,
