@@ -8,7 +8,7 @@
 //! `seq` lives in slot `seq % slots`. Each slot has one atomic `stamp`:
 //!
 //! ```text
-//! stamp = seq * 4 + state        state ∈ {FREE, FILLING, PUBLISHED, CONSUMING}
+//! stamp = seq << 3 | WAITING? << 2 | state      state ∈ {FREE, FILLING, PUBLISHED, CONSUMING}
 //!
 //!   FREE(seq) --claim--> FILLING(seq) --publish--> PUBLISHED(seq)
 //!      ^                                              |
@@ -24,10 +24,20 @@
 //!   and waits for `PUBLISHED(seq)`, so delivery order is the plan's.
 //! * Releases may come in any order (Python may hold chunk 5 after dropping
 //!   chunk 6); each release frees exactly its own slot for `seq + slots`.
+//! * Stamps only grow, so a claim or consume for a `seq` whose slot has
+//!   already moved past it fails at once instead of waiting forever.
+//! * [`Ring::close`] makes every waiter return [`Error::Closed`] and refuses
+//!   new claims. Slots already published can still be consumed (a consumer
+//!   may drain what arrived), and slots handed out stay readable.
 //!
 //! Indices and states are lock-free atomics. Only *waiting* takes a lock: a
-//! thread that must wait parks on a condition variable with a timeout rather
-//! than spinning a core (see [`Parking`]).
+//! thread that must wait spins briefly, then parks on a condition variable
+//! (with a timeout when asked) rather than spinning a core. The `WAITING` bit
+//! in the stamp tells the thread that moves the stamp next that someone is
+//! parked; see [`Parking`] for why no wake-up is lost.
+//!
+//! The protocol is model-checked with loom: `make loom` runs
+//! `rust/core/tests/loom.rs` (every interleaving up to a preemption bound).
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
@@ -35,29 +45,58 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Cell, Condvar, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Cell, Condvar, Mutex, Ordering};
 
 const FREE: u64 = 0;
 const FILLING: u64 = 1;
 const PUBLISHED: u64 = 2;
 const CONSUMING: u64 = 3;
+/// Set by a thread that is about to park until this stamp moves; cleared
+/// (and acted on) by the `swap` of the publish or release that moves it.
+const WAITING: u64 = 4;
+const SEQ_SHIFT: u32 = 3;
 
 /// Slot memory is aligned to this so `O_DIRECT`-style reads and SIMD
 /// consumers get what they expect.
 pub const PAGE_BYTES: usize = 4096;
 
 const fn stamp(seq: u64, state: u64) -> u64 {
-    seq * 4 + state
+    (seq << SEQ_SHIFT) | state
+}
+
+/// Where a slot stands relative to the stamp a caller waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// The stamp is the one wanted.
+    Ready,
+    /// The stamp is earlier: wait for the slot to move on.
+    NotYet,
+    /// The stamp is later: it will never be the one wanted (stamps only grow).
+    Passed,
+}
+
+fn progress(current: u64, want: u64) -> Progress {
+    let current = current & !WAITING;
+    match current.cmp(&want) {
+        std::cmp::Ordering::Equal => Progress::Ready,
+        std::cmp::Ordering::Less => Progress::NotYet,
+        std::cmp::Ordering::Greater => Progress::Passed,
+    }
 }
 
 /// What a producer left in a slot for the consumer: the filled length, or
-/// the error that replaced the bytes.
+/// the error that replaced the bytes (boxed: errors are rare, and a small
+/// meta keeps the whole slot in one cache line).
 #[derive(Debug, Default)]
 struct SlotMeta {
     len: usize,
-    error: Option<Error>,
+    error: Option<Box<Error>>,
 }
 
+/// Stamp and meta share one cache line, and the alignment to two lines keeps
+/// a producer moving slot `i + 1` off the line of the consumer on slot `i`
+/// (false sharing; x86 prefetches adjacent lines in pairs).
+#[repr(align(128))]
 struct Slot {
     stamp: AtomicU64,
     /// Written only in FILLING (by the producer that claimed it), read only
@@ -99,72 +138,110 @@ impl Drop for Arena {
     }
 }
 
-/// Parking for waiters: the fast path never touches the lock.
+/// Parking for waiters: the hand-off never touches the lock unless a thread
+/// is parked on the slot it moves.
 ///
-/// Lost-wakeup freedom is a Dekker pattern: a waiter announces itself
-/// (`waiters += 1`, SeqCst) *then* re-reads the stamp; a waker stores the
-/// stamp (SeqCst) *then* reads `waiters` (SeqCst). In the single total order
-/// of SeqCst operations one of the two sees the other, so either the waiter
-/// sees the new stamp or the waker sees the waiter and notifies under the
-/// lock, which the waiter holds from its re-check until it sleeps.
+/// Lost-wakeup freedom rests on read-modify-writes of the *same* stamp, which
+/// are totally ordered (its modification order), so no SeqCst is needed:
+///
+/// * A waiter, holding `lock`, reads the stamp; if it is not the one wanted it
+///   sets `WAITING` with a CAS that expects exactly what it read, and only
+///   then sleeps on `cond` (which releases `lock` atomically).
+/// * A waker moves the stamp with a `swap` and, if the old value had
+///   `WAITING`, takes `lock` and notifies.
+///
+/// If the waiter's CAS comes first in the stamp's modification order, the
+/// waker's swap reads `WAITING` (claim and consume CASes keep the bit; only a
+/// swap clears it, and every swap that clears it wakes). The waker can take
+/// `lock` only after the waiter sleeps, because the waiter held `lock` when it
+/// set the bit, so the notification reaches it. If the swap comes first, the
+/// waiter's CAS fails (stamps only grow, so the expected value is gone) and
+/// it re-reads the stamp instead of sleeping. `close` stores `closed` and then
+/// notifies under `lock`, and waiters check `closed` under `lock`, so close
+/// cannot slip between a waiter's check and its sleep either.
+///
+/// Every thread parks on one condition variable: waking is rare (only when
+/// the ring is full or empty), so a shared `notify_all` costs little and
+/// keeps the structure small.
 struct Parking {
-    waiters: AtomicUsize,
     lock: Mutex<()>,
     cond: Condvar,
+}
+
+/// Why a park ended.
+enum Parked {
+    /// The stamp moved to or past the one wanted: try the transition again.
+    Moved,
+    Closed,
+    TimedOut,
 }
 
 impl Parking {
     fn new() -> Self {
         Parking {
-            waiters: AtomicUsize::new(0),
             lock: Mutex::new(()),
             cond: Condvar::new(),
         }
     }
 
     fn wake_all(&self) {
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.cond.notify_all();
-        }
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
     }
 
-    /// Waits until `ready()` returns `Some`, the deadline passes (`None`), or
-    /// `closed()` is true (`None`).
-    fn wait_until<T>(
+    /// Sleeps until `stamp` is no longer earlier than `want`, the ring is
+    /// closed, or `deadline` passes.
+    fn park(
         &self,
+        stamp: &AtomicU64,
+        want: u64,
+        closed: &AtomicBool,
         deadline: Option<Instant>,
-        mut ready: impl FnMut() -> Option<T>,
-        closed: impl Fn() -> bool,
-    ) -> Option<T> {
-        if let Some(v) = ready() {
-            return Some(v);
-        }
-        self.waiters.fetch_add(1, Ordering::SeqCst);
+    ) -> Parked {
         let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let result = loop {
-            if let Some(v) = ready() {
-                break Some(v);
+        // Relaxed: this read only decides whether to sleep; the caller's
+        // Acquire CAS does the hand-over. The `WAITING` CAS below is what
+        // makes the decision race-free (see the type's docs).
+        let mut current = stamp.load(Ordering::Relaxed);
+        loop {
+            if progress(current, want) != Progress::NotYet {
+                return Parked::Moved;
             }
-            if closed() {
-                break None;
+            // Acquire pairs with the Release store in `close`; `lock` alone
+            // would do, this keeps the check meaningful without it.
+            if closed.load(Ordering::Acquire) {
+                return Parked::Closed;
+            }
+            if current & WAITING == 0 {
+                // Relaxed: only the atomicity of this RMW matters (it is
+                // ordered against the waker's swap in the stamp's
+                // modification order). As an RMW it also continues the
+                // release sequence of the store it overwrote, so the next
+                // Acquire CAS still synchronizes with that store.
+                if let Err(actual) = stamp.compare_exchange(
+                    current,
+                    current | WAITING,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    current = actual;
+                    continue;
+                }
             }
             match deadline {
-                None => {
-                    guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
-                }
+                None => guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner()),
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        break None;
+                        // `WAITING` may stay set: the next mover then takes
+                        // the lock once for nothing, which is harmless.
+                        return Parked::TimedOut;
                     }
                     guard = wait_timeout(&self.cond, guard, deadline - now);
                 }
             }
-        };
-        drop(guard);
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
-        result
+            current = stamp.load(Ordering::Relaxed);
+        }
     }
 }
 
@@ -188,6 +265,53 @@ fn wait_timeout<'a>(
     // loom has no clock; a timed wait is modelled as an untimed one, which is
     // the stricter case for lost wake-ups.
     cond.wait(guard).unwrap_or_else(|e| e.into_inner())
+}
+
+/// Spins and yields for a few microseconds before a waiter parks: a hand-off
+/// between two running threads usually completes within that window, and a
+/// park/unpark pair costs two system calls. Loom explores the park path only
+/// (spinning would only multiply its interleavings).
+#[cfg(not(loom))]
+struct Backoff(u32);
+
+#[cfg(not(loom))]
+impl Backoff {
+    const SPIN_STEPS: u32 = 6;
+    const YIELD_STEPS: u32 = 10;
+
+    fn new() -> Self {
+        Backoff(0)
+    }
+
+    /// Waits a little; `false` once it is time to park.
+    fn snooze(&mut self) -> bool {
+        if self.0 > Self::YIELD_STEPS {
+            return false;
+        }
+        if self.0 <= Self::SPIN_STEPS {
+            for _ in 0..1u32 << self.0 {
+                std::hint::spin_loop();
+            }
+        } else {
+            std::thread::yield_now();
+        }
+        self.0 += 1;
+        true
+    }
+}
+
+#[cfg(loom)]
+struct Backoff;
+
+#[cfg(loom)]
+impl Backoff {
+    fn new() -> Self {
+        Backoff
+    }
+
+    fn snooze(&mut self) -> bool {
+        false
+    }
 }
 
 /// The bounded, ordered slot ring. Shared by `Arc` between the stream's
@@ -251,9 +375,10 @@ impl Ring {
         self.slot_bytes
     }
 
-    fn slot(&self, seq: u64) -> (usize, &Slot) {
-        let idx = (seq % self.slots.len() as u64) as usize;
-        (idx, &self.slots[idx])
+    /// The slot index of `seq`. Computed once per claim or consume and then
+    /// carried along: a 64-bit division is dearer than the atomics around it.
+    fn index(&self, seq: u64) -> usize {
+        (seq % self.slots.len() as u64) as usize
     }
 
     fn slot_ptr(&self, idx: usize) -> *mut u8 {
@@ -261,60 +386,138 @@ impl Ring {
         unsafe { self.arena.ptr.as_ptr().add(idx * self.stride_bytes) }
     }
 
-    /// Closes the ring: every waiter returns `Closed`, and no new claim or
-    /// consume succeeds. Chunks already handed out stay readable.
+    /// Closes the ring: every waiter returns `Closed`, and no new claim
+    /// succeeds. Published slots can still be consumed; chunks already handed
+    /// out stay readable.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        // Release pairs with the Acquire loads in `is_closed` and `park`; the
+        // notification under the lock is what guarantees parked threads see
+        // it (see `Parking`).
+        self.closed.store(true, Ordering::Release);
         self.parking.wake_all();
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        self.closed.load(Ordering::Acquire)
     }
 
-    fn try_transition(&self, seq: u64, from: u64, to: u64) -> bool {
-        let (_, slot) = self.slot(seq);
-        // Acquire on success: a claimer must see the consumer's last reads of
-        // the slot finished (paired with the Release in `release`); a
-        // consumer must see the producer's bytes and meta (paired with the
-        // Release in `publish`). Failure needs no ordering: we only retry.
-        slot.stamp
-            .compare_exchange(
-                stamp(seq, from),
-                stamp(seq, to),
+    /// Moves the slot of `seq` from `from` to `to` (keeping `WAITING`).
+    fn try_transition(&self, idx: usize, seq: u64, from: u64, to: u64) -> Progress {
+        let slot = &self.slots[idx];
+        let want = stamp(seq, from);
+        // Relaxed: only a guess for the CAS below, which re-checks it.
+        let mut current = slot.stamp.load(Ordering::Relaxed);
+        loop {
+            match progress(current, want) {
+                Progress::Ready => {}
+                other => return other,
+            }
+            // Acquire on success: a claimer must see the consumer's last
+            // reads of the slot finished (paired with the Release swap in
+            // `release`); a consumer must see the producer's bytes and meta
+            // (paired with the Release swap in `publish`). Failure needs no
+            // ordering: we only look at the value again.
+            match slot.stamp.compare_exchange_weak(
+                current,
+                stamp(seq, to) | (current & WAITING),
                 Ordering::Acquire,
                 Ordering::Relaxed,
-            )
-            .is_ok()
+            ) {
+                Ok(_) => return Progress::Ready,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Moves `seq`'s slot from `from` to `to`, spinning briefly and then
+    /// parking while it is not there yet.
+    fn transition(
+        &self,
+        idx: usize,
+        seq: u64,
+        from: u64,
+        to: u64,
+        timeout: Option<Duration>,
+        what: &str,
+    ) -> Result<()> {
+        let mut backoff = Backoff::new();
+        // The clock is read only once the slot turns out not to be ready.
+        let mut deadline: Option<Option<Instant>> = None;
+        loop {
+            // A claim must not start after close; a consume may still drain
+            // what was published.
+            if to == FILLING && self.is_closed() {
+                return Err(self.closed_error(what, seq));
+            }
+            match self.try_transition(idx, seq, from, to) {
+                Progress::Ready => return Ok(()),
+                Progress::Passed => {
+                    return Err(Error::invalid(format!(
+                        "cannot {what} the slot for read #{seq}: it was already taken"
+                    )))
+                }
+                Progress::NotYet => {}
+            }
+            if self.is_closed() {
+                return Err(self.closed_error(what, seq));
+            }
+            let deadline = *deadline.get_or_insert_with(|| timeout.map(|t| Instant::now() + t));
+            if backoff.snooze() {
+                continue;
+            }
+            match self.parking.park(
+                &self.slots[idx].stamp,
+                stamp(seq, from),
+                &self.closed,
+                deadline,
+            ) {
+                Parked::Moved => {}
+                Parked::Closed => return Err(self.closed_error(what, seq)),
+                Parked::TimedOut => {
+                    return Err(Error::Timeout {
+                        what: format!("waiting to {what} slot for read #{seq}"),
+                        elapsed_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+                    })
+                }
+            }
+        }
+    }
+
+    fn closed_error(&self, what: &str, seq: u64) -> Error {
+        Error::Closed(format!(
+            "ring closed while waiting to {what} slot for read #{seq}"
+        ))
+    }
+
+    fn writer(self: &Arc<Self>, idx: usize, seq: u64) -> SlotWriter {
+        SlotWriter {
+            ring: Arc::clone(self),
+            seq,
+            idx,
+            done: false,
+        }
     }
 
     /// Claims the slot for `seq` without waiting.
     pub fn try_claim(self: &Arc<Self>, seq: u64) -> Option<SlotWriter> {
-        if self.is_closed() || !self.try_transition(seq, FREE, FILLING) {
+        let idx = self.index(seq);
+        if self.is_closed() || self.try_transition(idx, seq, FREE, FILLING) != Progress::Ready {
             return None;
         }
-        Some(SlotWriter {
-            ring: Arc::clone(self),
-            seq,
-            done: false,
-        })
+        Some(self.writer(idx, seq))
     }
 
-    /// Claims the slot for `seq`, parking while the consumer still holds
+    /// Claims the slot for `seq`, waiting while the consumer still holds
     /// `seq - slots` (back-pressure). `None` timeout waits until closed.
     pub fn claim(self: &Arc<Self>, seq: u64, timeout: Option<Duration>) -> Result<SlotWriter> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        self.parking
-            .wait_until(deadline, || self.try_claim(seq), || self.is_closed())
-            .ok_or_else(|| self.wait_error("claim", seq, timeout))
+        let idx = self.index(seq);
+        self.transition(idx, seq, FREE, FILLING, timeout, "claim")?;
+        Ok(self.writer(idx, seq))
     }
 
-    /// Consumes `seq` without waiting.
-    pub fn try_consume(self: &Arc<Self>, seq: u64) -> Option<Result<SlotReader>> {
-        if !self.try_transition(seq, PUBLISHED, CONSUMING) {
-            return None;
-        }
-        let (idx, slot) = self.slot(seq);
+    /// Takes the meta of `seq`, which this thread has just moved to CONSUMING.
+    fn reader(self: &Arc<Self>, idx: usize, seq: u64) -> Result<SlotReader> {
+        let slot = &self.slots[idx];
         // SAFETY: CONSUMING(seq) gives this thread the slot's meta until
         // `release` (see the state machine in the module docs).
         let meta = unsafe { slot.meta.with_mut(std::mem::take) };
@@ -324,54 +527,55 @@ impl Ring {
             idx,
             len: meta.len,
         };
-        Some(match meta.error {
+        match meta.error {
             None => Ok(reader),
             // Dropping the reader releases the slot: the error carries no bytes.
-            Some(err) => Err(err),
-        })
+            Some(err) => Err(*err),
+        }
+    }
+
+    /// Consumes `seq` without waiting.
+    pub fn try_consume(self: &Arc<Self>, seq: u64) -> Option<Result<SlotReader>> {
+        let idx = self.index(seq);
+        if self.try_transition(idx, seq, PUBLISHED, CONSUMING) != Progress::Ready {
+            return None;
+        }
+        Some(self.reader(idx, seq))
     }
 
     /// Waits for `seq` to be published and takes it. Delivery is in plan
     /// order because the caller asks for `seq` in order.
     pub fn consume(self: &Arc<Self>, seq: u64, timeout: Option<Duration>) -> Result<SlotReader> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        self.parking
-            .wait_until(deadline, || self.try_consume(seq), || self.is_closed())
-            .unwrap_or_else(|| Err(self.wait_error("consume", seq, timeout)))
+        let idx = self.index(seq);
+        self.transition(idx, seq, PUBLISHED, CONSUMING, timeout, "consume")?;
+        self.reader(idx, seq)
     }
 
-    fn wait_error(&self, what: &str, seq: u64, timeout: Option<Duration>) -> Error {
-        if self.is_closed() {
-            Error::Closed(format!(
-                "ring closed while waiting to {what} slot for read #{seq}"
-            ))
-        } else {
-            Error::Timeout {
-                what: format!("waiting to {what} slot for read #{seq}"),
-                elapsed_ms: timeout.map_or(0, |t| t.as_millis() as u64),
-            }
+    /// Moves the stamp on with a swap (see `Parking`) and wakes parked
+    /// threads if one marked it.
+    fn advance(&self, idx: usize, to: u64) {
+        let slot = &self.slots[idx];
+        // Release: for `publish`, the consumer's Acquire CAS must see the
+        // bytes and meta written before; for `release`, the next claimer's
+        // Acquire CAS must see every read of the slot finished before it
+        // overwrites the bytes. A swap rather than a store so that the old
+        // value's `WAITING` bit is read in the same atomic step (a plain
+        // store followed by a load could miss a waiter that marked the
+        // stamp in between).
+        let old = slot.stamp.swap(to, Ordering::Release);
+        if old & WAITING != 0 {
+            self.parking.wake_all();
         }
     }
 
-    fn publish(&self, seq: u64, meta: SlotMeta) {
-        let (_, slot) = self.slot(seq);
+    fn publish(&self, idx: usize, seq: u64, meta: SlotMeta) {
         // SAFETY: FILLING(seq) is held by the writer calling this.
-        unsafe { slot.meta.with_mut(|m| *m = meta) };
-        // SeqCst (a Release at least): the consumer's Acquire CAS must see
-        // the bytes and meta written above; SeqCst also orders this store
-        // before `wake_all`'s read of `waiters` (see `Parking`).
-        slot.stamp.store(stamp(seq, PUBLISHED), Ordering::SeqCst);
-        self.parking.wake_all();
+        unsafe { self.slots[idx].meta.with_mut(|m| *m = meta) };
+        self.advance(idx, stamp(seq, PUBLISHED));
     }
 
-    fn release(&self, seq: u64) {
-        let (_, slot) = self.slot(seq);
-        let next = seq + self.slots.len() as u64;
-        // SeqCst (a Release at least): the next claimer's Acquire CAS must
-        // see that every read of this slot's bytes has finished before it
-        // overwrites them; SeqCst for the waker side of `Parking`.
-        slot.stamp.store(stamp(next, FREE), Ordering::SeqCst);
-        self.parking.wake_all();
+    fn release(&self, idx: usize, seq: u64) {
+        self.advance(idx, stamp(seq + self.slots.len() as u64, FREE));
     }
 }
 
@@ -381,7 +585,16 @@ impl Ring {
 pub struct SlotWriter {
     ring: Arc<Ring>,
     seq: u64,
+    idx: usize,
     done: bool,
+}
+
+impl std::fmt::Debug for SlotWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotWriter")
+            .field("seq", &self.seq)
+            .finish()
+    }
 }
 
 impl SlotWriter {
@@ -391,27 +604,31 @@ impl SlotWriter {
 
     /// The slot's whole memory, `slot_bytes` long.
     pub fn buf_mut(&mut self) -> &mut [u8] {
-        let (idx, _) = self.ring.slot(self.seq);
         // SAFETY: FILLING(seq) gives this writer exclusive access to the
         // slot's bytes until it publishes.
-        unsafe { std::slice::from_raw_parts_mut(self.ring.slot_ptr(idx), self.ring.slot_bytes) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ring.slot_ptr(self.idx), self.ring.slot_bytes)
+        }
     }
 
     /// Publishes the first `len` bytes.
     pub fn publish(mut self, len: usize) {
+        // A panic here leaves `done` false, so Drop publishes a cancellation.
         assert!(len <= self.ring.slot_bytes, "publish past the slot");
         self.done = true;
-        self.ring.publish(self.seq, SlotMeta { len, error: None });
+        self.ring
+            .publish(self.idx, self.seq, SlotMeta { len, error: None });
     }
 
     /// Publishes an error in place of bytes.
     pub fn fail(mut self, error: Error) {
         self.done = true;
         self.ring.publish(
+            self.idx,
             self.seq,
             SlotMeta {
                 len: 0,
-                error: Some(error),
+                error: Some(Box::new(error)),
             },
         );
     }
@@ -422,10 +639,11 @@ impl Drop for SlotWriter {
         if !self.done {
             let error = Error::Cancelled(format!("read #{} was abandoned", self.seq));
             self.ring.publish(
+                self.idx,
                 self.seq,
                 SlotMeta {
                     len: 0,
-                    error: Some(error),
+                    error: Some(Box::new(error)),
                 },
             );
         }
@@ -475,7 +693,7 @@ impl SlotReader {
 
 impl Drop for SlotReader {
     fn drop(&mut self) {
-        self.ring.release(self.seq);
+        self.ring.release(self.idx, self.seq);
     }
 }
 
@@ -539,6 +757,79 @@ mod tests {
         assert!(matches!(ring.consume(0, None), Err(Error::Cancelled(_))));
         // The failed slot was released: seq 1 can be claimed.
         assert!(ring.try_claim(1).is_some());
+    }
+
+    #[test]
+    fn parked_consumer_gets_the_cancellation_of_a_dropped_writer() {
+        // Regression: the consumer used to take the cancelled slot while
+        // holding the parking lock, and releasing it re-took that lock.
+        let ring = Ring::new(1, 8).unwrap();
+        let writer = ring.try_claim(0).unwrap();
+        let ring2 = Arc::clone(&ring);
+        let t = thread::spawn(move || {
+            ring2
+                .consume(0, Some(Duration::from_secs(5)))
+                .map(|r| r.len())
+        });
+        thread::sleep(Duration::from_millis(20));
+        drop(writer);
+        assert!(matches!(t.join().unwrap(), Err(Error::Cancelled(_))));
+        assert!(
+            ring.try_claim(1).is_some(),
+            "the cancelled slot was released"
+        );
+    }
+
+    #[test]
+    fn a_seq_already_taken_fails_at_once_instead_of_waiting() {
+        let ring = Ring::new(2, 8).unwrap();
+        let w = ring.claim(0, None).unwrap();
+        let err = ring.claim(0, None).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("read #0"), "{err}");
+        w.publish(3);
+        drop(ring.consume(0, None).unwrap());
+        let err = ring.consume(0, None).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(ring.try_consume(0).is_none());
+    }
+
+    #[test]
+    fn close_refuses_claims_but_lets_published_slots_drain() {
+        let ring = Ring::new(2, 8).unwrap();
+        let mut w = ring.try_claim(0).unwrap();
+        w.buf_mut()[0] = 7;
+        w.publish(1);
+        ring.close();
+        assert!(ring.try_claim(1).is_none());
+        assert!(matches!(ring.claim(1, None), Err(Error::Closed(_))));
+        assert_eq!(ring.consume(0, None).unwrap().data(), &[7]);
+        assert!(matches!(ring.consume(1, None), Err(Error::Closed(_))));
+    }
+
+    #[test]
+    fn many_hand_offs_between_threads_keep_order_and_bytes() {
+        let ring = Ring::new(3, 16).unwrap();
+        const ITEMS: u64 = 20_000;
+        let producers: Vec<_> = (0..2u64)
+            .map(|p| {
+                let ring = Arc::clone(&ring);
+                thread::spawn(move || {
+                    for seq in (p..ITEMS).step_by(2) {
+                        let mut w = ring.claim(seq, Some(Duration::from_secs(10))).unwrap();
+                        w.buf_mut()[..8].copy_from_slice(&seq.to_le_bytes());
+                        w.publish(8);
+                    }
+                })
+            })
+            .collect();
+        for seq in 0..ITEMS {
+            let r = ring.consume(seq, Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(r.data(), &seq.to_le_bytes());
+        }
+        for p in producers {
+            p.join().unwrap();
+        }
     }
 
     #[test]

@@ -454,6 +454,21 @@ fn http_kind_of(
     None
 }
 
+/// Whether the chain ends in a refused or reset connection.
+fn refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+            );
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// The innermost message of an error chain: the part that says what went
 /// wrong, without object_store's wrapping.
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
@@ -508,19 +523,12 @@ pub fn map_object_store_error(name: &str, key: &str, err: object_store::Error) -
                 Some(HttpErrorKind::Connect) => {
                     Error::Remote(format!("{name}: cannot connect for {key:?}: {cause}"))
                 }
-                _ => {
-                    let text = source.to_string();
-                    // object_store's own Content-Range checks: the server
-                    // answered with a range other than the one asked for.
-                    if text.contains("range") || text.contains("Range") || text.contains("partial")
-                    {
-                        Error::Remote(format!(
-                            "{name}: bad range response for {key:?}: {text}"
-                        ))
-                    } else {
-                        Error::Remote(format!("{name}: {key:?}: {text}"))
-                    }
+                _ if refused(source) => {
+                    Error::Remote(format!("{name}: cannot connect for {key:?}: {cause}"))
                 }
+                // Everything else, object_store's Content-Range checks
+                // included (the server answered another range than asked).
+                _ => Error::Remote(format!("{name}: request for {key:?} failed: {cause}")),
             }
         }
         other => Error::Remote(format!("{name}: {key:?}: {other}")),
