@@ -259,9 +259,7 @@ impl Storage {
                 Ok(size) => Ok(resolve_slice(*size, *start, *end)),
                 // Stat again for the typed error (the map keeps only text);
                 // if the store has recovered meanwhile, use the fresh size.
-                Err(_) => self
-                    .size(key)
-                    .map(|size| resolve_slice(size, *start, *end)),
+                Err(_) => self.size(key).map(|size| resolve_slice(size, *start, *end)),
             });
         }
         Ok(out)
@@ -288,7 +286,11 @@ impl Storage {
             }
             return out;
         }
-        let concurrency = self.config.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
+        let concurrency = self
+            .config
+            .concurrency
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .max(1);
         let store = self.store.as_ref();
         runtime::block_on(
             futures::stream::iter(distinct)
@@ -480,9 +482,9 @@ async fn read_group(store: &dyn Store, mut group: Group<'_, '_>) -> Vec<(usize, 
             .collect(),
         Err(_) => {
             futures::future::join_all(
-                group
-                    .into_iter()
-                    .map(|(i, r)| async move { (i, store.read_into(r.key, r.offset, r.buf).await) }),
+                group.into_iter().map(|(i, r)| async move {
+                    (i, store.read_into(r.key, r.offset, r.buf).await)
+                }),
             )
             .await
         }
