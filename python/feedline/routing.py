@@ -37,7 +37,9 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _number(name: str, value: object, *, above: float | None = None, least: float | None = None) -> float:
+def _number(
+    name: str, value: object, *, above: float | None = None, least: float | None = None
+) -> float:
     if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
     v = float(value)  # type: ignore[arg-type]

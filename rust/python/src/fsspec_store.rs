@@ -69,12 +69,13 @@ impl FsspecStore {
         let path = self.full_path(key);
         let name = self.name.clone();
         let key_owned = key.to_owned();
-        let joined = feedline_core::runtime::handle().spawn_blocking(move || {
-            Python::attach(|py| {
-                f(py, fs.bind(py), &path).map_err(|e| py_error(py, &key_owned, &name, e))
+        let joined = feedline_core::runtime::handle()
+            .spawn_blocking(move || {
+                Python::attach(|py| {
+                    f(py, fs.bind(py), &path).map_err(|e| py_error(py, &key_owned, &name, e))
+                })
             })
-        })
-        .await;
+            .await;
         let result = joined.unwrap_or_else(|e| {
             Err(Error::Remote(format!(
                 "{}: fsspec call for {key:?} failed: {e}",

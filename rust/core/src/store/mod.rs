@@ -9,8 +9,8 @@ use std::pin::Pin;
 
 use crate::error::Result;
 
-pub mod local;
 pub mod fallback;
+pub mod local;
 pub mod remote;
 
 pub use local::LocalStore;

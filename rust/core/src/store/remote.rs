@@ -319,19 +319,20 @@ impl RemoteStore {
             range: Some(GetRange::Bounded(offset..end)),
             ..Default::default()
         };
-        let result = client
-            .get_opts(&path, options)
-            .await
-            .map_err(|e| match self.error(key, e) {
-                // HTTP 416: the copy ends before `offset`.
-                Error::ShortRead { .. } => Error::ShortRead {
-                    path: key.into(),
-                    offset,
-                    wanted_bytes: wanted,
-                    got_bytes: 0,
-                },
-                other => other,
-            })?;
+        let result =
+            client
+                .get_opts(&path, options)
+                .await
+                .map_err(|e| match self.error(key, e) {
+                    // HTTP 416: the copy ends before `offset`.
+                    Error::ShortRead { .. } => Error::ShortRead {
+                        path: key.into(),
+                        offset,
+                        wanted_bytes: wanted,
+                        got_bytes: 0,
+                    },
+                    other => other,
+                })?;
         // object_store has checked Content-Range against the ask, except that
         // it clips the ask to the object's size: a clipped range is a short
         // object on this replica.
@@ -628,7 +629,10 @@ fn parse_options(url: &Url, options: &StorageOptions) -> Result<Parsed> {
             "key" | "access_key" | "access_key_id" | "aws_access_key_id" => {
                 p.key_id = Some(as_string(&k, &v)?)
             }
-            "secret" | "secret_key" | "secret_access_key" | "aws_secret_access_key"
+            "secret"
+            | "secret_key"
+            | "secret_access_key"
+            | "aws_secret_access_key"
             | "account_key" => p.secret = Some(as_string(&k, &v)?),
             "token" | "session_token" | "aws_session_token" => {
                 let t = as_string(&k, &v)?;
@@ -641,9 +645,7 @@ fn parse_options(url: &Url, options: &StorageOptions) -> Result<Parsed> {
             }
             "anon" | "anonymous" | "skip_signature" => p.anonymous = as_bool(&k, &v)?,
             "verify" | "ssl_verify" => {
-                p.client = p
-                    .client
-                    .with_allow_invalid_certificates(!as_bool(&k, &v)?)
+                p.client = p.client.with_allow_invalid_certificates(!as_bool(&k, &v)?)
             }
             "allow_invalid_certificates" => {
                 p.client = p.client.with_allow_invalid_certificates(as_bool(&k, &v)?)
@@ -826,15 +828,18 @@ mod tests {
         );
         let store = RemoteStore::open("s3://bucket/prefix", &o).unwrap();
         let shown = format!("{} {:?}", store.name(), store);
-        assert!(!shown.contains("s3cr3t-value") && !shown.contains("AKIAEXAMPLEKEY"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t-value") && !shown.contains("AKIAEXAMPLEKEY"),
+            "{shown}"
+        );
         let mut buf = [0u8; 4];
         let err = crate::runtime::block_on(store.read_into("k", 0, &mut buf)).unwrap_err();
         let text = format!("{err} {err:?}");
         assert!(!text.contains("s3cr3t-value"), "{text}");
         assert!(err.is_retryable(), "{err}");
 
-        let store = RemoteStore::open("http://user:hunter2pw@127.0.0.1:1/data?sig=abcdef", &o)
-            .unwrap();
+        let store =
+            RemoteStore::open("http://user:hunter2pw@127.0.0.1:1/data?sig=abcdef", &o).unwrap();
         assert_eq!(store.name(), "http://127.0.0.1:1/data");
         let err = crate::runtime::block_on(store.size("k")).unwrap_err();
         assert!(!format!("{err} {err:?} {store:?}").contains("hunter2pw"));
