@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import socket
@@ -177,7 +178,7 @@ def test_credentials_never_shown(one: NginxReplicas, dataset: dict[str, bytes]) 
     opts = {"headers": {"Authorization": f"Bearer {secret}tok"}}
     fs = feedline.FileSystem([url], storage_options=opts)
     assert fs.cat_file("f1.bin") == dataset["f1.bin"]
-    shown = [repr(fs), str(fs)]
+    shown = [repr(fs), str(fs), json.dumps(fs.stats())]
     for bad in ("missing", "__feedline_500", "__feedline_forbidden/x"):
         with pytest.raises(OSError) as e:
             fs.cat_file(bad)
@@ -193,7 +194,7 @@ def test_credentials_never_shown(one: NginxReplicas, dataset: dict[str, bytes]) 
     )
     with pytest.raises(OSError) as e:
         s3.cat_file("x")
-    shown += [str(e.value), repr(s3)]
+    shown += [str(e.value), repr(s3), json.dumps(s3.stats())]
     with pytest.raises(ValueError) as ve:
         feedline.FileSystem([url], storage_options={"secret": secret, "nonsense": 1})
     shown.append(str(ve.value))
