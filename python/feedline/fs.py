@@ -68,7 +68,7 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
     failures fail over to the next with backoff under ``deadline_ms``, slow
     reads are hedged after ``hedge_after_ms`` (milliseconds or ``"p95"``),
     and a replica failing ``eject_after_failures`` times in a row is ejected
-    for ``base_ejection_ms`` x ejections, then probed. See ``stats()``.
+    for ``base_ejection_ms`` times its ejection count, then probed. See ``stats()``.
     """
 
     protocol = ("feedline",)

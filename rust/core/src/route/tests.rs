@@ -469,7 +469,7 @@ fn p2c_prefers_the_faster_replica_and_affinity_sticks() {
     })
     .unwrap();
     let router = Router::new(reps.names(), stores.clone(), p2c).unwrap();
-    for i in 0..200 {
+    for _ in 0..200 {
         read_async(&router, "obj", 0, 0).unwrap();
     }
     let s = router.stats(false);
