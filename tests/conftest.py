@@ -8,7 +8,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-
 from feedline.testing.nginx import NginxReplicas, nginx_binary
 
 

@@ -3,7 +3,9 @@ files on disk; bad input mapped to clear Python errors."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import pickle
 import socket
@@ -11,10 +13,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import feedline
 import fsspec
 import pytest
-
-import feedline
 from feedline.testing import NginxReplicas
 
 pytestmark = pytest.mark.nginx
@@ -43,13 +44,13 @@ def data_root(tmp_path: Path, dataset: dict[str, bytes]) -> Path:
 
 
 @pytest.fixture
-def one(
-    data_root: Path, nginx_replicas: Callable[..., NginxReplicas]
-) -> Iterator[NginxReplicas]:
+def one(data_root: Path, nginx_replicas: Callable[..., NginxReplicas]) -> Iterator[NginxReplicas]:
     yield nginx_replicas(data_root, 1)
 
 
-def test_cat_file_slices_and_ranges_over_http(one: NginxReplicas, dataset: dict[str, bytes]) -> None:
+def test_cat_file_slices_and_ranges_over_http(
+    one: NginxReplicas, dataset: dict[str, bytes]
+) -> None:
     fs = feedline.FileSystem([one.urls[0]])
     for key, data in dataset.items():
         assert fs.cat_file(key) == data, key
@@ -64,7 +65,9 @@ def test_cat_file_slices_and_ranges_over_http(one: NginxReplicas, dataset: dict[
     assert got == [dataset[k] for k in keys]
 
 
-def test_cat_ranges_coalesces_small_adjacent_ranges(one: NginxReplicas, dataset: dict[str, bytes]) -> None:
+def test_cat_ranges_coalesces_small_adjacent_ranges(
+    one: NginxReplicas, dataset: dict[str, bytes]
+) -> None:
     fs = feedline.FileSystem([one.urls[0]])
     key = "sub/f6.bin"  # 1 MiB
     data = dataset[key]
@@ -92,7 +95,7 @@ def test_stream_and_open_over_http(one: NginxReplicas, dataset: dict[str, bytes]
 
 def test_http_errors_map_to_python_errors(one: NginxReplicas, data_root: Path) -> None:
     fs = feedline.FileSystem([one.urls[0]])
-    with pytest.raises(FileNotFoundError, match="missing.bin"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.bin"):
         fs.cat_file("missing.bin")
     with pytest.raises(PermissionError):
         fs.cat_file("__feedline_forbidden/x")
@@ -150,7 +153,9 @@ def test_refused_connection_is_a_clear_error() -> None:
         fs.cat_file("x")
 
 
-def test_s3_protocol_against_nginx_as_endpoint(one: NginxReplicas, data_root: Path, dataset: dict[str, bytes]) -> None:
+def test_s3_protocol_against_nginx_as_endpoint(
+    one: NginxReplicas, data_root: Path, dataset: dict[str, bytes]
+) -> None:
     """s3:// with fsspec-style options, path-style, anonymous: nginx serves
     GET /bucket/key like an S3 endpoint would (real object_store S3 client)."""
     bucket = data_root / "bkt"
@@ -158,7 +163,10 @@ def test_s3_protocol_against_nginx_as_endpoint(one: NginxReplicas, data_root: Pa
     (bucket / "obj").write_bytes(dataset["f7.bin"])
     fs = feedline.FileSystem(
         ["s3://bkt"],
-        storage_options={"anon": True, "client_kwargs": {"endpoint_url": one.urls[0], "region_name": "us-east-1"}},
+        storage_options={
+            "anon": True,
+            "client_kwargs": {"endpoint_url": one.urls[0], "region_name": "us-east-1"},
+        },
     )
     assert fs.cat_file("obj") == dataset["f7.bin"]
     assert fs.cat_file("obj", 3, 9) == dataset["f7.bin"][3:9]
@@ -170,7 +178,7 @@ def test_credentials_never_shown(one: NginxReplicas, dataset: dict[str, bytes]) 
     opts = {"headers": {"Authorization": f"Bearer {secret}tok"}}
     fs = feedline.FileSystem([url], storage_options=opts)
     assert fs.cat_file("f1.bin") == dataset["f1.bin"]
-    shown = [repr(fs), str(fs)]
+    shown = [repr(fs), str(fs), json.dumps(fs.stats())]
     for bad in ("missing", "__feedline_500", "__feedline_forbidden/x"):
         with pytest.raises(OSError) as e:
             fs.cat_file(bad)
@@ -178,11 +186,15 @@ def test_credentials_never_shown(one: NginxReplicas, dataset: dict[str, bytes]) 
         shown.append(repr(e.value))
     s3 = feedline.FileSystem(
         ["s3://bkt"],
-        storage_options={"key": "AKIAFEEDLINETEST", "secret": secret, "endpoint_url": "http://127.0.0.1:9"},
+        storage_options={
+            "key": "AKIAFEEDLINETEST",
+            "secret": secret,
+            "endpoint_url": "http://127.0.0.1:9",
+        },
     )
     with pytest.raises(OSError) as e:
         s3.cat_file("x")
-    shown += [str(e.value), repr(s3)]
+    shown += [str(e.value), repr(s3), json.dumps(s3.stats())]
     with pytest.raises(ValueError) as ve:
         feedline.FileSystem([url], storage_options={"secret": secret, "nonsense": 1})
     shown.append(str(ve.value))
@@ -260,10 +272,8 @@ class LyingServer:
                 continue
             with conn:
                 conn.settimeout(2.0)
-                try:
+                with contextlib.suppress(OSError):
                     self._answer(conn)
-                except OSError:
-                    pass
 
     def _answer(self, conn: socket.socket) -> None:
         raw = b""

@@ -12,12 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import feedline
 import fsspec
 import pytest
-
-import feedline
 from feedline.testing import NginxReplicas
-
 from test_remote import LyingServer
 
 pytestmark = pytest.mark.nginx
@@ -174,7 +172,9 @@ def _child_read(fs: feedline.FileSystem, keys: list[str], out: Any) -> None:
         out.put(("error", repr(e), [], ""))
 
 
-def _run_children(method: str, fs: feedline.FileSystem, keys: list[str], files: dict[str, bytes], n: int = 2) -> None:
+def _run_children(
+    method: str, fs: feedline.FileSystem, keys: list[str], files: dict[str, bytes], n: int = 2
+) -> None:
     ctx = mp.get_context(method)
     out = ctx.Queue()
     procs = [ctx.Process(target=_child_read, args=(fs, keys, out)) for _ in range(n)]

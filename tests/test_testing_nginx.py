@@ -8,11 +8,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
 from feedline.testing import NginxReplicas
 
 
-def _get(url: str, path: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+def _get(
+    url: str, path: str, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> tuple[int, bytes]:
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     try:

@@ -9,7 +9,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
 from fsspec.core import OpenFile
@@ -36,10 +36,12 @@ PlanEntry = str | tuple[str, int, int]
 #: A replica: a local directory, a URL (``http://``, ``s3://``, ``gs://``,
 #: ``az://``, or any fsspec protocol), or an fsspec filesystem instance
 #: (optionally with a root path inside it).
-Replica = str | os.PathLike[str] | AbstractFileSystem | tuple[AbstractFileSystem, str]
+Replica: TypeAlias = "str | os.PathLike[str] | AbstractFileSystem | tuple[AbstractFileSystem, str]"
 
 #: URL schemes with a native (Rust, object_store) backend.
-NATIVE_SCHEMES = frozenset({"http", "https", "s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss"})
+NATIVE_SCHEMES = frozenset(
+    {"http", "https", "s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss"}
+)
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 READ_MODES = frozenset({"rb"})
@@ -228,10 +230,10 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         # Replicas lag: the first one that has the path answers.
         for root in self.replicas:
             try:
-                info = self._local.info(os.path.join(root, key), **kwargs)
+                found = self._local.info(os.path.join(root, key), **kwargs)
             except FileNotFoundError:
                 continue
-            return info
+            return found
         raise FileNotFoundError(2, f"no such file on any replica: {key!r}", key)
 
     # -- routing figures ------------------------------------------------------
@@ -385,8 +387,7 @@ def _replica_root(replica: Replica) -> str:
             raise TypeError(f"replica must be a str path or URL, got {replica!r}")
         return root
     raise TypeError(
-        "a replica is a path, a URL, an fsspec filesystem or (filesystem, root); "
-        f"got {replica!r}"
+        f"a replica is a path, a URL, an fsspec filesystem or (filesystem, root); got {replica!r}"
     )
 
 
@@ -486,7 +487,14 @@ def open(
     if mode in READ_MODES or mode in TEXT_READ_MODES:
         fs_kwargs = {
             k: kwargs.pop(k)
-            for k in ("chunk_bytes", "depth", "direct_bytes", "storage_options", "concurrency", *ROUTING_OPTIONS)
+            for k in (
+                "chunk_bytes",
+                "depth",
+                "direct_bytes",
+                "storage_options",
+                "concurrency",
+                *ROUTING_OPTIONS,
+            )
             if k in kwargs
         }
         fs = FileSystem(replicas=replicas, **fs_kwargs)

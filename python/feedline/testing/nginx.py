@@ -205,7 +205,10 @@ class NginxReplicas:
     @property
     def pids(self) -> list[int]:
         """Each replica's nginx master pid (0 when it is not running)."""
-        return [r.proc.pid if r.proc is not None and r.proc.poll() is None else 0 for r in self._replicas]
+        return [
+            r.proc.pid if r.proc is not None and r.proc.poll() is None else 0
+            for r in self._replicas
+        ]
 
     def url(self, i: int) -> str:
         return self._replica(i).url
@@ -218,10 +221,8 @@ class NginxReplicas:
         if replica.proc is not None and replica.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 replica.proc.send_signal(signal.SIGQUIT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 replica.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
         self._kill_group(replica, signal.SIGKILL)
         self._reap(replica)
 
@@ -282,7 +283,16 @@ class NginxReplicas:
             f.write(_config(replica.prefix, self.root_dir, replica.host, replica.port, self._extra))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(replica.prefix, "error.log"))
-        cmd = [*replica.wrap, self._binary, "-p", replica.prefix, "-c", conf, "-e", os.path.join(replica.prefix, "error.log")]
+        cmd = [
+            *replica.wrap,
+            self._binary,
+            "-p",
+            replica.prefix,
+            "-c",
+            conf,
+            "-e",
+            os.path.join(replica.prefix, "error.log"),
+        ]
         # Own process group: signals reach master and worker together.
         replica.proc = subprocess.Popen(
             cmd,

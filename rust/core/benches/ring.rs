@@ -6,9 +6,11 @@
 //!   one consumer taking them in order (`rtrb` is SPSC only, so it sits out).
 //!
 //! The ring goes through its real API: `claim` + `buf_mut` + `publish` on the
-//! producer side, `consume` + `data` + drop (release) on the consumer side,
-//! with blocking waits (spin, then park). The queues get a spin-then-yield
-//! loop when full or empty. Each structure is built once and reused across
+//! producer side, `consume` + `data` + drop (release) on the consumer side.
+//! `ring` uses the blocking calls (spin, yield, then park: what the prefetcher
+//! does); `ring_try` uses `try_claim` / `try_consume` with the same
+//! spin-then-yield loop the queues get when full or empty, so it compares the
+//! hand-off protocol alone. Each structure is built once and reused across
 //! iterations (the ring keeps counting seqs), so only hand-offs are timed.
 //!
 //! `cargo bench -p feedline-core --bench ring`
@@ -48,6 +50,35 @@ fn ring_produce(ring: &Arc<Ring>, seqs: impl Iterator<Item = u64>) {
         writer.buf_mut()[..PAYLOAD_BYTES].copy_from_slice(&seq.to_le_bytes());
         writer.publish(PAYLOAD_BYTES);
     }
+}
+
+fn ring_try_produce(ring: &Arc<Ring>, seqs: impl Iterator<Item = u64>) {
+    for seq in seqs {
+        let mut backoff = Backoff(0);
+        let mut writer = loop {
+            match ring.try_claim(seq) {
+                Some(writer) => break writer,
+                None => backoff.snooze(),
+            }
+        };
+        writer.buf_mut()[..PAYLOAD_BYTES].copy_from_slice(&seq.to_le_bytes());
+        writer.publish(PAYLOAD_BYTES);
+    }
+}
+
+fn ring_try_consume(ring: &Arc<Ring>, seqs: std::ops::Range<u64>) -> u64 {
+    let mut sum = 0u64;
+    for seq in seqs {
+        let mut backoff = Backoff(0);
+        let reader = loop {
+            match ring.try_consume(seq) {
+                Some(reader) => break reader.expect("consume"),
+                None => backoff.snooze(),
+            }
+        };
+        sum = sum.wrapping_add(u64::from_le_bytes(reader.data().try_into().unwrap()));
+    }
+    sum
 }
 
 fn ring_consume(ring: &Arc<Ring>, seqs: std::ops::Range<u64>) -> u64 {
@@ -98,6 +129,20 @@ fn spsc(c: &mut Criterion) {
                 let producer_seqs = seqs.clone();
                 s.spawn(|| ring_produce(&ring, producer_seqs));
                 black_box(ring_consume(&ring, seqs))
+            })
+        })
+    });
+
+    let ring = Ring::new(CAPACITY, PAYLOAD_BYTES).unwrap();
+    let mut next_seq = 0u64;
+    group.bench_function("ring_try", |b| {
+        b.iter(|| {
+            let seqs = next_seq..next_seq + ITEMS;
+            next_seq += ITEMS;
+            thread::scope(|s| {
+                let producer_seqs = seqs.clone();
+                s.spawn(|| ring_try_produce(&ring, producer_seqs));
+                black_box(ring_try_consume(&ring, seqs))
             })
         })
     });
@@ -160,6 +205,24 @@ fn two_producers(c: &mut Criterion) {
                     s.spawn(move || ring_produce(ring, (base + parity..base + ITEMS).step_by(2)));
                 }
                 black_box(ring_consume(&ring, base..base + ITEMS))
+            })
+        })
+    });
+
+    let ring = Ring::new(CAPACITY, PAYLOAD_BYTES).unwrap();
+    let mut next_seq = 0u64;
+    group.bench_function("ring_try", |b| {
+        b.iter(|| {
+            let base = next_seq;
+            next_seq += ITEMS;
+            thread::scope(|s| {
+                for parity in 0..2 {
+                    let ring = &ring;
+                    s.spawn(move || {
+                        ring_try_produce(ring, (base + parity..base + ITEMS).step_by(2))
+                    });
+                }
+                black_box(ring_try_consume(&ring, base..base + ITEMS))
             })
         })
     });

@@ -504,3 +504,111 @@ pub fn threads_for(n: usize, min_per_thread: usize) -> usize {
 pub fn threads_for_ranges(n: usize) -> usize {
     threads_for(n, MIN_RANGES_PER_THREAD)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BoxFuture;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An async-only store over one in-memory object that counts requests
+    /// and fails reads that span more than `fail_over_bytes`.
+    #[derive(Debug)]
+    struct Counting {
+        data: Vec<u8>,
+        requests: AtomicUsize,
+        fail_over_bytes: usize,
+    }
+
+    impl Store for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn size<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<u64>> {
+            Box::pin(async move { Ok(self.data.len() as u64) })
+        }
+        fn read_into<'a>(
+            &'a self,
+            key: &'a str,
+            offset: u64,
+            buf: &'a mut [u8],
+        ) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                if buf.len() > self.fail_over_bytes {
+                    return Err(Error::Remote("too big".into()));
+                }
+                let start = offset as usize;
+                let src = self
+                    .data
+                    .get(start..start + buf.len())
+                    .ok_or(Error::ShortRead {
+                        path: key.into(),
+                        offset,
+                        wanted_bytes: buf.len() as u64,
+                        got_bytes: 0,
+                    })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            })
+        }
+    }
+
+    fn run(store: &Arc<Counting>, spans: &[(&str, u64, usize)]) -> (Vec<Vec<u8>>, Vec<Result<()>>) {
+        let storage = Storage::from_store(Arc::clone(store) as Arc<dyn Store>);
+        let mut bufs: Vec<Vec<u8>> = spans.iter().map(|s| vec![0u8; s.2]).collect();
+        let mut requests: Vec<RangeRequest<'_>> = spans
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(s, b)| RangeRequest {
+                key: s.0,
+                offset: s.1,
+                buf: b,
+            })
+            .collect();
+        let results = storage.read_many(&mut requests, 1);
+        drop(requests);
+        (bufs, results)
+    }
+
+    #[test]
+    fn coalesces_close_ranges_and_splits_exactly() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let store = Arc::new(Counting {
+            data: data.clone(),
+            requests: AtomicUsize::new(0),
+            fail_over_bytes: usize::MAX,
+        });
+        // 100 ranges of 1000 bytes with 500-byte gaps, out of order, one
+        // overlap, one far away and one on another key.
+        let mut spans: Vec<(&str, u64, usize)> =
+            (0..100).rev().map(|i| ("k", i * 1500, 1000)).collect();
+        spans.push(("k", 10, 3000));
+        spans.push(("k", 190_000, 100));
+        spans.push(("other", 0, 10));
+        let (bufs, results) = run(&store, &spans);
+        assert!(results.iter().all(|r| r.is_ok()));
+        for ((_, offset, len), buf) in spans.iter().zip(&bufs) {
+            assert_eq!(buf[..], data[*offset as usize..*offset as usize + len]);
+        }
+        // One merged request for the 101 close ranges, one far, one other key.
+        assert_eq!(store.requests.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn failed_merged_read_falls_back_to_each_range() {
+        let data = vec![7u8; 50_000];
+        let store = Arc::new(Counting {
+            data,
+            requests: AtomicUsize::new(0),
+            fail_over_bytes: 1_500,
+        });
+        let spans = [("k", 0, 1000), ("k", 1000, 1000), ("k", 49_990, 20)];
+        let (bufs, results) = run(&store, &spans);
+        assert!(results[0].is_ok() && results[1].is_ok());
+        assert!(matches!(results[2], Err(Error::ShortRead { .. })));
+        assert_eq!(bufs[1], vec![7u8; 1000]);
+        // The merged read, then each of its two ranges, then the far one.
+        assert_eq!(store.requests.load(Ordering::SeqCst), 4);
+    }
+}
