@@ -269,6 +269,8 @@ def test_bad_construction_and_use_after_close(echo: str) -> None:
         FaultProxy(echo, "not-an-address")
     with pytest.raises(ValueError, match="nohost"):
         FaultProxy("nohost")
+    with pytest.raises(ValueError, match="seed.*-1"):
+        FaultProxy(echo, seed=-1)
     proxy = FaultProxy(echo)
     proxy.add_toxic("a", "latency")
     with pytest.raises(ValueError, match='"a"'):
