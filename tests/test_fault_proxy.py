@@ -269,7 +269,7 @@ def test_bad_construction_and_use_after_close(echo: str) -> None:
         FaultProxy(echo, "not-an-address")
     with pytest.raises(ValueError, match="nohost"):
         FaultProxy("nohost")
-    with pytest.raises(ValueError, match="seed.*-1"):
+    with pytest.raises(ValueError, match=r"seed.*-1"):
         FaultProxy(echo, seed=-1)
     proxy = FaultProxy(echo)
     proxy.add_toxic("a", "latency")
