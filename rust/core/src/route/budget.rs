@@ -9,6 +9,7 @@
 //! `ratio` of the traffic instead of multiplying it (no retry storm).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,9 @@ struct State {
 pub struct RetryBudget {
     ratio: f64,
     floor_per_s: f64,
+    /// Requests not yet folded into the balance: a deposit is one atomic
+    /// add on the read path; withdrawals (rare) settle under the lock.
+    pending: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -33,6 +37,7 @@ impl RetryBudget {
         RetryBudget {
             ratio,
             floor_per_s,
+            pending: AtomicU64::new(0),
             // One second of floor to start with: the first failures of a
             // fresh client can fail over.
             state: Mutex::new(State {
@@ -43,6 +48,8 @@ impl RetryBudget {
     }
 
     fn settle(&self, state: &mut State, now: Instant) {
+        let requests = self.pending.swap(0, Ordering::Relaxed);
+        state.balance += requests as f64 * self.ratio;
         let dt = now.saturating_duration_since(state.stamp).as_secs_f64();
         if dt > 0.0 {
             let ttl = TTL.as_secs_f64();
@@ -56,8 +63,7 @@ impl RetryBudget {
 
     /// A new request: deposits `ratio` of a token.
     pub fn deposit(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.balance += self.ratio;
+        self.pending.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one token for a retry or hedge, if there is one.

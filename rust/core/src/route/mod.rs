@@ -245,7 +245,10 @@ impl Router {
         tried: Tried,
         last_resort: bool,
     ) -> Option<(usize, bool)> {
-        let now = Instant::now();
+        // The clock is read only when health needs it (an ejected replica,
+        // p2c's load): a healthy affinity read never asks.
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(Instant::now);
         let mut candidates = [0u8; MAX_REPLICAS];
         let mut probes: Tried = 0;
         let mut n = 0;
@@ -254,7 +257,13 @@ impl Router {
             if tried & bit(r) != 0 {
                 continue;
             }
-            match self.replicas[r].health.availability(now) {
+            let health = &self.replicas[r].health;
+            let availability = if health.is_ejected() {
+                health.availability(now())
+            } else {
+                Availability::Healthy
+            };
+            match availability {
                 Availability::Healthy => {}
                 Availability::ProbeDue => probes |= bit(r),
                 Availability::Ejected => {
@@ -288,11 +297,12 @@ impl Router {
                 candidates = &bounded[..m];
             }
         }
-        let pick = |candidates: &[u8]| -> Option<usize> {
+        let mut pick = |candidates: &[u8]| -> Option<usize> {
             match (self.config.policy, candidates) {
                 (_, []) => None,
                 (Policy::P2c, [a, b, ..]) => {
                     let (a, b) = (*a as usize, *b as usize);
+                    let now = now();
                     let la = self.replicas[a].health.load(now);
                     let lb = self.replicas[b].health.load(now);
                     Some(if lb < la { b } else { a })
@@ -344,9 +354,22 @@ impl Router {
                 match *cached {
                     Some((at, delay)) if now.duration_since(at) < HEDGE_DELAY_REFRESH => delay,
                     _ => {
-                        let delay = replica
+                        // The replica's own percentile, bounded by the same
+                        // percentile of all reads: a replica that spikes on
+                        // more than 5% of reads has its spikes *in* its own
+                        // p95, and would never be hedged on that alone.
+                        let own = replica
                             .health
                             .latency_percentile(p, config::MIN_HEDGE_SAMPLES);
+                        let all = {
+                            let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+                            (h.count() >= config::MIN_HEDGE_SAMPLES)
+                                .then(|| Duration::from_secs_f64(h.percentile_ms(p) / 1000.0))
+                        };
+                        let delay = match (own, all) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
                         *cached = Some((now, delay));
                         delay
                     }
@@ -357,7 +380,13 @@ impl Router {
 
     // -- recording -----------------------------------------------------------
 
-    fn start_attempt(&self, r: usize, probe: bool, kind: AttemptKind) -> AttemptGuard<'_> {
+    fn start_attempt(
+        &self,
+        r: usize,
+        probe: bool,
+        kind: AttemptKind,
+        start: Instant,
+    ) -> AttemptGuard<'_> {
         use std::sync::atomic::Ordering::Relaxed;
         let health = &self.replicas[r].health;
         health.start_attempt();
@@ -372,7 +401,7 @@ impl Router {
         }
         AttemptGuard {
             health,
-            start: Instant::now(),
+            start,
             probe,
             finished: false,
         }
@@ -386,7 +415,7 @@ impl Router {
         guard: &mut AttemptGuard<'_>,
         result: &Result<()>,
         bytes: usize,
-    ) {
+    ) -> Instant {
         use std::sync::atomic::Ordering::Relaxed;
         guard.finished = true;
         let health = &self.replicas[r].health;
@@ -426,6 +455,7 @@ impl Router {
                 }
             }
         }
+        now
     }
 
     fn maybe_eject(&self, r: usize, now: Instant) {
@@ -457,6 +487,7 @@ impl Router {
 
     /// One attempt on replica `r`, limited by the per-try timeout and the
     /// read's deadline.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         r: usize,
@@ -467,7 +498,7 @@ impl Router {
         buf: &mut [u8],
         deadline: Instant,
     ) -> Result<()> {
-        let mut guard = self.start_attempt(r, probe, kind);
+        let mut guard = self.start_attempt(r, probe, kind, Instant::now());
         let limit = match self.config.timeout {
             Some(t) => deadline.min(guard.start + t),
             None => deadline,
@@ -486,6 +517,9 @@ impl Router {
         result
     }
 
+    /// An attempt through the store's blocking path, started at `start`;
+    /// the result and when it ended, or `None` if the store has none.
+    #[allow(clippy::too_many_arguments)]
     fn attempt_blocking(
         &self,
         r: usize,
@@ -494,8 +528,9 @@ impl Router {
         key: &str,
         offset: u64,
         buf: &mut [u8],
-    ) -> Option<Result<()>> {
-        let mut guard = self.start_attempt(r, probe, kind);
+        start: Instant,
+    ) -> Option<(Result<()>, Instant)> {
+        let mut guard = self.start_attempt(r, probe, kind, start);
         let Some(result) = self.replicas[r].store.read_into_blocking(key, offset, buf) else {
             // Not sent: undo the count (the guard still frees the probe).
             guard.finished = true;
@@ -506,8 +541,8 @@ impl Router {
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             return None;
         };
-        self.finish_attempt(r, &mut guard, &result, buf.len());
-        Some(result)
+        let end = self.finish_attempt(r, &mut guard, &result, buf.len());
+        Some((result, end))
     }
 
     // -- reading ---------------------------------------------------------------
@@ -694,7 +729,7 @@ impl Router {
                 )
                 .await
             {
-                Outcome::Done => return self.read_done(start, buf.len()),
+                Outcome::Done => return self.read_done(start, Instant::now(), buf.len()),
                 Outcome::Fatal(e) => return self.read_failed(start, e),
                 Outcome::Failed => {}
             }
@@ -708,6 +743,7 @@ impl Router {
     /// the first chosen store has no blocking path (nothing was read).
     fn read_routed_blocking(&self, key: &str, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
         let start = Instant::now();
+        let mut last_end = start;
         let deadline = start + self.config.deadline;
         let prefs = self.placement.preference_list(key);
         let mut failures: Vec<(usize, Error)> = Vec::new();
@@ -750,25 +786,34 @@ impl Router {
             } else {
                 AttemptKind::Retry
             };
-            let result = match self.attempt_blocking(r, probe, kind, key, offset, buf) {
-                Some(result) => result,
-                // Nothing read yet: the async path takes over.
-                None if tries == 0 => return None,
-                None if tokio::runtime::Handle::try_current().is_err() => {
-                    runtime::block_on(self.attempt(r, probe, kind, key, offset, buf, deadline))
-                }
-                None => Err(Error::Remote(format!(
-                    "replica {:?} has no blocking read path",
-                    self.replicas[r].health.name
-                ))),
-            };
+            let attempt_start = if tries == 0 { start } else { Instant::now() };
+            let result =
+                match self.attempt_blocking(r, probe, kind, key, offset, buf, attempt_start) {
+                    Some((result, end)) => {
+                        last_end = end;
+                        result
+                    }
+                    // Nothing read yet: the async path takes over.
+                    None if tries == 0 => return None,
+                    None if tokio::runtime::Handle::try_current().is_err() => {
+                        let result = runtime::block_on(
+                            self.attempt(r, probe, kind, key, offset, buf, deadline),
+                        );
+                        last_end = Instant::now();
+                        result
+                    }
+                    None => Err(Error::Remote(format!(
+                        "replica {:?} has no blocking read path",
+                        self.replicas[r].health.name
+                    ))),
+                };
             if tries == 0 {
                 self.budget.deposit();
             }
             tried |= bit(r);
             tries += 1;
             match Self::settle(r, result, &mut failures) {
-                Outcome::Done => return Some(self.read_done(start, buf.len())),
+                Outcome::Done => return Some(self.read_done(start, last_end, buf.len())),
                 Outcome::Fatal(e) => return Some(self.read_failed(start, e)),
                 Outcome::Failed => {}
             }
@@ -777,14 +822,14 @@ impl Router {
         Some(self.read_failed(start, err))
     }
 
-    fn read_done(&self, start: Instant, bytes: usize) -> Result<()> {
+    fn read_done(&self, start: Instant, end: Instant, bytes: usize) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         self.counters.reads.fetch_add(1, Relaxed);
         self.counters.bytes.fetch_add(bytes as u64, Relaxed);
         self.latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .record(start.elapsed());
+            .record(end.saturating_duration_since(start));
         Ok(())
     }
 

@@ -9,9 +9,12 @@ use std::pin::Pin;
 
 use crate::error::Result;
 
+pub mod fallback;
 pub mod local;
+pub mod remote;
 
 pub use local::LocalStore;
+pub use remote::RemoteStore;
 
 /// A boxed, sendable future: stores are used as `Arc<dyn Store>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
