@@ -1,11 +1,13 @@
 """Type stubs for the Rust extension ``feedline._core`` (checked by stubtest)."""
 
+from os import PathLike
 from types import TracebackType
-from typing import final
+from typing import Any, final
 
 from typing_extensions import Buffer
 
 __all__ = [
+    "ChaosSampler",
     "ChecksumMismatch",
     "Chunk",
     "ChunkStream",
@@ -15,6 +17,7 @@ __all__ = [
     "ShortReadError",
     "Storage",
     "__version__",
+    "write_manifest",
 ]
 
 __version__: str
@@ -40,6 +43,7 @@ class Storage:
     ) -> ChunkStream: ...
     def open_reader(self, key: str, chunk_bytes: int, depth: int, direct_bytes: int) -> Reader: ...
     def stats_json(self, reset: bool = False) -> str: ...
+    def fault_stats(self) -> list[dict[str, Any]]: ...
 
 @final
 class Rendezvous:
@@ -47,6 +51,16 @@ class Rendezvous:
     def preference_list(self, key: str) -> list[int]: ...
     def replica_for(self, key: str) -> str: ...
     def __len__(self) -> int: ...
+
+@final
+class ChaosSampler:
+    def __new__(cls, spec_json: str) -> ChaosSampler: ...
+    def next(self, nbytes: int) -> tuple[float, str, int | None]: ...
+    def counts(self) -> dict[str, int]: ...
+
+def write_manifest(
+    root: str | PathLike[str], block_bytes: int, path: str | PathLike[str] | None = None
+) -> str: ...
 
 @final
 class ChunkStream:

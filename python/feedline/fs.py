@@ -8,7 +8,7 @@ import json
 import os
 import re
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from feedline import _core, _fsspec
+from feedline.chaos import Chaos
 from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ DEFAULT_DEPTH = 8
 #: A ``readinto``/``read`` at least this large bypasses readahead and reads
 #: straight into the caller's buffer, in parallel.
 DEFAULT_DIRECT_BYTES = 16 * MiB
+
+#: Manifest block: divides the default chunk, so streams verify in place.
+DEFAULT_MANIFEST_BLOCK_BYTES = 1 * MiB
 
 PlanEntry = str | tuple[str, int, int]
 #: A replica: a local directory, a URL (``http://``, ``s3://``, ``gs://``,
@@ -55,6 +59,62 @@ def _positive_int(name: str, value: object) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be at least 1, got {value}")
     return value
+
+
+def _chaos_config(
+    replicas: list[str], chaos: Mapping[int | str | os.PathLike[str], Chaos]
+) -> dict[str, Any]:
+    """``{replica index or root: Chaos}`` -> ``{"index": spec}``."""
+    if not isinstance(chaos, Mapping):
+        raise TypeError(f"chaos must map a replica index or root to a Chaos, got {chaos!r}")
+    count = max(1, len(replicas))
+    roots = {os.path.abspath(r): i for i, r in enumerate(replicas)}
+    out: dict[str, Any] = {}
+    for key, spec in chaos.items():
+        if not isinstance(spec, Chaos):
+            raise TypeError(f"chaos[{key!r}] must be a feedline.chaos.Chaos, got {spec!r}")
+        if isinstance(key, bool):
+            raise TypeError(f"chaos key must be a replica index or root, got {key!r}")
+        if isinstance(key, int):
+            if not 0 <= key < count:
+                raise ValueError(
+                    f"chaos names replica {key}, but there are {count} (indices 0..{count - 1})"
+                )
+            index = key
+        elif isinstance(key, str | os.PathLike):
+            found = roots.get(os.path.abspath(os.fspath(key)))
+            if found is None:
+                raise ValueError(f"chaos names replica root {key!r}, which is not in {replicas!r}")
+            index = found
+        else:
+            raise TypeError(f"chaos key must be a replica index or root, got {key!r}")
+        if str(index) in out:
+            raise ValueError(f"chaos names replica {index} twice (as {key!r})")
+        out[str(index)] = spec.to_dict()
+    return out
+
+
+def _manifest_config(manifest: str | os.PathLike[str] | Mapping[str, Any]) -> Any:
+    if isinstance(manifest, str | os.PathLike):
+        return os.fspath(manifest)
+    if isinstance(manifest, Mapping):
+        return dict(manifest)
+    raise TypeError(f"manifest must be a path or a dict, got {manifest!r}")
+
+
+def write_manifest(
+    root: str | os.PathLike[str],
+    block_bytes: int = DEFAULT_MANIFEST_BLOCK_BYTES,
+    path: str | os.PathLike[str] | None = None,
+) -> str:
+    """Writes the per-block CRC32C manifest of directory ``root`` (to
+    ``path``, default ``<root>/.feedline-manifest.json``) and returns its
+    path. Pass it as ``FileSystem(..., manifest=path)`` to verify every read."""
+    block_bytes = _positive_int("block_bytes", block_bytes)
+    out = _core.write_manifest(
+        os.fspath(root), block_bytes, None if path is None else os.fspath(path)
+    )
+    return os.fspath(out)
 
 
 class FileSystem(AbstractFileSystem):  # type: ignore[misc]
@@ -102,6 +162,8 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         target_protocol: str | None = None,
         target_options: dict[str, Any] | None = None,
         fo: str | None = None,
+        chaos: Mapping[int | str | os.PathLike[str], Chaos] | None = None,
+        manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -157,8 +219,12 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             "backoff_base_ms": backoff_base_ms,
             "backoff_max_ms": backoff_max_ms,
         }
-        self._init_config.update(routing)
+        self._init_config.update(routing, chaos=chaos, manifest=manifest)
         config.update(routing_config(self.replicas, **routing))
+        if chaos:
+            config["chaos"] = _chaos_config(self.replicas, chaos)
+        if manifest is not None:
+            config["manifest"] = _manifest_config(manifest)
         if self._storage_options:
             try:
                 json.dumps(self._storage_options)
@@ -171,6 +237,12 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             config["concurrency"] = _positive_int("concurrency", concurrency)
         self._storage = _core.Storage(json.dumps(config))
         self._local = LocalFileSystem()
+
+    def fault_stats(self) -> list[dict[str, Any]]:
+        """Per replica: ``injected`` fault counts (``None`` without chaos),
+        ``verified_bytes`` and ``checksum_mismatches`` (``None`` without a
+        manifest)."""
+        return self._storage.fault_stats()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self._init_config,))

@@ -6,7 +6,10 @@
 //!
 //! No Python here: `cargo test` covers it all.
 
+pub mod chaos;
 pub mod error;
+pub mod layers;
+pub mod manifest;
 pub mod metrics;
 pub mod plan;
 pub mod prefetch;

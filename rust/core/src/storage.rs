@@ -4,12 +4,16 @@
 //! the Python API needs: one range into a buffer, many ranges in parallel,
 //! and a prefetching stream.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::chaos::ChaosSpec;
 use crate::error::{Error, Result};
+use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
+use crate::manifest::ManifestSource;
 use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
 use crate::route::{HedgeAfterMs, Router, RouterConfig, RouterStats, RoutingOptions};
@@ -61,6 +65,10 @@ pub struct StorageConfig {
     pub retry_budget_floor_per_s: Option<f64>,
     pub backoff_base_ms: Option<f64>,
     pub backoff_max_ms: Option<f64>,
+    /// Faults to inject, by replica index (see [`crate::chaos`]).
+    pub chaos: BTreeMap<usize, ChaosSpec>,
+    /// Per-block CRC32C manifest; with it every read is verified.
+    pub manifest: Option<ManifestSource>,
 }
 
 impl std::fmt::Debug for StorageConfig {
@@ -156,6 +164,7 @@ pub struct Storage {
     /// The same store as `store` when it is a router (always, from `new`).
     router: Option<Arc<Router>>,
     config: StorageConfig,
+    layers: ReplicaLayers,
 }
 
 impl Storage {
@@ -180,11 +189,13 @@ impl Storage {
             let names = stores.iter().map(|s| s.name().to_owned()).collect();
             (names, stores)
         };
+        let (stores, layers) = wrap_replicas(stores, &config.chaos, config.manifest.as_ref())?;
         let router = Arc::new(Router::new(names, stores, router_config)?);
         Ok(Storage {
             store: Arc::clone(&router) as Arc<dyn Store>,
             router: Some(router),
             config,
+            layers,
         })
     }
 
@@ -193,6 +204,7 @@ impl Storage {
             store,
             router: None,
             config: StorageConfig::default(),
+            layers: ReplicaLayers::default(),
         }
     }
 
@@ -210,6 +222,11 @@ impl Storage {
 
     pub fn router(&self) -> Option<&Arc<Router>> {
         self.router.as_ref()
+    }
+
+    /// What chaos injected into and verification checked on each replica.
+    pub fn fault_stats(&self) -> Vec<ReplicaFaultStats> {
+        self.layers.fault_stats()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

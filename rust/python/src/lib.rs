@@ -4,8 +4,10 @@
 
 use pyo3::prelude::*;
 
+mod chaos;
 mod errors;
 mod fsspec_store;
+mod manifest;
 mod reader;
 mod route;
 mod storage;
@@ -20,5 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     reader::register(m)?;
     fsspec_store::register(m)?;
     route::register(m)?;
+    chaos::register(m)?;
+    manifest::register(m)?;
     Ok(())
 }

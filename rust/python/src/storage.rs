@@ -7,7 +7,7 @@ use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
@@ -190,6 +190,16 @@ impl PyStorage {
             .detach(|| Reader::open(Arc::clone(&self.inner), key, config))
             .py()?;
         Ok(PyReader::new(reader))
+    }
+
+    /// Per replica: faults injected by chaos and bytes verified against the
+    /// manifest (`None` where that layer is off).
+    fn fault_stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner
+            .fault_stats()
+            .iter()
+            .map(|s| crate::manifest::fault_stats_dict(py, s))
+            .collect()
     }
 }
 

@@ -354,9 +354,22 @@ impl Router {
                 match *cached {
                     Some((at, delay)) if now.duration_since(at) < HEDGE_DELAY_REFRESH => delay,
                     _ => {
-                        let delay = replica
+                        // The replica's own percentile, bounded by the same
+                        // percentile of all reads: a replica that spikes on
+                        // more than 5% of reads has its spikes *in* its own
+                        // p95, and would never be hedged on that alone.
+                        let own = replica
                             .health
                             .latency_percentile(p, config::MIN_HEDGE_SAMPLES);
+                        let all = {
+                            let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+                            (h.count() >= config::MIN_HEDGE_SAMPLES)
+                                .then(|| Duration::from_secs_f64(h.percentile_ms(p) / 1000.0))
+                        };
+                        let delay = match (own, all) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
                         *cached = Some((now, delay));
                         delay
                     }

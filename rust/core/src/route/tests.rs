@@ -268,6 +268,9 @@ fn ejects_after_consecutive_failures_and_readmits_through_a_probe() {
     switches[primary].down.store(true, Ordering::SeqCst);
     for _ in 0..20 {
         assert_eq!(read(&router, "obj", 0, 512).unwrap(), data);
+        if router.health(primary).is_ejected() {
+            break;
+        }
     }
     let s = router.stats(false).replicas[primary].clone();
     assert_eq!(s.errors, 3, "ejected after exactly 3 failures: {s:?}");

@@ -178,7 +178,8 @@ pub fn redact_error(err: Error, secrets: &Secrets) -> Error {
     }
 }
 
-pub(crate) fn strip_userinfo(root: &str) -> String {
+/// `root` without `user:password@` (best effort, for strings that are not URLs).
+pub fn strip_userinfo(root: &str) -> String {
     // Best effort for strings that do not even parse as URLs.
     match (root.find("://"), root.find('@')) {
         (Some(s), Some(at)) if at > s => format!("{}{}", &root[..s + 3], &root[at + 1..]),
