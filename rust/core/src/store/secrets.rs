@@ -186,4 +186,3 @@ pub fn strip_userinfo(root: &str) -> String {
         _ => root.to_owned(),
     }
 }
-
