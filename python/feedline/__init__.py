@@ -5,6 +5,7 @@ Replace ``fsspec.open`` with :func:`feedline.open` (or use
 ahead into a bounded ring of zero-copy buffers.
 """
 
+from feedline import chaos
 from feedline._core import (
     ChecksumMismatch,
     Chunk,
@@ -13,9 +14,11 @@ from feedline._core import (
     ShortReadError,
     __version__,
 )
-from feedline.fs import FeedlineFile, FileSystem, open
+from feedline.chaos import Chaos
+from feedline.fs import FeedlineFile, FileSystem, open, write_manifest
 
 __all__ = [
+    "Chaos",
     "ChecksumMismatch",
     "Chunk",
     "ChunkStream",
@@ -24,5 +27,7 @@ __all__ = [
     "ReplicasUnavailable",
     "ShortReadError",
     "__version__",
+    "chaos",
     "open",
+    "write_manifest",
 ]

@@ -6,12 +6,17 @@
 //!
 //! No Python here: `cargo test` covers it all.
 
+pub mod chaos;
 pub mod error;
+pub mod layers;
+pub mod manifest;
 pub mod metrics;
 pub mod plan;
 pub mod prefetch;
+pub mod proxy;
 pub mod reader;
 pub mod ring;
+pub mod route;
 pub mod runtime;
 pub mod storage;
 pub mod store;

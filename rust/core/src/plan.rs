@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
+
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -74,6 +76,9 @@ pub fn check_explicit_range(key: &str, size: u64, offset: i64, len: i64) -> Resu
     Ok((o, l))
 }
 
+/// Stats in flight while a plan is built.
+pub const STAT_CONCURRENCY: usize = 64;
+
 /// A plan entry before sizes are known.
 #[derive(Debug, Clone)]
 pub enum PlanItem {
@@ -93,27 +98,37 @@ pub async fn build_plan(
     if chunk_bytes == 0 {
         return Err(Error::invalid("chunk_bytes must be at least 1, got 0"));
     }
+    // Stat each distinct object once, many at a time: on a remote store a
+    // stat is a round trip, and a plan of 1,000 objects must not wait for
+    // 1,000 of them in a row.
+    let mut keys: Vec<&str> = items
+        .iter()
+        .map(|item| match item {
+            PlanItem::Object(key) | PlanItem::Range { key, .. } => key.as_str(),
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let sizes: std::collections::HashMap<&str, u64> = futures::stream::iter(keys)
+        .map(|key| async move { store.size(key).await.map(|size| (key, size)) })
+        .buffer_unordered(STAT_CONCURRENCY)
+        .try_collect()
+        .await?;
     let mut out = Vec::new();
-    // One stat (and one shared key) per distinct object, however many
-    // ranges of it the plan names.
-    let mut known: std::collections::HashMap<&str, (Arc<str>, u64)> = Default::default();
+    // One shared key per distinct object, however many ranges of it the
+    // plan names.
+    let mut shared: std::collections::HashMap<&str, Arc<str>> = Default::default();
     for item in items {
         let key = match item {
             PlanItem::Object(key) | PlanItem::Range { key, .. } => key.as_str(),
         };
-        let (shared, size) = match known.get(key) {
-            Some(found) => found.clone(),
-            None => {
-                let found = (Arc::<str>::from(key), store.size(key).await?);
-                known.insert(key, found.clone());
-                found
-            }
-        };
+        let size = sizes[key];
+        let shared_key = Arc::clone(shared.entry(key).or_insert_with(|| Arc::from(key)));
         match item {
-            PlanItem::Object(_) => split_range(&shared, 0, size, chunk_bytes, &mut out),
+            PlanItem::Object(_) => split_range(&shared_key, 0, size, chunk_bytes, &mut out),
             PlanItem::Range { offset, len, .. } => {
                 let (o, l) = check_explicit_range(key, size, *offset, *len)?;
-                split_range(&shared, o, l, chunk_bytes, &mut out);
+                split_range(&shared_key, o, l, chunk_bytes, &mut out);
             }
         }
     }

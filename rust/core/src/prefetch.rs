@@ -24,6 +24,10 @@ pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 4 << 30;
 /// and waking a worker costs more than such a read.
 pub const INLINE_READ_BYTES: usize = 256 << 10;
 
+/// How long the consumer may wait for a slot that it holds itself before
+/// the wait is reported as an error instead of going on for ever.
+pub const HELD_GRACE: Duration = Duration::from_secs(2);
+
 /// How often a waiting driver looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
@@ -117,6 +121,8 @@ pub struct Stream {
     ring: Arc<Ring>,
     plan: Arc<[ReadRange]>,
     next_seq: u64,
+    /// Since when the slot of `next_seq` has been held by the consumer.
+    held_since: Option<std::time::Instant>,
     stop: Arc<AtomicBool>,
     /// Closed on `close` so a driver waiting for a permit wakes at once.
     in_flight: Arc<Semaphore>,
@@ -170,6 +176,7 @@ impl Stream {
             ring,
             plan,
             next_seq: 0,
+            held_since: None,
             stop,
             in_flight,
             driver: Some(driver),
@@ -190,16 +197,26 @@ impl Stream {
             return Ok(Next::End);
         };
         if self.ring.held_by_consumer(self.next_seq) {
-            // Waiting would never end: the slot is ours. The stream stays
+            // The slot is still ours. Another thread may be about to drop
+            // the chunk (pyarrow releases buffers from its own threads), so
+            // this waits as usual; only a slot held for `HELD_GRACE` is
+            // reported, rather than waiting for ever. The stream stays
             // usable once a chunk is released.
-            return Err(Error::invalid(format!(
-                "all {} slots of this stream are held by chunks not yet released \
-                 (the next chunk, #{}, needs the slot of chunk #{}); release chunks \
-                 (or drop their views) before taking more, or raise depth",
-                self.ring.slot_count(),
-                self.next_seq,
-                self.next_seq - self.ring.slot_count() as u64
-            )));
+            let since = *self.held_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= HELD_GRACE {
+                self.held_since = None;
+                return Err(Error::invalid(format!(
+                    "all {} slots of this stream have been held by chunks not yet released \
+                     for {} s (the next chunk, #{}, needs the slot of chunk #{}); release \
+                     chunks (or drop their views) before taking more, or raise depth",
+                    self.ring.slot_count(),
+                    HELD_GRACE.as_secs(),
+                    self.next_seq,
+                    self.next_seq - self.ring.slot_count() as u64
+                )));
+            }
+        } else {
+            self.held_since = None;
         }
         match self.ring.consume(self.next_seq, Some(timeout)) {
             Ok(slot) => {
@@ -429,7 +446,15 @@ mod tests {
                 held.push(c);
             }
         }
-        let err = stream.next_chunk(Duration::from_secs(1)).unwrap_err();
+        let started = Instant::now();
+        let err = loop {
+            match stream.next_chunk(Duration::from_millis(100)) {
+                Ok(Next::Pending) => assert!(started.elapsed() < HELD_GRACE * 3),
+                Ok(other) => panic!("got {other:?} with every slot held"),
+                Err(e) => break e,
+            }
+        };
+        assert!(started.elapsed() >= HELD_GRACE);
         assert!(err.to_string().contains("all 2 slots"), "{err}");
         // Releasing one lets the stream go on.
         held.remove(0);

@@ -4,8 +4,15 @@
 
 use pyo3::prelude::*;
 
+mod chaos;
+mod checksum;
 mod errors;
+mod fsspec_store;
+mod manifest;
+mod metrics;
+mod proxy;
 mod reader;
+mod route;
 mod storage;
 mod stream;
 
@@ -16,5 +23,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;
+    metrics::register(m)?;
+    checksum::register(m)?;
+    proxy::register(m)?;
+    route::register(m)?;
+    chaos::register(m)?;
+    manifest::register(m)?;
+    fsspec_store::register(m)?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
@@ -165,6 +165,13 @@ impl PyStorage {
         Ok(PyChunkStream::new(stream))
     }
 
+    /// Per-replica and end-to-end read figures as JSON; `reset` clears
+    /// them after reading.
+    #[pyo3(signature = (reset = false))]
+    fn stats_json(&self, py: Python<'_>, reset: bool) -> String {
+        py.detach(|| self.inner.stats_json(reset))
+    }
+
     #[pyo3(signature = (key, chunk_bytes, depth, direct_bytes))]
     fn open_reader(
         &self,
@@ -183,6 +190,16 @@ impl PyStorage {
             .detach(|| Reader::open(Arc::clone(&self.inner), key, config))
             .py()?;
         Ok(PyReader::new(reader))
+    }
+
+    /// Per replica: faults injected by chaos and bytes verified against the
+    /// manifest (`None` where that layer is off).
+    fn fault_stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner
+            .fault_stats()
+            .iter()
+            .map(|s| crate::manifest::fault_stats_dict(py, s))
+            .collect()
     }
 }
 

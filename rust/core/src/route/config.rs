@@ -1,0 +1,295 @@
+//! The router's knobs, validated once with errors that name the bad value.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_EJECT_AFTER_FAILURES: u32 = 5;
+pub const DEFAULT_BASE_EJECTION_MS: f64 = 1_000.0;
+pub const DEFAULT_MAX_EJECTION_MS: f64 = 30_000.0;
+pub const DEFAULT_DEADLINE_MS: f64 = 30_000.0;
+pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.1;
+pub const DEFAULT_RETRY_BUDGET_FLOOR_PER_S: f64 = 10.0;
+pub const DEFAULT_BACKOFF_BASE_MS: f64 = 1.0;
+pub const DEFAULT_BACKOFF_MAX_MS: f64 = 50.0;
+/// Samples a replica's histogram needs before an adaptive hedge delay is
+/// trusted; until then that replica is not hedged.
+pub const MIN_HEDGE_SAMPLES: u64 = 20;
+
+/// How the router picks among the healthy replicas of a preference list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// The first healthy replica in the preference list: each object keeps
+    /// hitting the same replica, whose cache stays warm.
+    #[default]
+    Affinity,
+    /// Power of two choices: the less loaded (peak-EWMA × (in flight + 1))
+    /// of the first two healthy replicas.
+    P2c,
+}
+
+impl Policy {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "affinity" => Ok(Policy::Affinity),
+            "p2c" => Ok(Policy::P2c),
+            other => Err(Error::invalid(format!(
+                "unknown policy {other:?}; use \"affinity\" or \"p2c\""
+            ))),
+        }
+    }
+}
+
+/// `hedge_after_ms` as given: a number of milliseconds or `"p95"`-style.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum HedgeAfterMs {
+    Ms(f64),
+    Adaptive(String),
+}
+
+/// When to send a hedge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeAfter {
+    Fixed(Duration),
+    /// The replica's own latency at this percentile.
+    Percentile(f64),
+}
+
+impl HedgeAfter {
+    pub fn parse(value: &HedgeAfterMs) -> Result<Self> {
+        match value {
+            HedgeAfterMs::Ms(ms) => Ok(HedgeAfter::Fixed(positive_ms("hedge_after_ms", *ms)?)),
+            HedgeAfterMs::Adaptive(s) => {
+                let p = s
+                    .strip_prefix('p')
+                    .and_then(|p| p.parse::<f64>().ok())
+                    .filter(|p| *p > 0.0 && *p < 100.0)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "hedge_after_ms must be a number of milliseconds above 0 or a percentile like \"p95\", got {s:?}"
+                        ))
+                    })?;
+                Ok(HedgeAfter::Percentile(p))
+            }
+        }
+    }
+}
+
+fn positive_ms(name: &str, ms: f64) -> Result<Duration> {
+    if !ms.is_finite() || ms <= 0.0 {
+        return Err(Error::invalid(format!(
+            "{name} must be a number of milliseconds above 0, got {ms}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(ms / 1000.0))
+}
+
+fn non_negative(name: &str, v: f64) -> Result<f64> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(Error::invalid(format!(
+            "{name} must be a finite number of at least 0, got {v}"
+        )));
+    }
+    Ok(v)
+}
+
+/// The routing options of a `StorageConfig`, as given (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct RoutingOptions {
+    pub weights: Option<Vec<f64>>,
+    pub policy: Option<String>,
+    pub load_factor: Option<f64>,
+    pub hedge_after_ms: Option<HedgeAfterMs>,
+    pub timeout_ms: Option<f64>,
+    pub deadline_ms: Option<f64>,
+    pub eject_after_failures: Option<u32>,
+    pub base_ejection_ms: Option<f64>,
+    pub max_ejection_ms: Option<f64>,
+    pub retry_budget_ratio: Option<f64>,
+    pub retry_budget_floor_per_s: Option<f64>,
+    pub backoff_base_ms: Option<f64>,
+    pub backoff_max_ms: Option<f64>,
+}
+
+/// Validated router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub weights: Option<Vec<f64>>,
+    pub policy: Policy,
+    /// Bounded-load factor (> 1); `None` turns bounded load off.
+    pub load_factor: Option<f64>,
+    pub hedge_after: Option<HedgeAfter>,
+    /// Limit on one attempt; `None`: only the deadline applies.
+    pub timeout: Option<Duration>,
+    /// Limit on a whole read, retries and hedges included.
+    pub deadline: Duration,
+    pub eject_after_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub retry_budget_ratio: f64,
+    pub retry_budget_floor_per_s: f64,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig::from_options(&RoutingOptions::default()).expect("defaults are valid")
+    }
+}
+
+impl RouterConfig {
+    pub fn from_options(o: &RoutingOptions) -> Result<Self> {
+        let policy = match &o.policy {
+            None => Policy::default(),
+            Some(p) => Policy::parse(p)?,
+        };
+        let load_factor = match o.load_factor {
+            None => None,
+            Some(f) if f.is_finite() && f > 1.0 => Some(f),
+            Some(f) => {
+                return Err(Error::invalid(format!(
+                    "load_factor must be a number above 1 (e.g. 1.25), got {f}"
+                )))
+            }
+        };
+        let hedge_after = o
+            .hedge_after_ms
+            .as_ref()
+            .map(HedgeAfter::parse)
+            .transpose()?;
+        let timeout = o
+            .timeout_ms
+            .map(|ms| positive_ms("timeout_ms", ms))
+            .transpose()?;
+        let deadline = positive_ms("deadline_ms", o.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS))?;
+        let eject_after_failures = o
+            .eject_after_failures
+            .unwrap_or(DEFAULT_EJECT_AFTER_FAILURES);
+        if eject_after_failures == 0 {
+            return Err(Error::invalid(
+                "eject_after_failures must be at least 1, got 0",
+            ));
+        }
+        let base_ejection = positive_ms(
+            "base_ejection_ms",
+            o.base_ejection_ms.unwrap_or(DEFAULT_BASE_EJECTION_MS),
+        )?;
+        let max_ejection = positive_ms(
+            "max_ejection_ms",
+            o.max_ejection_ms
+                .unwrap_or(DEFAULT_MAX_EJECTION_MS.max(base_ejection.as_secs_f64() * 1000.0)),
+        )?;
+        if max_ejection < base_ejection {
+            return Err(Error::invalid(format!(
+                "max_ejection_ms ({}) must be at least base_ejection_ms ({})",
+                max_ejection.as_secs_f64() * 1000.0,
+                base_ejection.as_secs_f64() * 1000.0
+            )));
+        }
+        let retry_budget_ratio = non_negative(
+            "retry_budget_ratio",
+            o.retry_budget_ratio.unwrap_or(DEFAULT_RETRY_BUDGET_RATIO),
+        )?;
+        let retry_budget_floor_per_s = non_negative(
+            "retry_budget_floor_per_s",
+            o.retry_budget_floor_per_s
+                .unwrap_or(DEFAULT_RETRY_BUDGET_FLOOR_PER_S),
+        )?;
+        let backoff_base = Duration::from_secs_f64(
+            non_negative(
+                "backoff_base_ms",
+                o.backoff_base_ms.unwrap_or(DEFAULT_BACKOFF_BASE_MS),
+            )? / 1000.0,
+        );
+        let backoff_max = Duration::from_secs_f64(
+            non_negative(
+                "backoff_max_ms",
+                o.backoff_max_ms.unwrap_or(DEFAULT_BACKOFF_MAX_MS),
+            )? / 1000.0,
+        );
+        Ok(RouterConfig {
+            weights: o.weights.clone(),
+            policy,
+            load_factor,
+            hedge_after,
+            timeout,
+            deadline,
+            eject_after_failures,
+            base_ejection,
+            max_ejection,
+            retry_budget_ratio,
+            retry_budget_floor_per_s,
+            backoff_base,
+            backoff_max,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_with_the_value_named() {
+        let ok = RouterConfig::from_options(&RoutingOptions {
+            policy: Some("p2c".into()),
+            hedge_after_ms: Some(HedgeAfterMs::Adaptive("p99.9".into())),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.policy, Policy::P2c);
+        assert_eq!(ok.hedge_after, Some(HedgeAfter::Percentile(99.9)));
+        let bad = |o: RoutingOptions, needle: &str| {
+            let err = RouterConfig::from_options(&o).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        bad(
+            RoutingOptions {
+                policy: Some("random".into()),
+                ..Default::default()
+            },
+            "\"random\"",
+        );
+        for ms in [0.0, -1.0, f64::NAN] {
+            bad(
+                RoutingOptions {
+                    hedge_after_ms: Some(HedgeAfterMs::Ms(ms)),
+                    ..Default::default()
+                },
+                "hedge_after_ms",
+            );
+        }
+        bad(
+            RoutingOptions {
+                hedge_after_ms: Some(HedgeAfterMs::Adaptive("fast".into())),
+                ..Default::default()
+            },
+            "\"fast\"",
+        );
+        bad(
+            RoutingOptions {
+                load_factor: Some(0.5),
+                ..Default::default()
+            },
+            "load_factor",
+        );
+        bad(
+            RoutingOptions {
+                eject_after_failures: Some(0),
+                ..Default::default()
+            },
+            "eject_after_failures",
+        );
+        bad(
+            RoutingOptions {
+                deadline_ms: Some(-5.0),
+                ..Default::default()
+            },
+            "deadline_ms",
+        );
+    }
+}

@@ -1,0 +1,551 @@
+//! Router behaviour over real local replicas, with two small fault stores
+//! (a slow one and one that fails on command) standing in for the chaos
+//! wrapper where a test needs a replica to misbehave on cue.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::store::LocalStore;
+
+/// Delays every read by `delay` (async: the delay can be cancelled), and
+/// adds `spike` to every `spike_every`-th read.
+#[derive(Debug)]
+struct SlowStore {
+    inner: Arc<dyn Store>,
+    delay: Duration,
+    spike: Duration,
+    spike_every: u64,
+    reads: AtomicU64,
+}
+
+impl SlowStore {
+    fn new(inner: Arc<dyn Store>, delay: Duration) -> Self {
+        SlowStore {
+            inner,
+            delay,
+            spike: Duration::ZERO,
+            spike_every: 0,
+            reads: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Store for SlowStore {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        self.inner.size(key)
+    }
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let n = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut delay = self.delay;
+            if self.spike_every > 0 && n % self.spike_every == 0 {
+                delay += self.spike;
+            }
+            // Write half the buffer first: a cancelled read leaves partial
+            // bytes behind, which a hedge must never deliver.
+            let half = buf.len() / 2;
+            self.inner.read_into(key, offset, &mut buf[..half]).await?;
+            tokio::time::sleep(delay).await;
+            self.inner
+                .read_into(key, offset + half as u64, &mut buf[half..])
+                .await
+        })
+    }
+}
+
+/// Fails every read with an I/O error while `down` is set.
+#[derive(Debug)]
+struct SwitchStore {
+    inner: Arc<dyn Store>,
+    down: AtomicBool,
+}
+
+impl Store for SwitchStore {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        self.inner.size(key)
+    }
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            match self.read_into_blocking(key, offset, buf) {
+                Some(r) => r,
+                None => unreachable!(),
+            }
+        })
+    }
+    fn read_into_blocking(&self, key: &str, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Some(Err(Error::Io {
+                context: format!("reading {key:?}"),
+                source: std::io::Error::from_raw_os_error(5),
+            }));
+        }
+        self.inner.read_into_blocking(key, offset, buf)
+    }
+}
+
+struct Replicas {
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Replicas {
+    /// `n` replica roots; `fill(i)` gives replica i's bytes for key "obj".
+    fn new(n: usize, fill: impl Fn(usize) -> Option<Vec<u8>>) -> Self {
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        for (i, d) in dirs.iter().enumerate() {
+            if let Some(bytes) = fill(i) {
+                std::fs::write(d.path().join("obj"), bytes).unwrap();
+            }
+        }
+        Replicas { dirs }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.dirs
+            .iter()
+            .map(|d| d.path().display().to_string())
+            .collect()
+    }
+
+    fn local(&self) -> Vec<Arc<dyn Store>> {
+        self.dirs
+            .iter()
+            .map(|d| Arc::new(LocalStore::rooted(d.path()).unwrap()) as Arc<dyn Store>)
+            .collect()
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+fn read(router: &Router, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    match router.read_into_blocking(key, offset, &mut buf) {
+        Some(r) => r.map(|()| buf),
+        None => runtime::block_on(router.read_into(key, offset, &mut buf)).map(|()| buf),
+    }
+}
+
+fn read_async(router: &Router, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    runtime::block_on(router.read_into(key, offset, &mut buf)).map(|()| buf)
+}
+
+#[test]
+fn fails_over_when_a_replica_lacks_the_file() {
+    let data = pattern(1, 4096);
+    // Only the last replica in "obj"'s preference list has it.
+    let reps = Replicas::new(3, |_| None);
+    let order_here: Vec<usize> = Rendezvous::new(&reps.names(), None)
+        .unwrap()
+        .preference_list("obj")
+        .iter()
+        .collect();
+    let last = order_here[2];
+    std::fs::write(reps.dirs[last].path().join("obj"), &data).unwrap();
+    let router = Router::new(reps.names(), reps.local(), RouterConfig::default()).unwrap();
+    assert_eq!(read(&router, "obj", 0, 4096).unwrap(), data);
+    assert_eq!(read_async(&router, "obj", 0, 4096).unwrap(), data);
+    let stats = router.stats(false);
+    assert_eq!(stats.replicas[last].bytes, 2 * 4096);
+    assert_eq!(stats.replicas[order_here[0]].not_found, 2);
+    assert_eq!(router.size_blocking("obj").unwrap().unwrap(), 4096);
+    // Missing everywhere: FileNotFound, not ReplicasUnavailable.
+    for r in [
+        read(&router, "nope", 0, 1),
+        read_async(&router, "nope", 0, 1),
+    ] {
+        assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    }
+    assert!(matches!(
+        router.size_blocking("nope").unwrap(),
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[test]
+fn mixed_failures_name_every_replica() {
+    // One replica holds a directory, one a short file, one nothing.
+    let reps = Replicas::new(3, |_| None);
+    std::fs::create_dir(reps.dirs[0].path().join("obj")).unwrap();
+    std::fs::write(reps.dirs[1].path().join("obj"), b"short").unwrap();
+    let router = Router::new(reps.names(), reps.local(), RouterConfig::default()).unwrap();
+    for r in [
+        read(&router, "obj", 0, 100),
+        read_async(&router, "obj", 0, 100),
+    ] {
+        let err = r.unwrap_err();
+        let Error::ReplicasUnavailable { failures, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(failures.len(), 3);
+        let names = reps.names();
+        for (f, name) in failures.iter().zip(&names) {
+            assert_eq!(&f.replica, name);
+        }
+        assert!(failures[0].error.contains("directory"), "{err}");
+        assert!(failures[1].error.contains("short read"), "{err}");
+        assert!(failures[2].error.contains("no such file"), "{err}");
+    }
+    // Caller mistakes are not failed over.
+    let err = read(&router, "../escape", 0, 1).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+}
+
+#[test]
+fn a_removed_root_fails_over_to_the_others() {
+    let data = pattern(2, 1000);
+    let reps = Replicas::new(3, |_| Some(data.clone()));
+    let router = Router::new(reps.names(), reps.local(), RouterConfig::default()).unwrap();
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    for d in &reps.dirs {
+        for k in &keys {
+            std::fs::write(d.path().join(k), &data).unwrap();
+        }
+    }
+    let victim = 0;
+    std::fs::remove_dir_all(reps.dirs[victim].path()).unwrap();
+    for k in &keys {
+        assert_eq!(read(&router, k, 0, 1000).unwrap(), data);
+    }
+    let stats = router.stats(false);
+    assert_eq!(stats.read_errors, 0);
+    assert!(stats.replicas[victim].not_found > 0);
+}
+
+fn switchable(reps: &Replicas) -> (Vec<Arc<SwitchStore>>, Vec<Arc<dyn Store>>) {
+    let switches: Vec<Arc<SwitchStore>> = reps
+        .local()
+        .into_iter()
+        .map(|inner| {
+            Arc::new(SwitchStore {
+                inner,
+                down: AtomicBool::new(false),
+            })
+        })
+        .collect();
+    let stores = switches
+        .iter()
+        .map(|s| Arc::clone(s) as Arc<dyn Store>)
+        .collect();
+    (switches, stores)
+}
+
+#[test]
+fn ejects_after_consecutive_failures_and_readmits_through_a_probe() {
+    let data = pattern(3, 512);
+    let reps = Replicas::new(3, |_| Some(data.clone()));
+    let (switches, stores) = switchable(&reps);
+    let config = RouterConfig::from_options(&RoutingOptions {
+        eject_after_failures: Some(3),
+        base_ejection_ms: Some(100.0),
+        backoff_base_ms: Some(0.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    let primary = router.placement().primary("obj");
+    switches[primary].down.store(true, Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(read(&router, "obj", 0, 512).unwrap(), data);
+        if router.health(primary).is_ejected() {
+            break;
+        }
+    }
+    let s = router.stats(false).replicas[primary].clone();
+    assert_eq!(s.errors, 3, "ejected after exactly 3 failures: {s:?}");
+    assert_eq!(s.ejections, 1);
+    assert!(s.ejected);
+    // Still down when the ejection ends: the probe fails, out for longer.
+    std::thread::sleep(Duration::from_millis(120));
+    assert_eq!(read(&router, "obj", 0, 512).unwrap(), data);
+    let s = router.stats(false).replicas[primary].clone();
+    assert_eq!((s.errors, s.ejections), (4, 2), "{s:?}");
+    // Back up: after the (doubled) ejection a probe readmits it.
+    switches[primary].down.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while router.health(primary).is_ejected() && Instant::now() < deadline {
+        assert_eq!(read(&router, "obj", 0, 512).unwrap(), data);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = router.stats(false).replicas[primary].clone();
+    assert!(!s.ejected && s.readmissions == 1, "{s:?}");
+    let before = s.bytes;
+    assert_eq!(read(&router, "obj", 0, 512).unwrap(), data);
+    assert_eq!(router.stats(false).replicas[primary].bytes, before + 512);
+    assert_eq!(router.stats(false).read_errors, 0);
+}
+
+#[test]
+fn never_ejects_the_last_healthy_replica() {
+    let reps = Replicas::new(2, |_| Some(vec![7; 64]));
+    let (switches, stores) = switchable(&reps);
+    let config = RouterConfig::from_options(&RoutingOptions {
+        eject_after_failures: Some(1),
+        backoff_base_ms: Some(0.0),
+        retry_budget_floor_per_s: Some(1000.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    for s in &switches {
+        s.down.store(true, Ordering::SeqCst);
+    }
+    for _ in 0..10 {
+        let err = read(&router, "obj", 0, 64).unwrap_err();
+        assert!(matches!(err, Error::ReplicasUnavailable { .. }), "{err}");
+    }
+    let ejected = (0..2).filter(|&i| router.health(i).is_ejected()).count();
+    assert_eq!(ejected, 1);
+    // The survivor still serves once it recovers.
+    for s in &switches {
+        s.down.store(false, Ordering::SeqCst);
+    }
+    assert_eq!(read(&router, "obj", 0, 64).unwrap(), vec![7; 64]);
+}
+
+#[test]
+fn all_slow_fails_within_the_deadline_naming_each_replica() {
+    let reps = Replicas::new(3, |_| Some(vec![1; 64]));
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .map(|s| Arc::new(SlowStore::new(s, Duration::from_secs(30))) as Arc<dyn Store>)
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        timeout_ms: Some(50.0),
+        deadline_ms: Some(300.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    let t = Instant::now();
+    let err = read(&router, "obj", 0, 64).unwrap_err();
+    let elapsed = t.elapsed();
+    let Error::ReplicasUnavailable { failures, .. } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(failures.len(), 3);
+    assert!(
+        failures.iter().all(|f| f.error.contains("timed out")),
+        "{err}"
+    );
+    // Behaviour, not speed: the read gave up instead of waiting 30 s.
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert_eq!(router.stats(false).replicas[0].timeouts, 1);
+}
+
+#[test]
+fn a_hedged_chunk_comes_whole_from_one_replica() {
+    // Two replicas with different bytes under one key; the primary is slow
+    // on some reads, so hedges win some races and lose others.
+    let a = pattern(0xAA, 64 * 1024);
+    let b = pattern(0x55, 64 * 1024);
+    let reps = Replicas::new(2, |i| Some(if i == 0 { a.clone() } else { b.clone() }));
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .map(|s| {
+            let mut slow = SlowStore::new(s, Duration::from_millis(1));
+            slow.spike = Duration::from_millis(30);
+            slow.spike_every = 3;
+            Arc::new(slow) as Arc<dyn Store>
+        })
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
+        retry_budget_floor_per_s: Some(1000.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    let mut from = [0usize; 2];
+    for i in 0..60u64 {
+        let len = 8192;
+        let offset = (i * 1000) % (64 * 1024 - len as u64);
+        let got = read(&router, "obj", offset, len).unwrap();
+        let o = offset as usize;
+        if got == a[o..o + len] {
+            from[0] += 1;
+        } else if got == b[o..o + len] {
+            from[1] += 1;
+        } else {
+            panic!("read {i} at {offset} is a mix of the two replicas");
+        }
+    }
+    let stats = router.stats(false);
+    let sent: u64 = stats.replicas.iter().map(|r| r.hedges_sent).sum();
+    let won: u64 = stats.replicas.iter().map(|r| r.hedges_won).sum();
+    assert!(sent > 0 && won > 0, "{stats:?}");
+    assert!(from[0] > 0 && from[1] > 0, "{from:?}");
+    assert!(stats.replicas.iter().map(|r| r.cancelled).sum::<u64>() > 0);
+}
+
+#[test]
+fn adaptive_hedging_waits_for_samples_then_uses_the_percentile() {
+    let reps = Replicas::new(2, |_| Some(vec![3; 256]));
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .map(|s| {
+            let mut slow = SlowStore::new(s, Duration::from_millis(1));
+            slow.spike = Duration::from_millis(100);
+            slow.spike_every = 25;
+            Arc::new(slow) as Arc<dyn Store>
+        })
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Adaptive("p90".into())),
+        retry_budget_floor_per_s: Some(1000.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    for _ in 0..100 {
+        read(&router, "obj", 0, 256).unwrap();
+    }
+    let stats = router.stats(false);
+    let sent: u64 = stats.replicas.iter().map(|r| r.hedges_sent).sum();
+    assert!(sent > 0, "spikes after the warm-up were hedged: {stats:?}");
+    assert!(stats.extra_request_ratio < 0.5, "{stats:?}");
+}
+
+#[test]
+fn the_retry_budget_stops_a_retry_storm() {
+    let reps = Replicas::new(3, |_| Some(vec![9; 32]));
+    let (switches, stores) = switchable(&reps);
+    let config = RouterConfig::from_options(&RoutingOptions {
+        // Never eject: every read fails on every replica.
+        eject_after_failures: Some(u32::MAX),
+        retry_budget_ratio: Some(0.1),
+        retry_budget_floor_per_s: Some(0.0),
+        backoff_base_ms: Some(0.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    for s in &switches {
+        s.down.store(true, Ordering::SeqCst);
+    }
+    let mut budget_errors = 0;
+    for _ in 0..1000 {
+        let err = read(&router, "obj", 0, 32).unwrap_err();
+        budget_errors += err.to_string().contains("retry budget") as u32;
+    }
+    let stats = router.stats(false);
+    let retries: u64 = stats.replicas.iter().map(|r| r.retries).sum();
+    assert!(retries <= 110, "retries {retries} for 1000 reads");
+    assert!(budget_errors > 800);
+}
+
+#[test]
+fn p2c_prefers_the_faster_replica_and_affinity_sticks() {
+    let reps = Replicas::new(2, |_| Some(vec![5; 128]));
+    let mut stores = reps.local();
+    stores[0] = Arc::new(SlowStore::new(
+        Arc::clone(&stores[0]),
+        Duration::from_millis(5),
+    ));
+    let p2c = RouterConfig::from_options(&RoutingOptions {
+        policy: Some("p2c".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores.clone(), p2c).unwrap();
+    for _ in 0..200 {
+        read_async(&router, "obj", 0, 0).unwrap();
+    }
+    let s = router.stats(false);
+    assert!(
+        s.replicas[1].requests > 4 * s.replicas[0].requests,
+        "{:?}",
+        s.replicas.iter().map(|r| r.requests).collect::<Vec<_>>()
+    );
+    let affinity = Router::new(reps.names(), stores, RouterConfig::default()).unwrap();
+    for _ in 0..20 {
+        read_async(&affinity, "obj", 0, 0).unwrap();
+    }
+    let s = affinity.stats(false);
+    let p = affinity.placement().primary("obj");
+    assert_eq!(s.replicas[p].requests, 20);
+}
+
+#[test]
+fn bounded_load_overflows_a_busy_replica() {
+    let reps = Replicas::new(4, |_| Some(vec![5; 128]));
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .map(|s| Arc::new(SlowStore::new(s, Duration::from_millis(20))) as Arc<dyn Store>)
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        load_factor: Some(1.25),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Arc::new(Router::new(reps.names(), stores, config).unwrap());
+    // 40 concurrent reads of one key: without bounded load all 40 hit its
+    // primary; with it, the load spreads down the preference list.
+    runtime::block_on(async {
+        let tasks: Vec<_> = (0..40)
+            .map(|_| {
+                let router = Arc::clone(&router);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 128];
+                    router.read_into("obj", 0, &mut buf).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    });
+    let s = router.stats(false);
+    let max = s.replicas.iter().map(|r| r.requests).max().unwrap();
+    assert!(
+        max < 40,
+        "{:?}",
+        s.replicas.iter().map(|r| r.requests).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn stats_reset_and_serialise() {
+    let reps = Replicas::new(2, |_| Some(vec![1; 10]));
+    let router = Router::new(reps.names(), reps.local(), RouterConfig::default()).unwrap();
+    read(&router, "obj", 0, 10).unwrap();
+    let s = router.stats(true);
+    assert_eq!((s.reads, s.bytes), (1, 10));
+    let json = serde_json::to_string(&s).unwrap();
+    assert!(json.contains("\"p99.9_ms\""), "{json}");
+    assert_eq!(router.stats(false).reads, 0);
+    assert_eq!(
+        router
+            .stats(false)
+            .replicas
+            .iter()
+            .map(|r| r.requests)
+            .sum::<u64>(),
+        0
+    );
+}
