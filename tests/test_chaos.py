@@ -10,10 +10,9 @@ import statistics
 import time
 from pathlib import Path
 
+import feedline
 import fsspec
 import pytest
-
-import feedline
 from feedline import _core
 from feedline.chaos import (
     Chaos,

@@ -5,6 +5,7 @@ Replace ``fsspec.open`` with :func:`feedline.open` (or use
 ahead into a bounded ring of zero-copy buffers.
 """
 
+from feedline import chaos
 from feedline._core import (
     ChecksumMismatch,
     Chunk,
@@ -13,7 +14,6 @@ from feedline._core import (
     ShortReadError,
     __version__,
 )
-from feedline import chaos
 from feedline.chaos import Chaos
 from feedline.fs import FeedlineFile, FileSystem, open, write_manifest
 

@@ -316,6 +316,9 @@ impl ChaosSampler {
 
     /// Whether the replica is inside an outage window now.
     pub fn in_outage_window(&self) -> bool {
+        if self.spec.outages.is_empty() {
+            return false;
+        }
         let now = self.elapsed_s();
         self.spec
             .outages
@@ -324,13 +327,20 @@ impl ChaosSampler {
     }
 
     /// Whether the replica is down now for a request that draws no fate
-    /// (a `size`): an outage window, or past `fail_after_requests`.
+    /// (a `size`): an outage window, or past `fail_after_requests`. A
+    /// refusal is counted.
     pub fn down_now(&self) -> bool {
-        self.in_outage_window()
+        let down = self.in_outage_window()
             || self
                 .spec
                 .fail_after_requests
-                .is_some_and(|n| self.next_request.load(Ordering::Relaxed) >= n)
+                .is_some_and(|n| self.next_request.load(Ordering::Relaxed) >= n);
+        if down {
+            self.counters
+                .outage_rejections
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        down
     }
 
     /// The pure part: what the seed says about request `request` moving
@@ -758,17 +768,18 @@ mod tests {
         let (_d, local) = local_with(b"abcdef");
         let store = ChaosStore::new(
             Arc::clone(&local),
-            spec(r#"{"outages": [[0.05, 0.15]]}"#).unwrap(),
+            spec(r#"{"outages": [[0.3, 1.3]]}"#).unwrap(),
         )
         .unwrap();
         let mut buf = [0u8; 3];
+        // Wide windows: a loaded machine may pause this thread for a while.
         // No timing fault: the blocking path applies the outage itself.
         store
             .read_into_blocking("obj", 0, &mut buf)
             .unwrap()
             .unwrap();
         let t0 = Instant::now();
-        while store.sampler.elapsed_s() < 0.06 {
+        while store.sampler.elapsed_s() < 0.35 {
             std::thread::sleep(Duration::from_millis(5));
             assert!(t0.elapsed() < Duration::from_secs(5));
         }
@@ -779,7 +790,8 @@ mod tests {
         assert!(err.is_retryable());
         assert!(err.to_string().contains("injected outage"), "{err}");
         assert!(store.size_blocking("obj").unwrap().is_err());
-        while store.sampler.elapsed_s() < 0.16 {
+        assert_eq!(store.counts().outage_rejections, 2);
+        while store.sampler.elapsed_s() < 1.35 {
             std::thread::sleep(Duration::from_millis(5));
             assert!(t0.elapsed() < Duration::from_secs(5));
         }
@@ -788,7 +800,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(store.size_blocking("obj").unwrap().unwrap(), 6);
-        assert_eq!(store.counts().outage_rejections, 1);
+        assert_eq!(store.counts().outage_rejections, 2);
 
         let store = ChaosStore::new(local, spec(r#"{"fail_after_requests": 2}"#).unwrap()).unwrap();
         for i in 0..5 {
@@ -796,7 +808,7 @@ mod tests {
             assert_eq!(r.is_ok(), i < 2, "request {i}: {r:?}");
         }
         assert!(store.size_blocking("obj").unwrap().is_err());
-        assert_eq!(store.counts().outage_rejections, 3);
+        assert_eq!(store.counts().outage_rejections, 4);
     }
 
     #[test]

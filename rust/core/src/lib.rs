@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod plan;
 pub mod prefetch;
+pub mod proxy;
 pub mod reader;
 pub mod ring;
 pub mod route;

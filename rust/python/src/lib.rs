@@ -5,8 +5,11 @@
 use pyo3::prelude::*;
 
 mod chaos;
+mod checksum;
 mod errors;
 mod manifest;
+mod metrics;
+mod proxy;
 mod reader;
 mod route;
 mod storage;
@@ -19,6 +22,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;
+    metrics::register(m)?;
+    checksum::register(m)?;
+    proxy::register(m)?;
     route::register(m)?;
     chaos::register(m)?;
     manifest::register(m)?;

@@ -1,0 +1,132 @@
+"""``feedline bench [SCENARIO.toml] [--json PATH] [--report DIR] [--repeat N]``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from dataclasses import replace
+from typing import Any
+
+from feedline.bench import report as _report
+from feedline.bench import runner
+from feedline.bench import scenario as _scenario
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="run an end-to-end data-path benchmark under faults",
+        description=(
+            "Runs a scenario (TOML; the embedded default with no argument): a generated "
+            "dataset on replicas with injected faults, read by each system side by side "
+            "through an emulated training loop. Prints latency percentiles, AU, stall "
+            "time, throughput and verified bytes per system."
+        ),
+    )
+    p.add_argument("scenario", nargs="?", help="scenario file (default: the embedded one)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON (schema_version 1)")
+    p.add_argument("--report", metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="run N times, mean ± stdev")
+    p.add_argument(
+        "--systems", metavar="A,B", help="override the scenario's systems (comma-separated)"
+    )
+    p.add_argument("--steps", type=int, metavar="N", help="override [workload] steps")
+    p.add_argument("--no-progress", action="store_true", help="no live display")
+    p.add_argument(
+        "--fail-on-sla", action="store_true", help="exit 1 when a system misses the scenario's SLA"
+    )
+    p.add_argument(
+        "--check", action="store_true", help="validate the scenario and exit without running"
+    )
+    p.set_defaults(func=run_command, run=run_command)
+
+
+def _apply_overrides(sc: _scenario.Scenario, args: argparse.Namespace) -> _scenario.Scenario:
+    if args.systems:
+        names = [s.strip() for s in args.systems.split(",") if s.strip()]
+        raw_check = {"systems": names}
+        _scenario.parse({**raw_check}, source="--systems")  # same validation, same messages
+        sc = replace(sc, systems=tuple(names))
+    if args.steps is not None:
+        if args.steps < 1:
+            raise _scenario.ScenarioError(f"--steps must be at least 1, got {args.steps}")
+        sc = replace(sc, workload=replace(sc.workload, steps=args.steps, epochs=None))
+    return sc
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        # Piped or captured: do not squeeze the side-by-side table to 80 columns.
+        console = Console(width=160)
+    err = Console(stderr=True)
+    try:
+        sc = _scenario.load(args.scenario) if args.scenario else _scenario.default()
+        sc = _apply_overrides(sc, args)
+        if args.repeat < 1:
+            raise _scenario.ScenarioError(f"--repeat must be at least 1, got {args.repeat}")
+        runner.check_runnable(sc)
+    except (_scenario.ScenarioError, _scenario.NeedsRootError) as exc:
+        # Plain print: messages name TOML tables ("[workload]"), not markup.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        console.print(f"{sc.source}: ok ({sc.name}: {', '.join(sc.systems)})")
+        return 0
+
+    stop = threading.Event()
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # First Ctrl-C: stop measuring, write partial results, clean up.
+        # Second: the default behaviour (abort now).
+        nonlocal interrupts
+        interrupts += 1
+        stop.set()
+        if interrupts > 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        err.print("[yellow]interrupted: finishing in-flight reads, writing partial results[/]")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    err.print(f"feedline bench {sc.name}: {sc.description or sc.source}", markup=False)
+    live = None if args.no_progress or not err.is_terminal else _report.LiveProgress()
+    try:
+        if live is not None:
+            with live:
+                rep = runner.run(sc, repeat=args.repeat, progress=live.update, stop=stop)
+        else:
+
+            def done(result: dict[str, Any]) -> None:
+                au = result.get("au")
+                err.print(
+                    f"  {result['system']}: {result['status']}"
+                    + (f", AU {au:.3f}" if isinstance(au, float) else "")
+                )
+
+            rep = runner.run(sc, repeat=args.repeat, stop=stop, on_system_done=done)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    _report.render_table(rep, console)
+    if args.json:
+        _report.write_json(rep, args.json)
+        err.print(f"wrote {args.json}")
+    if args.report:
+        for path in _report.write_plots(rep, args.report):
+            err.print(f"wrote {path}")
+    if rep["partial"]:
+        return 130
+    failed = [s["system"] for s in rep["systems"] if s.get("sla_pass") is False]
+    if failed:
+        err.print(f"SLA missed by: {', '.join(failed)}")
+        if args.fail_on_sla:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(0)

@@ -1,0 +1,532 @@
+"""The data paths a bench run compares, behind one small interface, and the
+adapter to the parts of feedline other issues provide (replica routing,
+chaos, manifests). A missing feature degrades with a note in the report,
+never a crash.
+
+Every system reads the same keys from the same replica directories under
+the same faults (``feedline.chaos`` applied in-process, per replica):
+
+* ``feedline``: ``feedline.FileSystem(replicas=..., chaos=..., hedge_after_ms=...)``;
+  routing, failover, hedging and verification happen in Rust.
+* ``fsspec``: what a careful user writes with plain fsspec: each object is
+  read from replica ``crc32(key) % n`` (static sharding) and, on an error,
+  once more from the next replica (a hand-written failover).
+* ``fsspec-readahead``: as ``fsspec``, through fsspec's ``ReadAheadCache``.
+* ``fsspec-blockcache``: as ``fsspec``, through fsspec's ``blockcache``
+  (``CachingFileSystem``, blocks cached on local disk).
+* ``torch-dataloader``: ``torch.utils.data.DataLoader`` with ``readers``
+  workers over the ``fsspec`` path (when torch is installed).
+* ``obstore``: needs HTTP replicas (nginx); skipped on local directories.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from feedline.bench.dataset import Materialized
+from feedline.bench.scenario import Distribution, ReplicaFault, Scenario
+
+#: How long a killed replica stays down when no ``resume`` event follows.
+FOREVER_S = 10.0 * 24 * 3600
+
+
+class SystemUnavailable(RuntimeError):
+    """This system cannot run here; the message says why (shown, not fatal)."""
+
+
+# -- feature detection ----------------------------------------------------------
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def chaos_module() -> Any | None:
+    """``feedline.chaos`` when this build has it (issue 3), else None."""
+    if not has_module("feedline.chaos"):
+        return None
+    return importlib.import_module("feedline.chaos")
+
+
+def accepts(func: Callable[..., Any], name: str) -> bool:
+    """Whether ``func`` names parameter ``name`` explicitly (``**kwargs`` does not count:
+    fsspec filesystems swallow unknown options)."""
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# -- faults -> chaos specs ------------------------------------------------------
+
+
+@dataclass
+class FaultPlan:
+    """Per-replica chaos keyword arguments and the fault windows to shade."""
+
+    per_replica: dict[int, dict[str, Any]] = field(default_factory=dict)
+    windows: list[tuple[float, float, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.per_replica
+
+
+def fault_plan(scenario: Scenario, run_s: float | None = None) -> FaultPlan:
+    """See :func:`_fault_plan`; on nginx replicas kill/stop/resume act on the
+    real processes, so they are not turned into chaos outages."""
+    return _fault_plan(scenario, run_s, events_as_outages=scenario.replicas.kind == "local")
+
+
+def _fault_plan(scenario: Scenario, run_s: float | None, *, events_as_outages: bool) -> FaultPlan:
+    """Turns ``[[faults.replica]]`` and timed events into chaos specs.
+
+    On local directories a ``kill`` or ``stop`` is an outage window from its
+    ``at`` until a later ``resume`` of that replica (or ``until``, or the end).
+    """
+    plan = FaultPlan()
+    by_index: dict[int, ReplicaFault] = {f.index: f for f in scenario.faults}
+    outages: dict[int, list[tuple[float, float]]] = {
+        i: list(f.outages) for i, f in by_index.items()
+    }
+    end_default = run_s if run_s is not None else FOREVER_S
+    events = sorted(scenario.events, key=lambda e: e.at_s)
+    for i, ev in enumerate(events):
+        if ev.action in ("kill", "stop") and ev.replica is not None:
+            end = ev.until_s
+            if end is None:
+                later = [
+                    e.at_s
+                    for e in events[i + 1 :]
+                    if e.action == "resume" and e.replica == ev.replica
+                ]
+                end = later[0] if later else FOREVER_S
+            if events_as_outages:
+                outages.setdefault(ev.replica, []).append((ev.at_s, end))
+            shown_end = min(end, end_default)
+            plan.windows.append((ev.at_s, shown_end, f"replica {ev.replica} {ev.action}"))
+        elif ev.action in ("loss", "delay"):
+            plan.windows.append((ev.at_s, ev.until_s or end_default, ev.action))
+    for f in scenario.faults:
+        for start, end in f.outages:
+            plan.windows.append((start, min(end, end_default), f"replica {f.index} outage"))
+    for index in sorted(set(by_index) | set(outages)):
+        kw: dict[str, Any] = {"seed": scenario.seed * 1000 + index}
+        fault = by_index.get(index)
+        if fault is not None:
+            if fault.latency is not None:
+                kw["latency"] = fault.latency
+            for name in (
+                "spike_probability",
+                "spike_ms",
+                "error_rate",
+                "stall_rate",
+                "corrupt_rate",
+            ):
+                value = getattr(fault, name)
+                if value:
+                    kw[name] = value
+            if fault.fail_after_requests is not None:
+                kw["fail_after_requests"] = fault.fail_after_requests
+            if fault.bandwidth_bytes_per_s is not None:
+                kw["bandwidth_bytes_per_s"] = fault.bandwidth_bytes_per_s
+        if outages.get(index):
+            kw["outages"] = sorted(outages[index])
+        plan.per_replica[index] = kw
+    return plan
+
+
+def _latency(mod: Any, dist: Distribution) -> Any:
+    names = {
+        "fixed": "Fixed",
+        "uniform": "Uniform",
+        "normal": "Normal",
+        "lognormal": "LogNormal",
+        "pareto": "Pareto",
+    }
+    cls = getattr(mod, names[dist.kind])
+    return cls(*dist.params.values())
+
+
+def build_chaos(plan: FaultPlan) -> dict[int, Any] | None:
+    """``{replica_index: feedline.chaos.Chaos}``; None (with a note) without chaos."""
+    if plan.empty:
+        return {}
+    mod = chaos_module()
+    if mod is None:
+        plan.notes.append(
+            "faults NOT applied: this build has no feedline.chaos (issue 3); "
+            "every system ran fault-free"
+        )
+        return None
+    out: dict[int, Any] = {}
+    for index, kw in plan.per_replica.items():
+        kw = dict(kw)
+        if "latency" in kw:
+            kw["latency"] = _latency(mod, kw["latency"])
+        if "outages" in kw:
+            kw["outages"] = tuple(tuple(o) for o in kw["outages"])
+        out[index] = mod.Chaos(**kw)
+    return out
+
+
+# -- the systems ----------------------------------------------------------------
+
+
+class System:
+    """One data path. ``read`` is called from many reader threads at once.
+
+    ``roots`` are the replicas as this system reaches them: directories, or
+    ``http://`` URLs of nginx replicas serving the same objects."""
+
+    name = "system"
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
+        self.scenario = scenario
+        self.data = data
+        self.chaos = chaos or {}
+        self.roots = list(roots) if roots is not None else list(data.replica_dirs)
+        self.http = any(r.startswith(("http://", "https://")) for r in self.roots)
+        self.notes: list[str] = []
+
+    def read(self, key: str, start: int | None, end: int | None) -> bytes:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any] | None:
+        """Retries, hedges, ejections... where the system counts them."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class FeedlineSystem(System):
+    name = "feedline"
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
+        super().__init__(scenario, data, chaos, roots)
+        import feedline
+
+        init = feedline.FileSystem.__init__
+        kwargs: dict[str, Any] = {}
+        opts = scenario.feedline
+        for name, value in (
+            ("hedge_after_ms", opts.hedge_after_ms),
+            ("policy", opts.policy),
+            ("eject_after_failures", opts.eject_after_failures),
+        ):
+            if value is None:
+                continue
+            if accepts(init, name):
+                kwargs[name] = value
+            else:
+                self.notes.append(f"{name} ignored: this build's FileSystem has no such option")
+        if self.chaos:
+            if accepts(init, "chaos"):
+                kwargs["chaos"] = dict(self.chaos)
+            else:
+                self.notes.append("faults NOT applied to feedline: FileSystem has no chaos=")
+        if accepts(init, "manifest"):
+            manifest = feedline_manifest(data)
+            if manifest is not None:
+                kwargs["manifest"] = manifest
+        replicas = list(self.roots)
+        if len(replicas) > 1 and not accepts(init, "hedge_after_ms"):
+            # The foundation build refuses several replicas (issue 3 adds routing).
+            self.notes.append("no replica routing in this build: feedline read replica 0 only")
+            replicas = replicas[:1]
+            if 0 not in self.chaos:
+                kwargs.pop("chaos", None)
+        self.fs = feedline.FileSystem(replicas=replicas, **kwargs)
+
+    def read(self, key: str, start: int | None, end: int | None) -> bytes:
+        return self.fs.cat_file(key, start, end)
+
+    def stats(self) -> dict[str, Any] | None:
+        stats = getattr(self.fs, "stats", None)
+        if stats is None:
+            return None
+        return summarize_replica_stats(stats())
+
+
+def feedline_manifest(data: Materialized) -> Any:
+    """A manifest feedline's FileSystem accepts: ``feedline.write_manifest``'s
+    own file when available (cached on ``data``), else None."""
+    import feedline
+
+    if "feedline_manifest" in data.extra:
+        return data.extra["feedline_manifest"]
+    writer = getattr(feedline, "write_manifest", None)
+    path = None
+    if writer is not None:
+        try:
+            path = writer(data.replica_dirs[0])
+        except Exception:  # a manifest is an optimisation here; the harness verifies anyway
+            path = None
+    data.extra["feedline_manifest"] = path
+    return path
+
+
+COUNTERS = ("requests", "errors", "retries", "hedges_sent", "hedges_won", "ejections")
+
+
+def summarize_replica_stats(raw: Any) -> dict[str, Any]:
+    """Sums fs.stats()'s per-replica counters; keeps the per-replica detail."""
+    replicas: dict[str, Any] = {}
+    if isinstance(raw, dict):
+        inner = raw.get("replicas", raw)
+        if isinstance(inner, dict):
+            replicas = {str(k): v for k, v in inner.items() if isinstance(v, dict)}
+        elif isinstance(inner, list):
+            replicas = {str(i): v for i, v in enumerate(inner) if isinstance(v, dict)}
+    elif isinstance(raw, list):
+        replicas = {str(i): v for i, v in enumerate(raw) if isinstance(v, dict)}
+    totals = {c: 0 for c in COUNTERS}
+    for rep in replicas.values():
+        for c in COUNTERS:
+            v = rep.get(c)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                totals[c] += int(v)
+    out: dict[str, Any] = {"totals": totals, "replicas": _jsonable(replicas)}
+    if isinstance(raw, dict) and isinstance(raw.get("extra_request_ratio"), int | float):
+        out["extra_request_ratio"] = float(raw["extra_request_ratio"])
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return repr(value)
+
+
+class FsspecSystem(System):
+    """Plain fsspec with static sharding and one hand-written failover."""
+
+    name = "fsspec"
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
+        super().__init__(scenario, data, chaos, roots)
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.replica_fs: list[Any] = []
+        wrapper = None
+        if self.chaos:
+            mod = chaos_module()
+            wrapper = getattr(mod, "ChaosFileSystem", None) if mod else None
+            if wrapper is None:
+                self.notes.append(
+                    "faults NOT applied to fsspec: no feedline.chaos.ChaosFileSystem in this build"
+                )
+        for i in range(len(self.roots)):
+            fs: Any = LocalFileSystem()
+            if self.http:
+                import fsspec
+
+                fs = fsspec.filesystem("http", skip_instance_cache=True)
+            if wrapper is not None and i in self.chaos:
+                fs = wrapper(fs, self.chaos[i])
+            self.replica_fs.append(self._wrap(fs, i))
+        self.retries = 0
+        self.errors = 0
+
+    def _wrap(self, fs: Any, index: int) -> Any:
+        return fs
+
+    def _path(self, index: int, key: str) -> str:
+        if self.http:
+            return f"{self.roots[index].rstrip('/')}/{key}"
+        return os.path.join(self.roots[index], key)
+
+    def _cat(self, fs: Any, path: str, start: int | None, end: int | None) -> bytes:
+        data: bytes = fs.cat_file(path, start=start, end=end)
+        return data
+
+    #: What the hand-written failover catches.
+    failover_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    def read(self, key: str, start: int | None, end: int | None) -> bytes:
+        n = len(self.replica_fs)
+        first = zlib.crc32(key.encode()) % n
+        try:
+            return self._cat(self.replica_fs[first], self._path(first, key), start, end)
+        except self.failover_errors:
+            self.errors += 1
+            if n == 1:
+                raise
+        self.retries += 1
+        second = (first + 1) % n
+        return self._cat(self.replica_fs[second], self._path(second, key), start, end)
+
+    def stats(self) -> dict[str, Any] | None:
+        # Only what a hand-written failover can count; no hedges, no ejections.
+        return {"totals": {"retries": self.retries, "errors": self.errors}, "replicas": {}}
+
+
+class FsspecReadaheadSystem(FsspecSystem):
+    """fsspec's ``ReadAheadCache`` (the cache its remote files use) in front of
+    each read, as a remote fsspec file would read."""
+
+    name = "fsspec-readahead"
+    block_bytes = 1 << 20
+
+    def _cat(self, fs: Any, path: str, start: int | None, end: int | None) -> bytes:
+        from fsspec.caching import ReadAheadCache
+
+        size = int(fs.size(path))
+        cache = ReadAheadCache(
+            self.block_bytes, lambda s, e: fs.cat_file(path, start=s, end=e), size
+        )
+        s = 0 if start is None else start
+        e = size if end is None else end
+        data: bytes = cache._fetch(s, e)
+        return data
+
+
+class FsspecBlockcacheSystem(FsspecSystem):
+    """fsspec's ``blockcache`` filesystem (blocks cached on local disk)."""
+
+    name = "fsspec-blockcache"
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
+        self._cache_dirs: list[str] = []
+        super().__init__(scenario, data, chaos, roots)
+
+    def _wrap(self, fs: Any, index: int) -> Any:
+        import fsspec
+
+        d = tempfile.mkdtemp(prefix=f"feedline-bench-blockcache-{index}-")
+        self._cache_dirs.append(d)
+        return fsspec.filesystem("blockcache", fs=fs, cache_storage=d, check_files=False)
+
+    def close(self) -> None:
+        for d in self._cache_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class TorchDataLoaderSystem(FsspecSystem):
+    """``torch.utils.data.DataLoader`` workers over the ``fsspec`` path; the
+    runner asks it for whole batches (``loader``) instead of single reads."""
+
+    name = "torch-dataloader"
+
+    def __init__(self, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None):
+        if not has_module("torch"):
+            raise SystemUnavailable("torch-dataloader skipped: torch is not installed")
+        super().__init__(scenario, data, chaos)
+
+
+class ObstoreSystem(FsspecSystem):
+    """obstore's ``HTTPStore`` per nginx replica, with the same static
+    sharding and one hand-written failover as ``fsspec``. In-process chaos
+    does not reach it (obstore has no wrapper); real events (kill, stop) do."""
+
+    name = "obstore"
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
+        if not has_module("obstore"):
+            raise SystemUnavailable("obstore skipped: obstore is not installed")
+        System.__init__(self, scenario, data, chaos, roots)
+        if not self.http:
+            raise SystemUnavailable(
+                'obstore skipped: it is compared on HTTP replicas (replicas kind = "nginx")'
+            )
+        from obstore.exceptions import BaseError
+        from obstore.store import HTTPStore
+
+        self.failover_errors = (OSError, BaseError)
+        if self.chaos:
+            self.notes.append("in-process faults NOT applied to obstore (no chaos wrapper)")
+        # Two retries, not obstore's default ten: with ten, every read of a
+        # dead replica costs seconds of backoff before the failover.
+        self.replica_fs = [
+            HTTPStore.from_url(
+                r, client_options={"allow_http": True}, retry_config={"max_retries": 2}
+            )
+            for r in self.roots
+        ]
+        self.retries = 0
+        self.errors = 0
+
+    def _path(self, index: int, key: str) -> str:
+        return key
+
+    def _cat(self, fs: Any, path: str, start: int | None, end: int | None) -> bytes:
+        import obstore
+
+        if start is None and end is None:
+            return bytes(obstore.get(fs, path).bytes())
+        s = 0 if start is None else start
+        if end is None:
+            end = int(obstore.head(fs, path)["size"])
+        return bytes(obstore.get_range(fs, path, start=s, end=end))
+
+
+SYSTEMS: dict[str, type[System]] = {
+    "feedline": FeedlineSystem,
+    "fsspec": FsspecSystem,
+    "fsspec-readahead": FsspecReadaheadSystem,
+    "fsspec-blockcache": FsspecBlockcacheSystem,
+    "torch-dataloader": TorchDataLoaderSystem,
+    "obstore": ObstoreSystem,
+}
+
+
+def make_system(
+    name: str,
+    scenario: Scenario,
+    data: Materialized,
+    chaos: Mapping[int, Any] | None,
+    roots: list[str] | None = None,
+) -> System:
+    try:
+        cls = SYSTEMS[name]
+    except KeyError:
+        raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}") from None
+    return cls(scenario, data, chaos, roots)

@@ -1,0 +1,56 @@
+"""The LatencyHistogram and crc32c bindings the harness builds on."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from feedline import _core
+
+
+def test_histogram_percentiles_merge_reset() -> None:
+    h = _core.LatencyHistogram()
+    assert h.count == 0 and h.percentile_ms(99) == 0.0
+    h.record_many_us([1_000] * 990)
+    for _ in range(10):
+        h.record_us(200_000)
+    s = h.summary()
+    assert s["count"] == 1000 and len(h) == 1000
+    assert s["p50_ms"] == pytest.approx(1.0, rel=1e-2)
+    assert s["p99.9_ms"] == pytest.approx(200.0, rel=1e-2)
+    g = _core.LatencyHistogram()
+    g.merge(h)
+    g.merge(g)
+    assert g.count == 2000
+    g.reset()
+    assert g.count == 0
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 100.01, float("nan")])
+def test_percentile_outside_0_100_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\]"):
+        _core.LatencyHistogram().percentile_ms(bad)
+
+
+def test_histogram_records_from_many_threads() -> None:
+    h = _core.LatencyHistogram()
+
+    def work() -> None:
+        for i in range(1000):
+            h.record_us(i + 1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert h.count == 4000
+
+
+def test_crc32c_known_value_and_buffers() -> None:
+    # The standard check value for CRC-32C.
+    assert _core.crc32c(b"123456789") == 0xE3069283
+    assert _core.crc32c(memoryview(bytearray(b"123456789"))) == 0xE3069283
+    assert _core.crc32c(b"6789", _core.crc32c(b"12345")) == 0xE3069283
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.crc32c(memoryview(b"123456789")[::2])
