@@ -27,6 +27,7 @@ exceptions, and by :func:`cleanup_stale` after a crashed run.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import ipaddress
 import os
@@ -104,7 +105,7 @@ def _pick_subnet(replicas: int) -> ipaddress.IPv4Network:
     ]
     rng = random.Random(secrets.randbits(64))
     for _ in range(64):
-        candidate = ipaddress.ip_network(f"10.{rng.randrange(200, 250)}.{rng.randrange(256)}.0/24")
+        candidate = ipaddress.IPv4Network(f"10.{rng.randrange(200, 250)}.{rng.randrange(256)}.0/24")
         if not any(candidate.overlaps(net) for net in taken):
             return candidate
     raise NetnsError("found no free 10.x.y.0/24 for the rig's veth pairs")
@@ -499,14 +500,10 @@ class NetnsRig:
             self._scheduler.close()
         for r in self.replicas:
             if r.process is not None and r.process.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(r.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     r.process.wait(timeout=COMMAND_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    pass
         for r in self.replicas:
             _delete_netns(r.netns)
             _run("ip", "link", "del", r.host_if, check=False)
@@ -542,10 +539,8 @@ class NetnsRig:
 def _delete_netns(name: str) -> None:
     pids = _run("ip", "netns", "pids", name, check=False).split()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
     _run("ip", "netns", "del", name, check=False)
 
 
@@ -591,9 +586,12 @@ def _sweep(prefix: str, *, force: bool) -> int:
     link_prefix = prefix.replace("-", "")
     for line in _run("ip", "-o", "link", "show", check=False).splitlines():
         m = re.match(r"\d+:\s+([^@:\s]+)", line)
-        if m and m.group(1).startswith(link_prefix):
-            if stale(m.group(1), r"[a-z]+([0-9a-f]{6})[hn]\d+$"):
-                _run("ip", "link", "del", m.group(1), check=False)
+        if (
+            m
+            and m.group(1).startswith(link_prefix)
+            and stale(m.group(1), r"[a-z]+([0-9a-f]{6})[hn]\d+$")
+        ):
+            _run("ip", "link", "del", m.group(1), check=False)
     if prefix == PREFIX:
         # A rig's blackhole route is stale once no address in its /24 is left.
         addrs = _run("ip", "-4", "-o", "addr", "show", check=False)

@@ -577,29 +577,21 @@ impl Writer {
         let mut limit: Option<u64> = None;
         for t in mine {
             match &t.kind {
-                ToxicKind::Latency { latency, jitter } => {
-                    if self.rng.chance(t.toxicity) {
-                        delay += self.rng.jittered(*latency, *jitter);
-                    }
+                ToxicKind::Latency { latency, jitter } if self.rng.chance(t.toxicity) => {
+                    delay += self.rng.jittered(*latency, *jitter);
                 }
-                ToxicKind::Bandwidth { bytes_per_s } => {
-                    if self.rng.chance(t.toxicity) {
-                        rate = Some(rate.map_or(*bytes_per_s, |r| r.min(*bytes_per_s)));
-                    }
+                ToxicKind::Bandwidth { bytes_per_s } if self.rng.chance(t.toxicity) => {
+                    rate = Some(rate.map_or(*bytes_per_s, |r| r.min(*bytes_per_s)));
                 }
                 ToxicKind::Slicer {
                     segment_bytes,
                     variation_bytes,
                     delay,
-                } => {
-                    if self.rng.chance(t.toxicity) {
-                        slicer = Some((*segment_bytes, *variation_bytes, *delay));
-                    }
+                } if self.rng.chance(t.toxicity) => {
+                    slicer = Some((*segment_bytes, *variation_bytes, *delay));
                 }
-                ToxicKind::LimitData { bytes } => {
-                    if self.applies(t) {
-                        limit = Some(limit.map_or(*bytes, |l| l.min(*bytes)));
-                    }
+                ToxicKind::LimitData { bytes } if self.applies(t) => {
+                    limit = Some(limit.map_or(*bytes, |l| l.min(*bytes)));
                 }
                 _ => {}
             }
