@@ -6,15 +6,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
 from fsspec.core import OpenFile
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
-from feedline import _core
+from feedline import _core, _fsspec
 from feedline.chaos import Chaos
 from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
 
@@ -35,6 +37,16 @@ DEFAULT_DIRECT_BYTES = 16 * MiB
 DEFAULT_MANIFEST_BLOCK_BYTES = 1 * MiB
 
 PlanEntry = str | tuple[str, int, int]
+#: A replica: a local directory, a URL (``http://``, ``s3://``, ``gs://``,
+#: ``az://``, or any fsspec protocol), or an fsspec filesystem instance
+#: (optionally with a root path inside it).
+Replica: TypeAlias = "str | os.PathLike[str] | AbstractFileSystem | tuple[AbstractFileSystem, str]"
+
+#: URL schemes with a native (Rust, object_store) backend.
+NATIVE_SCHEMES = frozenset(
+    {"http", "https", "s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss"}
+)
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 READ_MODES = frozenset({"rb"})
 WRITE_MODES = frozenset({"wb", "ab", "xb", "w", "a", "x", "wt", "at", "xt"})
@@ -127,8 +139,10 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def __init__(
         self,
-        replicas: Sequence[str | os.PathLike[str]] | None = None,
+        replicas: Sequence[Replica] | None = None,
         *,
+        storage_options: dict[str, Any] | None = None,
+        concurrency: int | None = None,
         weights: Sequence[float] | None = None,
         policy: str | None = None,
         load_factor: float | None = None,
@@ -158,6 +172,19 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
                 f"feedline:: cannot chain onto protocol {target_protocol!r} yet; local paths only"
             )
         del target_options
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+        # What the filesystem is rebuilt from when pickled (spawn/forkserver
+        # workers): configuration, never threads, handles or connections.
+        self._init_config: dict[str, Any] = {
+            "replicas": list(replicas) if replicas is not None else None,
+            "storage_options": dict(storage_options) if storage_options else None,
+            "concurrency": concurrency,
+            "chunk_bytes": chunk_bytes,
+            "depth": depth,
+            "direct_bytes": direct_bytes,
+            "fo": fo,
+        }
         # In a chained URL ("feedline::/data/x") fsspec hands the inner path
         # over as `fo` and asks this filesystem for "".
         self._fo = self._strip_protocol(fo) if fo else None
@@ -171,30 +198,43 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes)
         self.depth = _positive_int("depth", depth)
         self.direct_bytes = _positive_int("direct_bytes", direct_bytes)
-        self.replicas = check_replicas(replicas)
+        self._storage_options: dict[str, Any] = dict(storage_options or {})
+        roots: Any = replicas
+        if replicas is not None and not isinstance(replicas, str | bytes | os.PathLike):
+            roots = [_replica_root(r) for r in replicas]
+        self.replicas = check_replicas(roots)
         config: dict[str, Any] = {"replicas": self.replicas}
-        config.update(
-            routing_config(
-                self.replicas,
-                weights=weights,
-                policy=policy,
-                load_factor=load_factor,
-                hedge_after_ms=hedge_after_ms,
-                timeout_ms=timeout_ms,
-                deadline_ms=deadline_ms,
-                eject_after_failures=eject_after_failures,
-                base_ejection_ms=base_ejection_ms,
-                max_ejection_ms=max_ejection_ms,
-                retry_budget_ratio=retry_budget_ratio,
-                retry_budget_floor_per_s=retry_budget_floor_per_s,
-                backoff_base_ms=backoff_base_ms,
-                backoff_max_ms=backoff_max_ms,
-            )
-        )
+        routing = {
+            "weights": weights,
+            "policy": policy,
+            "load_factor": load_factor,
+            "hedge_after_ms": hedge_after_ms,
+            "timeout_ms": timeout_ms,
+            "deadline_ms": deadline_ms,
+            "eject_after_failures": eject_after_failures,
+            "base_ejection_ms": base_ejection_ms,
+            "max_ejection_ms": max_ejection_ms,
+            "retry_budget_ratio": retry_budget_ratio,
+            "retry_budget_floor_per_s": retry_budget_floor_per_s,
+            "backoff_base_ms": backoff_base_ms,
+            "backoff_max_ms": backoff_max_ms,
+        }
+        self._init_config.update(routing, chaos=chaos, manifest=manifest)
+        config.update(routing_config(self.replicas, **routing))
         if chaos:
             config["chaos"] = _chaos_config(self.replicas, chaos)
         if manifest is not None:
             config["manifest"] = _manifest_config(manifest)
+        if self._storage_options:
+            try:
+                json.dumps(self._storage_options)
+            except TypeError as e:
+                raise TypeError(
+                    f"storage_options must be JSON-like (str, number, bool, dict): {e}"
+                ) from None
+            config["storage_options"] = self._storage_options
+        if concurrency is not None:
+            config["concurrency"] = _positive_int("concurrency", concurrency)
         self._storage = _core.Storage(json.dumps(config))
         self._local = LocalFileSystem()
 
@@ -203,6 +243,17 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         ``verified_bytes`` and ``checksum_mismatches`` (``None`` without a
         manifest)."""
         return self._storage.fault_stats()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._init_config,))
+
+    def __repr__(self) -> str:
+        shown = [_redact_url(r) for r in self.replicas]
+        return f"<feedline.FileSystem replicas={shown!r}>"
+
+    @property
+    def _first_replica_is_url(self) -> bool:
+        return bool(self.replicas) and _URL_RE.match(self.replicas[0]) is not None
 
     # -- paths -------------------------------------------------------------
 
@@ -229,20 +280,32 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         key = self._key(path)
         return os.path.join(self.replicas[0], key) if self.replicas else key
 
-    # -- metadata (fsspec's local filesystem on the replicas) ---------------
+    # -- metadata -------------------------------------------------------------
+    # Local replicas: fsspec's local filesystem on the replicas. URL replicas:
+    # the size through the store (HEAD on HTTP, routed like a read);
+    # fsspec-protocol replicas: that filesystem's own metadata calls.
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         if not self.replicas:
             found: dict[str, Any] = self._local.info(self._key(path), **kwargs)
             return found
-        # Replicas lag: the first one that has the path answers.
         key = self._key(path)
+        if self._first_replica_is_url:
+            fallback = self._fsspec_target(key)
+            if fallback is not None:
+                fs, full = fallback
+                info = dict(fs.info(full, **kwargs))
+                info["name"] = key
+                return info
+            size = self._storage.size(key)
+            return {"name": key, "size": size, "type": "file"}
+        # Replicas lag: the first one that has the path answers.
         for root in self.replicas:
             try:
-                info: dict[str, Any] = self._local.info(os.path.join(root, key), **kwargs)
+                found = self._local.info(os.path.join(root, key), **kwargs)
             except FileNotFoundError:
                 continue
-            return info
+            return found
         raise FileNotFoundError(2, f"no such file on any replica: {key!r}", key)
 
     # -- routing figures ------------------------------------------------------
@@ -259,8 +322,36 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         return stats
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
-        result: list[Any] = self._local.ls(self._local_path(path), detail=detail, **kwargs)
-        return result
+        if not self._first_replica_is_url:
+            result: list[Any] = self._local.ls(self._local_path(path), detail=detail, **kwargs)
+            return result
+        key = self._key(path)
+        fallback = self._fsspec_target(key)
+        if fallback is not None:
+            fs, full = fallback
+            listed: list[Any] = fs.ls(full, detail=detail, **kwargs)
+            return listed
+        raise NotImplementedError(
+            f"ls({path!r}): listing is not supported on remote replica "
+            f"{_redact_url(self.replicas[0])!r} (HTTP has no listing API); "
+            "pass the object names (a manifest) instead"
+        )
+
+    def _fsspec_target(self, key: str) -> tuple[AbstractFileSystem, str] | None:
+        """The fsspec filesystem and full path behind the first replica, when
+        it is served by the fsspec fallback."""
+        root = self.replicas[0]
+        scheme = root.split("://", 1)[0].lower()
+        if scheme in NATIVE_SCHEMES or scheme == "file":
+            return None
+        found = _fsspec.instance_of(root)
+        if found is not None:
+            fs, prefix = found
+        else:
+            fs = fsspec.filesystem(scheme, **self._storage_options)
+            prefix = fs._strip_protocol(root)
+        prefix = prefix.rstrip("/")
+        return fs, f"{prefix}/{key}" if prefix else key
 
     # -- reads (Rust, GIL released) -----------------------------------------
 
@@ -335,10 +426,50 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         if mode in READ_MODES:
             return FeedlineFile(self, path)
         if mode in WRITE_MODES or mode.rstrip("b") in {"w", "a", "x"}:
+            if self._first_replica_is_url:
+                raise NotImplementedError(
+                    f"cannot open {path!r} with mode {mode!r}: feedline only reads URL replicas"
+                )
             return self._local.open(self._local_path(path), mode, **kwargs)
         raise ValueError(
             f"unsupported mode {mode!r}; feedline reads with 'rb' and writes through fsspec"
         )
+
+
+def _rebuild(config: dict[str, Any]) -> FileSystem:
+    """Unpickles a :class:`FileSystem` from its configuration."""
+    replicas = config.pop("replicas")
+    return FileSystem(replicas, **config)
+
+
+def _replica_root(replica: Replica) -> str:
+    """The root string the core opens for one replica."""
+    if isinstance(replica, AbstractFileSystem):
+        return _fsspec.register_instance(replica)
+    if (
+        isinstance(replica, tuple)
+        and len(replica) == 2
+        and isinstance(replica[0], AbstractFileSystem)
+        and isinstance(replica[1], str)
+    ):
+        return _fsspec.register_instance(replica[0], replica[1])
+    if isinstance(replica, str | os.PathLike):
+        root = os.fspath(replica)
+        if not isinstance(root, str):
+            raise TypeError(f"replica must be a str path or URL, got {replica!r}")
+        return root
+    raise TypeError(
+        f"a replica is a path, a URL, an fsspec filesystem or (filesystem, root); got {replica!r}"
+    )
+
+
+def _redact_url(root: str) -> str:
+    """``root`` without userinfo or query (where credentials hide)."""
+    if not _URL_RE.match(root):
+        return root
+    parts = urllib.parse.urlsplit(root)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class FeedlineFile(io.RawIOBase):
@@ -428,7 +559,14 @@ def open(
     if mode in READ_MODES or mode in TEXT_READ_MODES:
         fs_kwargs = {
             k: kwargs.pop(k)
-            for k in ("chunk_bytes", "depth", "direct_bytes", *ROUTING_OPTIONS)
+            for k in (
+                "chunk_bytes",
+                "depth",
+                "direct_bytes",
+                "storage_options",
+                "concurrency",
+                *ROUTING_OPTIONS,
+            )
             if k in kwargs
         }
         fs = FileSystem(replicas=replicas, **fs_kwargs)

@@ -27,6 +27,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -418,7 +419,10 @@ class FsspecReadaheadSystem(FsspecSystem):
 
 
 class FsspecBlockcacheSystem(FsspecSystem):
-    """fsspec's ``blockcache`` filesystem (blocks cached on local disk)."""
+    """fsspec's ``blockcache`` filesystem (blocks cached on local disk), one
+    instance and cache directory per reader thread, like one per DataLoader
+    worker: a shared instance is not thread-safe (its cache metadata raises
+    ``KeyError`` under concurrent opens)."""
 
     name = "fsspec-blockcache"
 
@@ -430,17 +434,30 @@ class FsspecBlockcacheSystem(FsspecSystem):
         roots: list[str] | None = None,
     ):
         self._cache_dirs: list[str] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
         super().__init__(scenario, data, chaos, roots)
 
-    def _wrap(self, fs: Any, index: int) -> Any:
+    def _cat(self, fs: Any, path: str, start: int | None, end: int | None) -> bytes:
         import fsspec
 
-        d = tempfile.mkdtemp(prefix=f"feedline-bench-blockcache-{index}-")
-        self._cache_dirs.append(d)
-        return fsspec.filesystem("blockcache", fs=fs, cache_storage=d, check_files=False)
+        caches: dict[int, Any] = self._local.__dict__.setdefault("caches", {})
+        cached = caches.get(id(fs))
+        if cached is None:
+            d = tempfile.mkdtemp(prefix="feedline-bench-blockcache-")
+            with self._lock:
+                self._cache_dirs.append(d)
+            cached = fsspec.filesystem(
+                "blockcache", fs=fs, cache_storage=d, check_files=False, skip_instance_cache=True
+            )
+            caches[id(fs)] = cached
+        data: bytes = cached.cat_file(path, start=start, end=end)
+        return data
 
     def close(self) -> None:
-        for d in self._cache_dirs:
+        with self._lock:
+            dirs, self._cache_dirs = self._cache_dirs, []
+        for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
 
 

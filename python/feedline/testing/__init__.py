@@ -1,5 +1,6 @@
-"""Test and staging helpers: real servers and real faults, no mocks.
+"""Test, benchmark and staging rigs: real servers and real faults, no mocks.
 
+* :class:`NginxReplicas`: nginx replicas on loopback.
 * :class:`FaultProxy`: an embedded TCP fault proxy (latency, jitter,
   bandwidth, slicer, black hole, reset, slow close, data limit).
 * :mod:`feedline.testing.netns`: replicas in network namespaces with packet
@@ -7,5 +8,6 @@
 """
 
 from feedline._core import FaultProxy
+from feedline.testing.nginx import NginxReplicas, NginxUnavailable, nginx_binary
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "NginxReplicas", "NginxUnavailable", "nginx_binary"]

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
+
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -74,6 +76,9 @@ pub fn check_explicit_range(key: &str, size: u64, offset: i64, len: i64) -> Resu
     Ok((o, l))
 }
 
+/// Stats in flight while a plan is built.
+pub const STAT_CONCURRENCY: usize = 64;
+
 /// A plan entry before sizes are known.
 #[derive(Debug, Clone)]
 pub enum PlanItem {
@@ -93,15 +98,31 @@ pub async fn build_plan(
     if chunk_bytes == 0 {
         return Err(Error::invalid("chunk_bytes must be at least 1, got 0"));
     }
+    // Stat each distinct object once, many at a time: on a remote store a
+    // stat is a round trip, and a plan of 1,000 objects must not wait for
+    // 1,000 of them in a row.
+    let mut keys: Vec<&str> = items
+        .iter()
+        .map(|item| match item {
+            PlanItem::Object(key) | PlanItem::Range { key, .. } => key.as_str(),
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let sizes: std::collections::HashMap<&str, u64> = futures::stream::iter(keys)
+        .map(|key| async move { store.size(key).await.map(|size| (key, size)) })
+        .buffer_unordered(STAT_CONCURRENCY)
+        .try_collect()
+        .await?;
     let mut out = Vec::new();
     for item in items {
         match item {
             PlanItem::Object(key) => {
-                let size = store.size(key).await?;
+                let size = sizes[key.as_str()];
                 split_range(&Arc::from(key.as_str()), 0, size, chunk_bytes, &mut out);
             }
             PlanItem::Range { key, offset, len } => {
-                let size = store.size(key).await?;
+                let size = sizes[key.as_str()];
                 let (o, l) = check_explicit_range(key, size, *offset, *len)?;
                 split_range(&Arc::from(key.as_str()), o, l, chunk_bytes, &mut out);
             }

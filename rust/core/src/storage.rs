@@ -18,7 +18,8 @@ use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
 use crate::route::{HedgeAfterMs, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
-use crate::store::{LocalStore, Store};
+use crate::store::secrets::{self as remote, redacted_options, StorageOptions};
+use crate::store::{fallback, LocalStore, Store};
 
 /// Ranges per thread below which `read_many` does not bother to split.
 const MIN_RANGES_PER_THREAD: usize = 64;
@@ -27,15 +28,25 @@ const MIN_RANGES_PER_THREAD: usize = 64;
 /// blocking path (remote stores).
 pub const DEFAULT_CONCURRENCY: usize = 64;
 
+/// Ranges on one key closer than this are read as one request by
+/// `read_many` on remote stores: a request costs far more than a few KiB.
+pub const COALESCE_GAP_BYTES: u64 = 4 << 10;
+/// Largest merged request, so merging never serialises a big read.
+pub const MAX_COALESCED_BYTES: u64 = 4 << 20;
+
 /// The configuration a `FileSystem` is built from. Python builds and
 /// validates it, then hands it over as JSON; unknown keys are refused.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Replica roots. Empty: the local filesystem, paths as given.
+    /// Replica roots: local directories or URLs (`http://`, `s3://`, ...).
+    /// Empty: the local filesystem, paths as given.
     pub replicas: Vec<String>,
     /// Async reads in flight for `cat_ranges` on remote stores.
     pub concurrency: Option<usize>,
+    /// fsspec-style options for URL replicas (credentials, endpoint, ...).
+    /// Never shown: `Debug` redacts credential values.
+    pub storage_options: StorageOptions,
     // -- replica routing (see `route::config` for meanings and defaults) --
     /// Relative share of keys per replica (default: equal).
     pub weights: Option<Vec<f64>>,
@@ -58,6 +69,60 @@ pub struct StorageConfig {
     pub chaos: BTreeMap<usize, ChaosSpec>,
     /// Per-block CRC32C manifest; with it every read is verified.
     pub manifest: Option<ManifestSource>,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let replicas: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|r| match url::Url::parse(r) {
+                Ok(u) if r.contains("://") => remote::display_url(&u),
+                _ => r.clone(),
+            })
+            .collect();
+        f.debug_struct("StorageConfig")
+            .field("replicas", &replicas)
+            .field("concurrency", &self.concurrency)
+            .field("storage_options", &redacted_options(&self.storage_options))
+            .field("weights", &self.weights)
+            .field("policy", &self.policy)
+            .field("hedge_after_ms", &self.hedge_after_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("deadline_ms", &self.deadline_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The URL scheme of a replica root (`"s3"` for `s3://b/x`), or None for a
+/// plain local path.
+pub fn replica_scheme(root: &str) -> Option<&str> {
+    let (scheme, _) = root.split_once("://")?;
+    let mut chars = scheme.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    ok.then_some(scheme)
+}
+
+/// Opens one replica root: a local directory, a URL with a native backend
+/// (HTTP(S), S3, GCS, Azure), or any other protocol through the registered
+/// fallback (fsspec, from the Python bindings).
+pub fn open_replica(root: &str, config: &StorageConfig) -> Result<Arc<dyn Store>> {
+    match replica_scheme(root) {
+        None => Ok(Arc::new(LocalStore::rooted(root)?)),
+        Some("file") => Ok(Arc::new(LocalStore::rooted(&root["file://".len()..])?)),
+        #[cfg(not(loom))]
+        Some(s) if remote::is_native_scheme(&s.to_ascii_lowercase()) => Ok(Arc::new(
+            crate::store::RemoteStore::open(root, &config.storage_options)?,
+        )),
+        Some(scheme) => match fallback::opener() {
+            Some(open) => open(root, &config.storage_options),
+            None => Err(Error::invalid(format!(
+                "unknown protocol {scheme:?} in replica {:?}: native ones are http, https, s3, gs, az (others need fsspec, through the Python package)",
+                remote::collect_secrets(None, &config.storage_options).redact(root)
+            ))),
+        },
+    }
 }
 
 impl StorageConfig {
@@ -84,13 +149,6 @@ impl StorageConfig {
             backoff_max_ms: self.backoff_max_ms,
         })
     }
-}
-
-/// The store for one replica root. Local directories today; the remote
-/// backends (URLs) and the per-replica wrappers (chaos, verification) are
-/// added here.
-pub fn open_replica(root: &str) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(LocalStore::rooted(root)?))
 }
 
 /// One request of `read_many`: fill `buf` from `offset` of `key`.
@@ -125,9 +183,11 @@ impl Storage {
             let stores = config
                 .replicas
                 .iter()
-                .map(|root| open_replica(root))
+                .map(|root| open_replica(root, &config))
                 .collect::<Result<Vec<_>>>()?;
-            (config.replicas.clone(), stores)
+            // Names from the stores: URLs without credentials.
+            let names = stores.iter().map(|s| s.name().to_owned()).collect();
+            (names, stores)
         };
         // Chaos and verification wrap each replica's store, under the
         // router: an injected fault or a checksum mismatch is that replica's
@@ -213,19 +273,52 @@ impl Storage {
                 ends.len()
             )));
         }
-        let mut sizes: std::collections::HashMap<&str, Result<u64, String>> = Default::default();
+        let sizes = self.sizes(keys);
         let mut out = Vec::with_capacity(keys.len());
         for ((key, start), end) in keys.iter().zip(starts).zip(ends) {
-            let size = sizes
-                .entry(key.as_str())
-                .or_insert_with(|| self.size(key).map_err(|e| e.to_string()));
-            out.push(match size {
+            out.push(match &sizes[key.as_str()] {
                 Ok(size) => Ok(resolve_slice(*size, *start, *end)),
-                // Stat again for the typed error; the cache only saves work.
-                Err(_) => self.size(key).map(|_| (0, 0)),
+                // Stat again for the typed error (the map keeps only text);
+                // if the store has recovered meanwhile, use the fresh size.
+                Err(_) => self.size(key).map(|size| resolve_slice(size, *start, *end)),
             });
         }
         Ok(out)
+    }
+
+    /// The size of each distinct key: on the calling thread where the store
+    /// allows it, else `concurrency` stats in flight (a remote stat is a
+    /// round trip; 1,000 of them in a row would dominate a `cat_ranges`).
+    fn sizes<'k>(
+        &self,
+        keys: &'k [String],
+    ) -> std::collections::HashMap<&'k str, Result<u64, String>> {
+        let mut distinct: Vec<&str> = keys.iter().map(String::as_str).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let Some(first) = distinct.first() else {
+            return Default::default();
+        };
+        if let Some(r) = self.store.size_blocking(first) {
+            let mut out = std::collections::HashMap::new();
+            out.insert(*first, r.map_err(|e| e.to_string()));
+            for key in &distinct[1..] {
+                out.insert(*key, self.size(key).map_err(|e| e.to_string()));
+            }
+            return out;
+        }
+        let concurrency = self
+            .config
+            .concurrency
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .max(1);
+        let store = self.store.as_ref();
+        runtime::block_on(
+            futures::stream::iter(distinct)
+                .map(|key| async move { (key, store.size(key).await.map_err(|e| e.to_string())) })
+                .buffer_unordered(concurrency)
+                .collect(),
+        )
     }
 
     /// Fills `buf` from `offset` of `key`, on the calling thread where the
@@ -314,19 +407,31 @@ impl Storage {
         })
     }
 
+    /// Remote reads: small ranges close together on one key are merged into
+    /// one request (see [`coalesce`]); groups run `concurrency` at a time.
     fn read_many_async(&self, requests: &mut [RangeRequest<'_>]) -> Vec<Result<()>> {
         let concurrency = self
             .config
             .concurrency
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
-        let store = &self.store;
-        runtime::block_on(
-            futures::stream::iter(requests.iter_mut())
-                .map(|r| store.read_into(r.key, r.offset, r.buf))
-                .buffered(concurrency)
+        let n = requests.len();
+        let store = self.store.as_ref();
+        let groups = coalesce(requests);
+        let done: Vec<Vec<(usize, Result<()>)>> = runtime::block_on(
+            futures::stream::iter(groups)
+                .map(|group| read_group(store, group))
+                .buffer_unordered(concurrency)
                 .collect(),
-        )
+        );
+        let mut results: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
+        for (i, r) in done.into_iter().flatten() {
+            results[i] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Closed("range was not read".into()))))
+            .collect()
     }
 
     /// Starts a prefetching stream over `items`.
@@ -334,6 +439,76 @@ impl Storage {
         config.validate()?;
         let plan = runtime::block_on(build_plan(self.store.as_ref(), items, config.chunk_bytes))?;
         Stream::start(Arc::clone(&self.store), plan, config)
+    }
+}
+
+/// One remote request's worth of `read_many` requests: indices into the
+/// caller's list and their buffers, sorted by offset, all on one key.
+type Group<'r, 'a> = Vec<(usize, &'r mut RangeRequest<'a>)>;
+
+/// Groups requests for remote reads: same key, sorted by offset, each next
+/// range starting at most [`COALESCE_GAP_BYTES`] after the group's end, the
+/// group spanning at most [`MAX_COALESCED_BYTES`]. Overlaps are allowed.
+pub fn coalesce<'r, 'a>(requests: &'r mut [RangeRequest<'a>]) -> Vec<Group<'r, 'a>> {
+    let mut sorted: Vec<(usize, &'r mut RangeRequest<'a>)> =
+        requests.iter_mut().enumerate().collect();
+    sorted.sort_by(|a, b| (a.1.key, a.1.offset).cmp(&(b.1.key, b.1.offset)));
+    let mut groups: Vec<Group<'r, 'a>> = Vec::new();
+    let mut span: (u64, u64) = (0, 0);
+    for (i, r) in sorted {
+        let end = r.offset + r.buf.len() as u64;
+        if let Some(g) = groups.last_mut() {
+            let same_key = g[0].1.key == r.key;
+            let merged_end = span.1.max(end);
+            if same_key
+                && r.offset <= span.1.saturating_add(COALESCE_GAP_BYTES)
+                && merged_end - span.0 <= MAX_COALESCED_BYTES
+            {
+                span.1 = merged_end;
+                g.push((i, r));
+                continue;
+            }
+        }
+        span = (r.offset, end);
+        groups.push(vec![(i, r)]);
+    }
+    groups
+}
+
+/// Reads one group: a lone range straight into its buffer; several as one
+/// request into a scratch buffer, then split (one extra copy of small
+/// ranges, paid to save round trips). If the merged read fails, each range
+/// is read on its own so each gets its own, exact result.
+async fn read_group(store: &dyn Store, mut group: Group<'_, '_>) -> Vec<(usize, Result<()>)> {
+    if group.len() == 1 {
+        let (i, r) = group.pop().expect("one request");
+        return vec![(i, store.read_into(r.key, r.offset, r.buf).await)];
+    }
+    let key = group[0].1.key;
+    let start = group[0].1.offset;
+    let end = group
+        .iter()
+        .map(|(_, r)| r.offset + r.buf.len() as u64)
+        .max()
+        .unwrap_or(start);
+    let mut scratch = vec![0u8; (end - start) as usize];
+    match store.read_into(key, start, &mut scratch).await {
+        Ok(()) => group
+            .into_iter()
+            .map(|(i, r)| {
+                let from = (r.offset - start) as usize;
+                r.buf.copy_from_slice(&scratch[from..from + r.buf.len()]);
+                (i, Ok(()))
+            })
+            .collect(),
+        Err(_) => {
+            futures::future::join_all(
+                group.into_iter().map(|(i, r)| async move {
+                    (i, store.read_into(r.key, r.offset, r.buf).await)
+                }),
+            )
+            .await
+        }
     }
 }
 
@@ -349,4 +524,112 @@ pub fn threads_for(n: usize, min_per_thread: usize) -> usize {
 /// Threads for `read_many` of `n` small ranges.
 pub fn threads_for_ranges(n: usize) -> usize {
     threads_for(n, MIN_RANGES_PER_THREAD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BoxFuture;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An async-only store over one in-memory object that counts requests
+    /// and fails reads that span more than `fail_over_bytes`.
+    #[derive(Debug)]
+    struct Counting {
+        data: Vec<u8>,
+        requests: AtomicUsize,
+        fail_over_bytes: usize,
+    }
+
+    impl Store for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn size<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<u64>> {
+            Box::pin(async move { Ok(self.data.len() as u64) })
+        }
+        fn read_into<'a>(
+            &'a self,
+            key: &'a str,
+            offset: u64,
+            buf: &'a mut [u8],
+        ) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                if buf.len() > self.fail_over_bytes {
+                    return Err(Error::Remote("too big".into()));
+                }
+                let start = offset as usize;
+                let src = self
+                    .data
+                    .get(start..start + buf.len())
+                    .ok_or(Error::ShortRead {
+                        path: key.into(),
+                        offset,
+                        wanted_bytes: buf.len() as u64,
+                        got_bytes: 0,
+                    })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            })
+        }
+    }
+
+    fn run(store: &Arc<Counting>, spans: &[(&str, u64, usize)]) -> (Vec<Vec<u8>>, Vec<Result<()>>) {
+        let storage = Storage::from_store(Arc::clone(store) as Arc<dyn Store>);
+        let mut bufs: Vec<Vec<u8>> = spans.iter().map(|s| vec![0u8; s.2]).collect();
+        let mut requests: Vec<RangeRequest<'_>> = spans
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(s, b)| RangeRequest {
+                key: s.0,
+                offset: s.1,
+                buf: b,
+            })
+            .collect();
+        let results = storage.read_many(&mut requests, 1);
+        drop(requests);
+        (bufs, results)
+    }
+
+    #[test]
+    fn coalesces_close_ranges_and_splits_exactly() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let store = Arc::new(Counting {
+            data: data.clone(),
+            requests: AtomicUsize::new(0),
+            fail_over_bytes: usize::MAX,
+        });
+        // 100 ranges of 1000 bytes with 500-byte gaps, out of order, one
+        // overlap, one far away and one on another key.
+        let mut spans: Vec<(&str, u64, usize)> =
+            (0..100).rev().map(|i| ("k", i * 1500, 1000)).collect();
+        spans.push(("k", 10, 3000));
+        spans.push(("k", 190_000, 100));
+        spans.push(("other", 0, 10));
+        let (bufs, results) = run(&store, &spans);
+        assert!(results.iter().all(|r| r.is_ok()));
+        for ((_, offset, len), buf) in spans.iter().zip(&bufs) {
+            assert_eq!(buf[..], data[*offset as usize..*offset as usize + len]);
+        }
+        // One merged request for the 101 close ranges, one far, one other key.
+        assert_eq!(store.requests.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn failed_merged_read_falls_back_to_each_range() {
+        let data = vec![7u8; 50_000];
+        let store = Arc::new(Counting {
+            data,
+            requests: AtomicUsize::new(0),
+            fail_over_bytes: 1_500,
+        });
+        let spans = [("k", 0, 1000), ("k", 1000, 1000), ("k", 49_990, 20)];
+        let (bufs, results) = run(&store, &spans);
+        assert!(results[0].is_ok() && results[1].is_ok());
+        assert!(matches!(results[2], Err(Error::ShortRead { .. })));
+        assert_eq!(bufs[1], vec![7u8; 1000]);
+        // The merged read, then each of its two ranges, then the far one.
+        assert_eq!(store.requests.load(Ordering::SeqCst), 4);
+    }
 }

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 mod chaos;
 mod checksum;
 mod errors;
+mod fsspec_store;
 mod manifest;
 mod metrics;
 mod proxy;
@@ -28,5 +29,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     route::register(m)?;
     chaos::register(m)?;
     manifest::register(m)?;
+    fsspec_store::register(m)?;
     Ok(())
 }

@@ -52,9 +52,14 @@ impl PyFaultProxy {
         py: Python<'_>,
         upstream: &str,
         listen: &str,
-        seed: u64,
+        seed: i128,
         allow_non_loopback: bool,
     ) -> PyResult<Self> {
+        // Taken wide so a negative or huge seed is a ValueError that names
+        // it, not an OverflowError about "unsigned".
+        let seed = u64::try_from(seed).map_err(|_| {
+            PyValueError::new_err(format!("seed must be in [0, 2**64), got {seed}"))
+        })?;
         let config = ProxyConfig {
             listen: listen.to_owned(),
             upstream: upstream.to_owned(),

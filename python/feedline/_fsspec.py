@@ -1,0 +1,66 @@
+"""The Python side of the fsspec fallback store: turns a replica root that
+no native backend serves (``memory://x``, a registered fsspec filesystem
+instance) into ``(filesystem, path prefix, name)`` for the Rust callback
+store. Reads through it hold the GIL, so they are slower than the native
+stores; use them for protocols feedline does not speak natively."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+#: Scheme of roots that name a filesystem instance handed to FileSystem.
+INSTANCE_SCHEME = "fsspec-instance"
+
+_lock = threading.Lock()
+_counter = itertools.count()
+_instances: dict[str, AbstractFileSystem] = {}
+
+
+def register_instance(fs: AbstractFileSystem, root: str = "") -> str:
+    """A replica root string naming ``fs`` (and a path inside it)."""
+    if not isinstance(fs, AbstractFileSystem):
+        raise TypeError(f"expected an fsspec filesystem, got {fs!r}")
+    with _lock:
+        token = str(next(_counter))
+        _instances[token] = fs
+    # The root follows the first "/" verbatim (an absolute local root keeps
+    # its leading slash).
+    return f"{INSTANCE_SCHEME}://{token}/{root}"
+
+
+def instance_of(root: str) -> tuple[AbstractFileSystem, str] | None:
+    """The instance and path a registered root names, or None."""
+    prefix = f"{INSTANCE_SCHEME}://"
+    if not root.startswith(prefix):
+        return None
+    token, _, path = root[len(prefix) :].partition("/")
+    fs = _instances.get(token)
+    if fs is None:
+        raise ValueError(f"replica {root!r} names no registered fsspec filesystem")
+    return fs, path
+
+
+def open_replica(root: str, options_json: str) -> tuple[AbstractFileSystem, str, str]:
+    """``(fs, prefix, name)`` for ``root``; called from Rust."""
+    found = instance_of(root)
+    if found is not None:
+        fs, path = found
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return fs, path.rstrip("/"), f"fsspec:{protocol}://{path}"
+    protocol, sep, _ = root.partition("://")
+    if not sep:
+        raise ValueError(f"replica {root!r} is not a URL")
+    options: dict[str, Any] = json.loads(options_json)
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"unknown protocol {protocol!r} in replica {root!r}: {e}") from None
+    fs = cls(**options)
+    prefix = cls._strip_protocol(root).rstrip("/")
+    return fs, prefix, f"fsspec:{root.rstrip('/')}"
