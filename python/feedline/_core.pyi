@@ -134,6 +134,7 @@ class LatencyHistogram:
 
 def crc32c(data: Buffer, value: int = 0) -> int: ...
 
+@final
 class FaultProxy:
     def __new__(
         cls,
