@@ -18,12 +18,10 @@ from __future__ import annotations
 import os
 import random
 import statistics
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 import feedline
+import pytest
 from feedline.chaos import Chaos, LogNormal
 
 READS = int(os.environ.get("FEEDLINE_P5_READS", "10000"))

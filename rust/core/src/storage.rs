@@ -188,6 +188,9 @@ impl Storage {
             let names = stores.iter().map(|s| s.name().to_owned()).collect();
             (names, stores)
         };
+        // Chaos and verification wrap each replica's store, under the
+        // router: an injected fault or a checksum mismatch is that replica's
+        // error, so the router fails over, hedges or ejects as for a real one.
         let (stores, layers) = wrap_replicas(stores, &config.chaos, config.manifest.as_ref())?;
         let router = Arc::new(Router::new(names, stores, router_config)?);
         Ok(Storage {
