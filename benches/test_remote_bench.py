@@ -52,13 +52,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
     yield root, keys, body
 
 
-def _check(keys: list[str], blobs: list[bytes], body: bytes) -> None:
+def _check(keys: list[str], blobs: list[Any], body: bytes) -> None:
+    """Every byte of every object (bytes, or obstore's zero-copy Bytes)."""
     assert len(blobs) == len(keys)
     tail = body[8:]
     for i, blob in enumerate(blobs):
-        assert len(blob) == OBJECT_BYTES, (keys[i], len(blob))
-        assert blob[:8] == struct.pack("<Q", i), keys[i]
-        assert blob[8:] == tail, keys[i]
+        view = memoryview(blob)
+        assert len(view) == OBJECT_BYTES, (keys[i], len(view))
+        assert view[:8] == struct.pack("<Q", i), keys[i]
+        assert view[8:] == tail, keys[i]
 
 
 def _pct(values_ms: list[float], p: float) -> float:
@@ -78,26 +80,38 @@ def run_feedline_cat(fs: feedline.FileSystem, keys: list[str]) -> tuple[list[byt
 
 
 def run_feedline_stream(
-    fs: feedline.FileSystem, keys: list[str]
-) -> tuple[list[bytes], list[float]]:
+    fs: feedline.FileSystem, keys: list[str], body: bytes | None = None
+) -> tuple[list[Any], list[float]]:
+    """Zero-copy chunks (ring slots) are released as the loop moves on, so
+    the timed rounds check each chunk's length and index header while it is
+    held; with ``body`` (the untimed warm-up) every byte is checked too."""
     fs.stats(reset=True)
-    out = [bytes(c) for c in fs.stream(keys, chunk_bytes=OBJECT_BYTES, depth=32)]
+    n = 0
+    tail = body[8:] if body is not None else None
+    for i, chunk in enumerate(fs.stream(keys, chunk_bytes=OBJECT_BYTES, depth=32)):
+        view = memoryview(chunk)
+        assert len(view) == OBJECT_BYTES and view[:8] == struct.pack("<Q", i), keys[i]
+        if tail is not None:
+            assert view[8:] == tail, keys[i]
+        view.release()
+        n += 1
+    assert n == len(keys)
     lat = fs.stats()["latency"]
-    return out, [lat["p50_ms"], lat["p99_ms"]]
+    return [], [lat["p50_ms"], lat["p99_ms"]]
 
 
-def run_obstore(stores: list[Any], keys: list[str]) -> tuple[list[bytes], list[float]]:
+def run_obstore(stores: list[Any], keys: list[str]) -> tuple[list[Any], list[float]]:
     import obstore
 
     async def main() -> tuple[list[bytes], list[float]]:
         sem = asyncio.Semaphore(OBSTORE_CONCURRENCY)
         lat: list[float] = [0.0] * len(keys)
 
-        async def one(i: int, key: str) -> bytes:
+        async def one(i: int, key: str) -> Any:
             async with sem:
                 t = time.perf_counter()
                 result = await obstore.get_async(stores[i % len(stores)], key)
-                data = bytes(await result.bytes_async())
+                data = await result.bytes_async()  # zero-copy Bytes
                 lat[i] = (time.perf_counter() - t) * 1e3
                 return data
 
@@ -142,7 +156,7 @@ def test_p4_loopback_1000x1mib(benchmark: Any, corpus: tuple[Path, list[str], by
         http = fsspec.filesystem("http", skip_instance_cache=True)
         urls = [f"{replicas.urls[i % 3]}/{k}" for i, k in enumerate(keys)]
 
-        clients: dict[str, Callable[[], tuple[list[bytes], list[float]]]] = {
+        clients: dict[str, Callable[[], tuple[list[Any], list[float]]]] = {
             "feedline cat_ranges": lambda: run_feedline_cat(fs, keys),
             "feedline stream": lambda: run_feedline_stream(fs, keys),
             "obstore 32 async gets": lambda: run_obstore(stores, keys),
@@ -151,7 +165,10 @@ def test_p4_loopback_1000x1mib(benchmark: Any, corpus: tuple[Path, list[str], by
         rates: dict[str, list[float]] = {name: [] for name in clients}
         p50: dict[str, list[float]] = {name: [] for name in clients}
         p99: dict[str, list[float]] = {name: [] for name in clients}
-        for run in clients.values():  # warm-up: connections, page cache
+        for name, run in clients.items():  # warm-up: connections, page cache
+            if name == "feedline stream":
+                run_feedline_stream(fs, keys, body)
+                continue
             blobs, _ = run()
             _check(keys, blobs, body)
         for _ in range(ROUNDS):
@@ -159,7 +176,8 @@ def test_p4_loopback_1000x1mib(benchmark: Any, corpus: tuple[Path, list[str], by
                 t = time.perf_counter()
                 blobs, lat = run()
                 elapsed = time.perf_counter() - t
-                _check(keys, blobs, body)
+                if name != "feedline stream":
+                    _check(keys, blobs, body)
                 del blobs
                 rates[name].append(total_mb / elapsed)
                 if name.startswith("feedline"):

@@ -336,3 +336,15 @@ def test_lying_server_alone_is_an_error_never_short_data(mode: str) -> None:
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def test_url_root_with_path_and_escaping_keys(
+    tmp_path: Path, dataset: dict[str, bytes], nginx_replicas: Callable[..., NginxReplicas]
+) -> None:
+    r = nginx_replicas(tmp_path, 1)  # serves the parent of data/
+    for root in (f"{r.urls[0]}/data", f"{r.urls[0]}/data/"):
+        fs = feedline.FileSystem([root])
+        assert fs.cat_file("sub/f6.bin") == dataset["sub/f6.bin"]
+        assert fs.cat_file("/f1.bin") == dataset["f1.bin"]
+        with pytest.raises(ValueError, match=r"\.\."):
+            fs.cat_file("sub/../../data/f1.bin")

@@ -230,3 +230,31 @@ def test_fork_with_fsspec_fallback_state(tmp_path: Path) -> None:
     finally:
         mem.rm(base, recursive=True)
     del tmp_path
+
+
+def test_chaos_on_remote_and_fallback_replicas_every_byte(
+    dataset: tuple[Path, dict[str, bytes]], nginx_replicas: Callable[..., NginxReplicas]
+) -> None:
+    from feedline.chaos import Chaos
+
+    root, files = dataset
+    r = nginx_replicas(root, 2)
+    mem = fsspec.filesystem("memory")
+    base = f"/fl-chaos-{os.getpid()}"
+    try:
+        for k, v in files.items():
+            mem.pipe_file(f"{base}/{k}", v)
+        fs = feedline.FileSystem(
+            [*r.urls, f"memory://{base}"],
+            chaos={0: Chaos(error_rate=0.3, seed=7), 2: Chaos(error_rate=0.3, seed=8)},
+            timeout_ms=5_000,
+            **FAILOVER,
+        )
+        keys = list(files)
+        for _ in range(2):
+            assert fs.cat_ranges(keys, None, None) == [files[k] for k in keys]
+            assert b"".join(bytes(c) for c in fs.stream(keys)) == b"".join(files[k] for k in keys)
+        injected = fs.fault_stats()
+        assert injected[0]["injected"] and injected[2]["injected"], injected
+    finally:
+        mem.rm(base, recursive=True)

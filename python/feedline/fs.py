@@ -219,8 +219,12 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             "backoff_base_ms": backoff_base_ms,
             "backoff_max_ms": backoff_max_ms,
         }
-        self._init_config.update(routing)
+        self._init_config.update(routing, chaos=chaos, manifest=manifest)
         config.update(routing_config(self.replicas, **routing))
+        if chaos:
+            config["chaos"] = _chaos_config(self.replicas, chaos)
+        if manifest is not None:
+            config["manifest"] = _manifest_config(manifest)
         if self._storage_options:
             try:
                 json.dumps(self._storage_options)
@@ -231,11 +235,6 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             config["storage_options"] = self._storage_options
         if concurrency is not None:
             config["concurrency"] = _positive_int("concurrency", concurrency)
-        self._init_config.update(chaos=chaos, manifest=manifest)
-        if chaos:
-            config["chaos"] = _chaos_config(self.replicas, chaos)
-        if manifest is not None:
-            config["manifest"] = _manifest_config(manifest)
         self._storage = _core.Storage(json.dumps(config))
         self._local = LocalFileSystem()
 

@@ -18,8 +18,8 @@ use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
 use crate::route::{HedgeAfterMs, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
-use crate::store::remote::{self, redacted_options, StorageOptions};
-use crate::store::{fallback, LocalStore, RemoteStore, Store};
+use crate::store::secrets::{self as remote, redacted_options, StorageOptions};
+use crate::store::{fallback, LocalStore, Store};
 
 /// Ranges per thread below which `read_many` does not bother to split.
 const MIN_RANGES_PER_THREAD: usize = 64;
@@ -111,9 +111,10 @@ pub fn open_replica(root: &str, config: &StorageConfig) -> Result<Arc<dyn Store>
     match replica_scheme(root) {
         None => Ok(Arc::new(LocalStore::rooted(root)?)),
         Some("file") => Ok(Arc::new(LocalStore::rooted(&root["file://".len()..])?)),
-        Some(s) if remote::is_native_scheme(&s.to_ascii_lowercase()) => {
-            Ok(Arc::new(RemoteStore::open(root, &config.storage_options)?))
-        }
+        #[cfg(not(loom))]
+        Some(s) if remote::is_native_scheme(&s.to_ascii_lowercase()) => Ok(Arc::new(
+            crate::store::RemoteStore::open(root, &config.storage_options)?,
+        )),
         Some(scheme) => match fallback::opener() {
             Some(open) => open(root, &config.storage_options),
             None => Err(Error::invalid(format!(

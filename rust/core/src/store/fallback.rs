@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::remote::StorageOptions;
+use super::secrets::StorageOptions;
 use super::Store;
 use crate::error::Result;
 
