@@ -35,10 +35,17 @@ $(DEPS_STAMP): requirements-dev.txt | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# torch is large (see requirements-torch.txt): only the targets that run its
+# tests or benches install it, with its own stamp.
+TORCH_STAMP := $(VENV)/.torch-stamp
+$(TORCH_STAMP): requirements-torch.txt | $(PY)
+	$(PY) -m pip install -q -r requirements-torch.txt
+	touch $@
+
 build: $(DEPS_STAMP)
 	$(BIN)/maturin develop --release -q
 
-lint: build
+lint: build $(TORCH_STAMP)
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(BIN)/ruff check .
@@ -53,10 +60,10 @@ loom:
 	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) CARGO_TARGET_DIR=target/loom \
 	  cargo test -p feedline-core --release --test loom
 
-py-test: build system-deps
+py-test: build system-deps $(TORCH_STAMP)
 	$(BIN)/pytest
 
-bench: build system-deps
+bench: build system-deps $(TORCH_STAMP)
 	$(BIN)/pytest benches -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds \
 	  -o testpaths=benches -o timeout=1200 $(BENCH_ARGS)
 	cargo bench -p feedline-core --bench ring -- --quick
