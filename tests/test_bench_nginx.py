@@ -46,3 +46,7 @@ def test_nginx_replicas_with_a_real_kill() -> None:
     for s in rep["systems"]:
         if s["status"] == "ok":
             assert s["mismatches"] == 0, s["system"]
+    feedline = by_name["feedline"]
+    if feedline["status"] == "ok":
+        # Routed reads fail over inside feedline: nothing reaches the loop.
+        assert feedline["errors"] == 0 and feedline["steps"] == 40

@@ -14,8 +14,8 @@ the same faults (``feedline.chaos`` applied in-process, per replica):
 * ``fsspec-readahead``: as ``fsspec``, through fsspec's ``ReadAheadCache``.
 * ``fsspec-blockcache``: as ``fsspec``, through fsspec's ``blockcache``
   (``CachingFileSystem``, blocks cached on local disk).
-* ``torch-dataloader``: ``torch.utils.data.DataLoader`` with ``readers``
-  workers over the ``fsspec`` path (when torch is installed).
+* ``torch-dataloader``: reserved for ``torch.utils.data.DataLoader`` workers
+  over the ``fsspec`` path; skipped with a note (not written yet).
 * ``obstore``: needs HTTP replicas (nginx); skipped on local directories.
 """
 
@@ -462,15 +462,26 @@ class FsspecBlockcacheSystem(FsspecSystem):
 
 
 class TorchDataLoaderSystem(FsspecSystem):
-    """``torch.utils.data.DataLoader`` workers over the ``fsspec`` path; the
-    runner asks it for whole batches (``loader``) instead of single reads."""
+    """Reserved: ``torch.utils.data.DataLoader`` workers over the ``fsspec``
+    path. Skipped with a note until the DataLoader-driven loop exists."""
 
     name = "torch-dataloader"
 
-    def __init__(self, scenario: Scenario, data: Materialized, chaos: Mapping[int, Any] | None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: Materialized,
+        chaos: Mapping[int, Any] | None,
+        roots: list[str] | None = None,
+    ):
         if not has_module("torch"):
             raise SystemUnavailable("torch-dataloader skipped: torch is not installed")
-        super().__init__(scenario, data, chaos)
+        # The DataLoader-driven loop (worker processes handing whole batches
+        # to the runner) is not written yet; running the thread-based loop
+        # under this name would mislabel the figures.
+        raise SystemUnavailable(
+            "torch-dataloader skipped: the DataLoader-driven loop is not in this build"
+        )
 
 
 class ObstoreSystem(FsspecSystem):
