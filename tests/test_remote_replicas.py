@@ -22,8 +22,8 @@ pytestmark = pytest.mark.nginx
 
 N_FILES = 40
 #: A dead replica at start-up meets a burst of parallel first reads before it
-#: is ejected; the router's retry budget (10 tokens at start) would refuse
-#: most of those failovers. These tests are about failover, not the budget.
+#: is ejected. The default budget starts at its idle balance (100 tokens), but
+#: these tests are about failover, not the budget, so they lift it entirely.
 FAILOVER = {"retry_budget_floor_per_s": 10_000.0}
 
 

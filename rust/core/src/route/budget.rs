@@ -38,10 +38,12 @@ impl RetryBudget {
             ratio,
             floor_per_s,
             pending: AtomicU64::new(0),
-            // One second of floor to start with: the first failures of a
-            // fresh client can fail over.
+            // Start at the balance an idle client converges to (floor × TTL),
+            // not at zero: a fresh client whose replica is already dead sends
+            // a burst of first reads (a whole prefetch depth, a cat_ranges
+            // batch) that must all fail over before ejection kicks in.
             state: Mutex::new(State {
-                balance: floor_per_s,
+                balance: floor_per_s * TTL.as_secs_f64(),
                 stamp: Instant::now(),
             }),
         }
@@ -144,7 +146,7 @@ mod tests {
         for _ in 0..100 {
             granted += floor.try_withdraw() as u32;
         }
-        assert_eq!(granted, 5, "one second of floor up front");
+        assert_eq!(granted, 50, "the idle balance (floor × TTL) up front");
     }
 
     #[test]
