@@ -67,6 +67,7 @@ bench: build system-deps $(TORCH_STAMP)
 	$(BIN)/pytest benches -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds \
 	  -o testpaths=benches -o timeout=1200 $(BENCH_ARGS)
 	cargo bench -p feedline-core --bench ring -- --quick
+	cargo bench -p feedline-core --bench route -- --quick
 
 clean:
 	rm -rf target $(VENV)
