@@ -69,6 +69,7 @@ bench: build system-deps $(TORCH_STAMP)
 	  -o testpaths=benches -o timeout=1200 --benchmark-json=bench-out/pytest-benchmark.json $(BENCH_ARGS)
 	$(PY) benches/report.py bench-out/pytest-benchmark.json
 	cargo bench -p feedline-core --bench ring -- --quick
+	cargo bench -p feedline-core --bench route -- --quick
 
 clean:
 	rm -rf target $(VENV)
