@@ -106,10 +106,20 @@ fn forwards_bytes_both_ways_unchanged() {
     conn.read_exact(&mut got).unwrap();
     writer.join().unwrap();
     assert_eq!(got, payload);
-    let stats = proxy.stats();
+    // The proxy counts a piece after its write returns, which can be just
+    // after the client has read it: wait (bounded) for the counters to settle.
+    let want = payload.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stats = proxy.stats();
+    while (stats.bytes_upstream, stats.bytes_downstream) != (want, want)
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(10));
+        stats = proxy.stats();
+    }
     assert_eq!(stats.connections_accepted, 1);
-    assert_eq!(stats.bytes_upstream, payload.len() as u64);
-    assert_eq!(stats.bytes_downstream, payload.len() as u64);
+    assert_eq!(stats.bytes_upstream, want);
+    assert_eq!(stats.bytes_downstream, want);
 }
 
 #[test]
