@@ -32,15 +32,25 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(DEPS_STAMP): requirements-dev.txt | $(PY)
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-cache-dir -r requirements-dev.txt
 	touch $@
 
 # torch is large (see requirements-torch.txt): only the targets that run its
 # tests or benches install it, with its own stamp.
 TORCH_STAMP := $(VENV)/.torch-stamp
-$(TORCH_STAMP): requirements-torch.txt | $(PY)
-	$(PY) -m pip install -q -r requirements-torch.txt
-	touch $@
+# Needs ~4 GiB installed plus the wheels while pip unpacks them, and the Rust
+# test builds that follow need room too. On a machine short of disk the
+# install is skipped with a warning (test_torch.py then skips) rather than
+# failing half-way through with ENOSPC.
+TORCH_MIN_FREE_GIB ?= 9
+$(TORCH_STAMP): requirements-torch.txt $(DEPS_STAMP)
+	@free_gib=$$(( $$(df -Pk $(VENV) | awk 'NR==2 {print $$4}') / 1048576 )); \
+	if [ "$$free_gib" -lt $(TORCH_MIN_FREE_GIB) ]; then \
+	  echo "WARNING: only $${free_gib} GiB free on $(VENV)'s disk, torch needs $(TORCH_MIN_FREE_GIB):" \
+	       "not installing it; the feedline.torch tests will SKIP." >&2; \
+	else \
+	  $(PY) -m pip install -q --no-deps --no-cache-dir -r requirements-torch.txt && touch $@; \
+	fi
 
 build: $(DEPS_STAMP)
 	$(BIN)/maturin develop --release -q
