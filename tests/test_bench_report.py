@@ -15,6 +15,7 @@ from feedline.bench import runner
 from feedline.bench import scenario as sc
 from feedline.bench.metrics import Recorder
 from feedline.bench.report import table_rows, write_plots
+from feedline.bench.systems import has_module
 from feedline.cli import main
 
 SMALL = """
@@ -94,6 +95,7 @@ SYSTEM_KEYS = {
     "extra_request_ratio",
     "sla",
     "sla_pass",
+    "system_info",
 }
 
 
@@ -112,7 +114,12 @@ def test_cli_end_to_end_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFix
     assert rep["partial"] is False and rep["repeat"] == 1
     by_name = {s["system"]: s for s in rep["systems"]}
     assert list(by_name) == list(sc.loads(SMALL).systems)
-    for name in ("feedline", "fsspec", "fsspec-readahead"):
+    names = ["feedline", "fsspec", "fsspec-readahead"]
+    if has_module("torch"):
+        names.append("torch-dataloader")
+    else:
+        assert by_name["torch-dataloader"]["status"] == "skipped"
+    for name in names:
         s = by_name[name]
         assert set(s) == SYSTEM_KEYS, name
         assert s["status"] == "ok"
@@ -162,7 +169,10 @@ def test_repeat_reports_mean_stdev_and_spread() -> None:
 
 
 def test_open_loop_reports_both_latencies(tmp_path: Path) -> None:
-    text = SMALL.replace("[sla]", '[load]\nmode = "open"\nrate_per_s = 400\n[sla]')
+    # torch-dataloader runs a closed loop only (tests/test_bench_torch.py).
+    text = SMALL.replace(', "torch-dataloader"', "").replace(
+        "[sla]", '[load]\nmode = "open"\nrate_per_s = 400\n[sla]'
+    )
     scenario = sc.override(sc.loads(text), systems=("fsspec",))
     rep = runner.run(scenario)
     s = rep["systems"][0]

@@ -49,6 +49,7 @@ def _apply_overrides(sc: _scenario.Scenario, args: argparse.Namespace) -> _scena
         raw_check = {"systems": names}
         _scenario.parse({**raw_check}, source="--systems")  # same validation, same messages
         sc = replace(sc, systems=tuple(names))
+        _scenario.check_systems_fit_load(sc)
     if args.steps is not None:
         if args.steps < 1:
             raise _scenario.ScenarioError(f"--steps must be at least 1, got {args.steps}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,21 @@ def peak_rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def private_bytes(pid: int) -> int:
+    """A child process's own memory (USS: private clean + dirty pages), the
+    memory it adds beyond what it shares with its parent (a forked worker
+    shares the parent's pages until it writes them). 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            total_kib = 0
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total_kib += int(line.split()[1])
+            return total_kib * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 @dataclass
 class Recorder:
     """Thread-safe collector for one system's run."""
@@ -86,6 +102,9 @@ class Recorder:
     per_second_samples: list[int] = field(default_factory=list)
     per_second_bytes: list[int] = field(default_factory=list)
     peak_rss: int = 0
+    #: Worker processes whose private memory counts in ``peak_rss`` (the
+    #: ``torch-dataloader`` system's DataLoader workers); None: none.
+    child_pids: Callable[[], list[int]] | None = None
     end_s: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -130,7 +149,10 @@ class Recorder:
             self.steps.append(step)
 
     def sample_rss(self) -> None:
-        self.peak_rss = max(self.peak_rss, peak_rss_bytes())
+        rss = peak_rss_bytes()
+        if self.child_pids is not None:
+            rss += sum(private_bytes(pid) for pid in self.child_pids())
+        self.peak_rss = max(self.peak_rss, rss)
 
     # -- results ---------------------------------------------------------------
 

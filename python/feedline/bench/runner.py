@@ -32,7 +32,6 @@ from feedline.bench.workload import (
     compute_sampler,
     manifest_verifier,
     plan_batches,
-    run_closed,
     run_open,
 )
 
@@ -154,8 +153,7 @@ def run_system(
                 limits=limits,
             )
         else:
-            run_closed(
-                system.read,
+            system.run_closed(
                 batches,
                 readers=w.readers,
                 prefetch_batches=w.prefetch_batches,
@@ -176,12 +174,14 @@ def run_system(
         ticker.join(timeout=2)
         rec.sample_rss()
         stats = system.stats()
+        info = system.info()
         system.close()
     result = {**base, "status": status, **rec.result(scenario.percentiles)}
     totals = (stats or {}).get("totals", {})
     for counter in ("requests", "retries", "hedges_sent", "hedges_won", "ejections"):
         result[counter] = totals.get(counter) if stats is not None else None
     result["replica_stats"] = (stats or {}).get("replicas")
+    result["system_info"] = info
     # (retries + hedges) / reads, as feedline's router counts it (issue 3's budget).
     result["extra_request_ratio"] = (stats or {}).get("extra_request_ratio")
     result["sla"] = evaluate_sla(dict(scenario.sla), result)
@@ -265,6 +265,13 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
             "duration_s": s.load.duration_s,
         },
         "sla": dict(s.sla),
+        "torch_dataloader": {
+            "workers": s.torch_dataloader.workers,
+            "prefetch_factor": s.torch_dataloader.prefetch_factor_for(s.workload.prefetch_batches),
+            "start_method": s.torch_dataloader.start_method,
+        }
+        if "torch-dataloader" in s.systems
+        else None,
     }
 
 

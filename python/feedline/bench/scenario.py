@@ -36,6 +36,15 @@ EVENT_ACTIONS = ("kill", "stop", "resume", "loss", "delay")
 REPLICA_KINDS = ("local", "nginx", "netns")
 LOAD_MODES = ("closed", "open")
 FORMATS = ("raw", "parquet")
+#: multiprocessing start methods a DataLoader accepts (None: torch's default).
+START_METHODS = ("fork", "spawn", "forkserver")
+#: Systems that can only run a closed loop (their consumer pulls batches).
+CLOSED_LOOP_ONLY = {
+    "torch-dataloader": (
+        "a DataLoader's workers read a batch only when the loop's prefetch asks for it, "
+        "so reads cannot be issued at a fixed rate regardless of completions"
+    ),
+}
 
 #: SLA metric -> (JSON field in a system's result, "max" = upper bound, "min" = lower bound).
 SLA_METRICS: dict[str, tuple[str, str]] = {
@@ -158,6 +167,24 @@ class FeedlineOptions:
 
 
 @dataclass(frozen=True)
+class TorchDataLoaderOptions:
+    """``[torch_dataloader]``: the ``torch-dataloader`` system's DataLoader."""
+
+    #: DataLoader(num_workers=...): worker processes that read the samples.
+    workers: int = 2
+    #: Batches each worker loads ahead; None: enough for the scenario's
+    #: ``prefetch_batches + 1`` batches in flight, as the thread-based loop keeps.
+    prefetch_factor: int | None = None
+    #: multiprocessing start method; None: torch's default for the platform.
+    start_method: str | None = None
+
+    def prefetch_factor_for(self, prefetch_batches: int) -> int:
+        if self.prefetch_factor is not None:
+            return self.prefetch_factor
+        return max(1, math.ceil((prefetch_batches + 1) / self.workers))
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     source: str
@@ -173,6 +200,7 @@ class Scenario:
     load: Load = field(default_factory=Load)
     sla: Mapping[str, float] = field(default_factory=dict)
     feedline: FeedlineOptions = field(default_factory=FeedlineOptions)
+    torch_dataloader: TorchDataLoaderOptions = field(default_factory=TorchDataLoaderOptions)
 
     def root_requirements(self) -> list[str]:
         """The parts of this scenario that need root, in words (empty: none)."""
@@ -629,6 +657,29 @@ def _parse_feedline(ctx: _Ctx, t: Mapping[str, Any]) -> FeedlineOptions:
     )
 
 
+def _parse_torch_dataloader(ctx: _Ctx, t: Mapping[str, Any]) -> TorchDataLoaderOptions:
+    _check_keys(ctx, t, ("workers", "prefetch_factor", "start_method"))
+    return TorchDataLoaderOptions(
+        workers=_int(ctx, t, "workers", 2),
+        prefetch_factor=_int(ctx, t, "prefetch_factor", None),
+        start_method=_str(ctx, t, "start_method", None, START_METHODS),
+    )
+
+
+def check_systems_fit_load(s: Scenario) -> None:
+    """Raises :class:`ScenarioError` when a listed system cannot run the
+    scenario's load mode (checked again after ``--systems`` overrides)."""
+    if s.load.mode != "open":
+        return
+    for name in s.systems:
+        why = CLOSED_LOOP_ONLY.get(name)
+        if why is not None:
+            raise ScenarioError(
+                f'{s.source}: [load] mode = "open": system {name!r} runs a closed loop only '
+                f'({why}); use mode = "closed" or drop {name!r} from `systems`'
+            )
+
+
 TOP_KEYS = (
     "name",
     "description",
@@ -642,6 +693,7 @@ TOP_KEYS = (
     "load",
     "sla",
     "feedline",
+    "torch_dataloader",
 )
 
 
@@ -682,7 +734,7 @@ def parse(
     else:
         dataset = Dataset(objects=256, size_bytes=64 * 1024, seed=seed)
     name = _str(ctx, raw, "name", Path(source).stem if source != "<scenario>" else "scenario")
-    return Scenario(
+    scenario = Scenario(
         name=name,
         source=source,
         description=_str(ctx, raw, "description", ""),
@@ -697,7 +749,12 @@ def parse(
         load=_parse_load(ctx.sub("load"), _table(ctx, raw, "load")),
         sla=_parse_sla(ctx.sub("sla"), _table(ctx, raw, "sla")),
         feedline=_parse_feedline(ctx.sub("feedline"), _table(ctx, raw, "feedline")),
+        torch_dataloader=_parse_torch_dataloader(
+            ctx.sub("torch_dataloader"), _table(ctx, raw, "torch_dataloader")
+        ),
     )
+    check_systems_fit_load(scenario)
+    return scenario
 
 
 def loads(text: str, *, source: str = "<string>", base: Path | None = None) -> Scenario:

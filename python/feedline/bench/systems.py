@@ -14,8 +14,9 @@ the same faults (``feedline.chaos`` applied in-process, per replica):
 * ``fsspec-readahead``: as ``fsspec``, through fsspec's ``ReadAheadCache``.
 * ``fsspec-blockcache``: as ``fsspec``, through fsspec's ``blockcache``
   (``CachingFileSystem``, blocks cached on local disk).
-* ``torch-dataloader``: reserved for ``torch.utils.data.DataLoader`` workers
-  over the ``fsspec`` path; skipped with a note (not written yet).
+* ``torch-dataloader``: a real ``torch.utils.data.DataLoader`` whose worker
+  processes read through the ``fsspec`` path (same sharding, failover and
+  chaos, fates drawn in the main process); see :mod:`feedline.bench.torch_loader`.
 * ``obstore``: needs HTTP replicas (nginx); skipped on local directories.
 """
 
@@ -212,8 +213,38 @@ class System:
     def read(self, key: str, start: int | None, end: int | None) -> bytes:
         raise NotImplementedError
 
+    def run_closed(
+        self,
+        batches: list[list[Any]],
+        *,
+        readers: int,
+        prefetch_batches: int,
+        compute: Callable[[], float],
+        rec: Any,
+        verify: Any,
+        limits: Any,
+    ) -> None:
+        """The closed-loop training loop; reader threads call :meth:`read`.
+        A system with its own loop (``torch-dataloader``) overrides this."""
+        from feedline.bench.workload import run_closed
+
+        run_closed(
+            self.read,
+            batches,
+            readers=readers,
+            prefetch_batches=prefetch_batches,
+            compute=compute,
+            rec=rec,
+            verify=verify,
+            limits=limits,
+        )
+
     def stats(self) -> dict[str, Any] | None:
         """Retries, hedges, ejections... where the system counts them."""
+        return None
+
+    def info(self) -> dict[str, Any] | None:
+        """How the system ran (worker processes...), for the report; None: nothing to say."""
         return None
 
     def close(self) -> None:
@@ -462,8 +493,10 @@ class FsspecBlockcacheSystem(FsspecSystem):
 
 
 class TorchDataLoaderSystem(FsspecSystem):
-    """Reserved: ``torch.utils.data.DataLoader`` workers over the ``fsspec``
-    path. Skipped with a note until the DataLoader-driven loop exists."""
+    """``torch.utils.data.DataLoader`` with ``[torch_dataloader] workers``
+    worker processes, each reading samples through the ``fsspec`` path
+    (same sharding, failover and chaos); the training loop runs in the main
+    process (:mod:`feedline.bench.torch_loader`). Closed loop only."""
 
     name = "torch-dataloader"
 
@@ -476,12 +509,51 @@ class TorchDataLoaderSystem(FsspecSystem):
     ):
         if not has_module("torch"):
             raise SystemUnavailable("torch-dataloader skipped: torch is not installed")
-        # The DataLoader-driven loop (worker processes handing whole batches
-        # to the runner) is not written yet; running the thread-based loop
-        # under this name would mislabel the figures.
-        raise SystemUnavailable(
-            "torch-dataloader skipped: the DataLoader-driven loop is not in this build"
+        # Imported (torch with it, seconds) before the chaos samplers are
+        # built: outage windows count from their construction.
+        from feedline.bench.torch_loader import LoaderRun
+
+        # The main process's ChaosFileSystems: their samplers draw every
+        # replica's fault sequence for all workers (torch_loader.ChaosBroker).
+        super().__init__(scenario, data, chaos, roots)
+        samplers = {
+            i: fs._sampler
+            for i, fs in enumerate(self.replica_fs)
+            if i in self.chaos and hasattr(fs, "_sampler")
+        }
+        self.loader = LoaderRun(scenario, data, self.chaos, self.roots, samplers)
+        self.notes.append(
+            f"DataLoader: {self.loader.workers} worker processes "
+            f"({self.loader.start_method}), prefetch_factor {self.loader.prefetch_factor}; "
+            "each worker reads its batch's samples one after another, so "
+            "[workload] readers does not apply"
         )
+
+    def run_closed(
+        self,
+        batches: list[list[Any]],
+        *,
+        readers: int,
+        prefetch_batches: int,
+        compute: Callable[[], float],
+        rec: Any,
+        verify: Any,
+        limits: Any,
+    ) -> None:
+        del readers, prefetch_batches, verify  # the DataLoader's own; workers verify
+        self.loader.run(batches, compute=compute, rec=rec, limits=limits)
+
+    def read(self, key: str, start: int | None, end: int | None) -> bytes:
+        raise RuntimeError("torch-dataloader reads in its DataLoader workers, not through read()")
+
+    def stats(self) -> dict[str, Any] | None:
+        return {
+            "totals": {"retries": self.loader.retries, "errors": self.loader.errors},
+            "replicas": {},
+        }
+
+    def info(self) -> dict[str, Any] | None:
+        return self.loader.info()
 
 
 class ObstoreSystem(FsspecSystem):
