@@ -100,8 +100,8 @@ def test_runs_beside_feedline_and_fsspec_with_sane_figures() -> None:
     assert expected > 0
     assert t["retries"] == fs["retries"] == expected
     # Peak RSS counts the main process and the workers' own memory.
-    assert t["peak_rss_mb"] > 0
     info = t["system_info"]
+    assert t["peak_rss_mb"] > info["peak_workers_private_mb"] > 0
     assert info["workers"] == 2 and len(info["worker_pids"]) == 2
     # The reads happened in the worker processes, not in the main one.
     readers = {int(p) for p in info["reads_per_pid"]}
@@ -347,3 +347,9 @@ compute = { distribution = "fixed", ms = 5 }
         assert s["verified_bytes"] == s["bytes"] > 0
         # Reads sharded to the killed server failed over by hand.
         assert s["retries"] > 0, s["system"]
+
+
+def test_open_loop_scenario_built_in_code_is_refused_before_running() -> None:
+    open_loop = sc.override(sc.loads(SMALL), load=sc.Load(mode="open", rate_per_s=100.0))
+    with pytest.raises(sc.ScenarioError, match="runs a closed loop only"):
+        runner.run(open_loop)

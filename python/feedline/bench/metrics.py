@@ -105,6 +105,8 @@ class Recorder:
     #: Worker processes whose private memory counts in ``peak_rss`` (the
     #: ``torch-dataloader`` system's DataLoader workers); None: none.
     child_pids: Callable[[], list[int]] | None = None
+    #: The highest sum of those processes' private memory sampled.
+    peak_children_private: int = 0
     end_s: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -151,7 +153,9 @@ class Recorder:
     def sample_rss(self) -> None:
         rss = peak_rss_bytes()
         if self.child_pids is not None:
-            rss += sum(private_bytes(pid) for pid in self.child_pids())
+            children = sum(private_bytes(pid) for pid in self.child_pids())
+            self.peak_children_private = max(self.peak_children_private, children)
+            rss += children
         self.peak_rss = max(self.peak_rss, rss)
 
     # -- results ---------------------------------------------------------------

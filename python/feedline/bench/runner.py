@@ -18,7 +18,7 @@ import feedline
 from feedline.bench import dataset as _dataset
 from feedline.bench.metrics import Recorder
 from feedline.bench.replicas import ReplicaSet, nginx_support, open_replicas
-from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError
+from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError, check_systems_fit_load
 from feedline.bench.systems import (
     FOREVER_S,
     SystemUnavailable,
@@ -84,6 +84,8 @@ def evaluate_sla(sla: dict[str, float], result: dict[str, Any]) -> dict[str, Any
 def check_runnable(scenario: Scenario, *, is_root: bool | None = None) -> None:
     """Raises a clear error for what this machine cannot run."""
     scenario.check_requirements(is_root=is_root)
+    # Also for scenarios built in code (``override``), not only parsed ones.
+    check_systems_fit_load(scenario)
     kind = scenario.replicas.kind
     if kind == "nginx":
         why = nginx_support()

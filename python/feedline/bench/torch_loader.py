@@ -280,6 +280,7 @@ class LoaderRun:
         self.retries = 0
         self.errors = 0
         self.broker_requests = 0
+        self.peak_workers_private_bytes = 0
 
     def run(
         self,
@@ -331,6 +332,7 @@ class LoaderRun:
             self.worker_pids = [w.pid for w in workers if w.pid is not None]
             pids = list(self.worker_pids)
             rec.child_pids = lambda: pids
+            rec.sample_rss()  # once with the workers, however short the run
             for _ in range(len(batches)):
                 if stop.is_set() or time.perf_counter() >= deadline:
                     break
@@ -359,7 +361,9 @@ class LoaderRun:
         finally:
             rec.end_s = rec.now_s()
             shutdown(iterator, workers)
+            rec.sample_rss()
             rec.child_pids = None
+            self.peak_workers_private_bytes = rec.peak_children_private
             if broker is not None:
                 self.broker_requests = broker.requests
                 broker.close()
@@ -388,4 +392,5 @@ class LoaderRun:
             "worker_pids": list(self.worker_pids),
             "reads_per_pid": {str(k): v for k, v in sorted(self.reads_per_pid.items())},
             "chaos_broker_requests": self.broker_requests,
+            "peak_workers_private_mb": self.peak_workers_private_bytes / 1e6,
         }
