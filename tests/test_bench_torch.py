@@ -273,6 +273,9 @@ def test_sigint_to_the_cli_writes_partial_json_and_leaves_no_worker(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     assert proc.returncode == 130, stderr
     rep = json.loads(out.read_text())
     t = rep["runs"][0][0]
