@@ -356,3 +356,26 @@ def test_open_loop_scenario_built_in_code_is_refused_before_running() -> None:
     open_loop = sc.override(sc.loads(SMALL), load=sc.Load(mode="open", rate_per_s=100.0))
     with pytest.raises(sc.ScenarioError, match="runs a closed loop only"):
         runner.run(open_loop)
+
+
+def test_a_worker_killed_mid_run_is_an_error_not_a_crash() -> None:
+    scenario = sc.override(
+        sc.loads(SMALL.replace("steps = 30", "steps = 20000")), systems=("torch-dataloader",)
+    )
+    killed: list[int] = []
+
+    def progress(name: str, rec: Recorder, total: int) -> None:
+        if len(rec.steps) >= 3 and not killed and rec.child_pids is not None:
+            pid = rec.child_pids()[0]
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+
+    rep = runner.run(scenario, progress=progress)
+    t = rep["systems"][0]
+    assert killed and t["status"] == "ok"
+    assert 3 <= t["steps"] < 20000
+    assert t["errors"] >= 1
+    assert any("DataLoader" in e and "worker" in e for e in t["error_examples"]), t[
+        "error_examples"
+    ]
+    assert not [pid for pid in t["system_info"]["worker_pids"] if alive(pid)]

@@ -146,6 +146,14 @@ class Recorder:
                 if error and len(self.error_examples) < 5:
                     self.error_examples.append(error)
 
+    def record_error(self, error: str) -> None:
+        """An error that reached the consumer without being a read (a
+        DataLoader worker died): counted, no latency recorded."""
+        with self._lock:
+            self.errors += 1
+            if len(self.error_examples) < 5:
+                self.error_examples.append(error)
+
     def record_step(self, step: StepTiming) -> None:
         with self._lock:
             self.steps.append(step)

@@ -333,31 +333,14 @@ class LoaderRun:
             pids = list(self.worker_pids)
             rec.child_pids = lambda: pids
             rec.sample_rss()  # once with the workers, however short the run
-            for _ in range(len(batches)):
-                if stop.is_set() or time.perf_counter() >= deadline:
-                    break
-                wait_start = rec.now_s()
-                try:
-                    batch = next_batch(iterator, stop, deadline)
-                except (RuntimeError, OSError) as exc:
-                    # The DataLoader itself failed (a worker died): reaches the loop.
-                    rec.record_read(
-                        latency_s=0.0,
-                        end_s=rec.now_s(),
-                        nbytes=0,
-                        ok=False,
-                        verified=None,
-                        error=f"DataLoader: {type(exc).__name__}: {exc}"[:300],
-                    )
-                    break
-                if batch is None:
-                    break
-                ready_at = time.perf_counter()
-                ready = ready_at - rec.t0
-                c = compute()
-                self._record(batch, rec)  # bookkeeping overlaps the compute
-                _sleep_until(ready_at + c, stop)
-                rec.record_step(StepTiming(wait_start, ready, c))
+            self._loop(iterator, batches, compute, rec, stop, deadline)
+        except RuntimeError as exc:
+            # A worker died (killed, out of memory): torch raises this from
+            # its SIGCHLD handler or from next(). It reaches the loop as an
+            # error, and the run ends there, as it would end a training job.
+            if "DataLoader worker" not in str(exc):
+                raise
+            rec.record_error(f"DataLoader: {type(exc).__name__}: {exc}"[:300])
         finally:
             rec.end_s = rec.now_s()
             shutdown(iterator, workers)
@@ -367,6 +350,36 @@ class LoaderRun:
             if broker is not None:
                 self.broker_requests = broker.requests
                 broker.close()
+
+    def _loop(
+        self,
+        iterator: Any,
+        batches: list[list[Sample]],
+        compute: Callable[[], float],
+        rec: Recorder,
+        stop: threading.Event,
+        deadline: float,
+    ) -> None:
+        for _ in range(len(batches)):
+            if stop.is_set() or time.perf_counter() >= deadline:
+                return
+            wait_start = rec.now_s()
+            try:
+                batch = next_batch(iterator, stop, deadline)
+            except (OSError, EOFError) as exc:
+                # The hand-off of a batch's tensors from a dying worker broke
+                # (connection reset while fetching its shared memory).
+                raise RuntimeError(
+                    f"DataLoader worker hand-off failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            if batch is None:
+                return
+            ready_at = time.perf_counter()
+            ready = ready_at - rec.t0
+            c = compute()
+            self._record(batch, rec)  # bookkeeping overlaps the compute
+            _sleep_until(ready_at + c, stop)
+            rec.record_step(StepTiming(wait_start, ready, c))
 
     def _record(self, batch: list[ReadRecord], rec: Recorder) -> None:
         for j, pid, start, end, tensor, verified, error, retries, errors in batch:
