@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +78,53 @@ def dataset(env_dir: str, total_bytes: int) -> Iterator[tuple[list[Path], int]]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def proxies(upstreams: list[str], toxics: list[list[str]]) -> Iterator[list[str]]:
-    """One ``feedline proxy`` process per upstream (``host:port``), with the
-    given toxic specs; yields their ``http://`` URLs, stops them all on exit."""
-    procs: list[subprocess.Popen[str]] = []
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 once it is gone)."""
     try:
-        urls = []
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+@dataclass
+class ProxiedReplicas:
+    """The proxies' URLs, in replica order, and the servers' pids."""
+
+    urls: list[str]
+    proxy_pids: list[int]
+    nginx_groups: list[int]
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by the proxies and by nginx: the share of
+        the machine the storage side takes, whichever client reads."""
+        nginx = [p for g in self.nginx_groups for p in _group_pids(g)]
+        return {
+            "proxies": sum(_cpu_s(p) for p in self.proxy_pids),
+            "nginx": sum(_cpu_s(p) for p in nginx),
+        }
+
+
+@contextlib.contextmanager
+def proxies(upstreams: list[str], toxics: list[list[str]]) -> Iterator[list[tuple[int, str]]]:
+    """One ``feedline proxy`` process per upstream (``host:port``), with the
+    given toxic specs: (pid, URL) of each; all stopped on exit."""
+    procs: list[subprocess.Popen[str]] = []
+    urls: list[str] = []
+    try:
         for i, (upstream, extra) in enumerate(zip(upstreams, toxics, strict=True)):
             cmd = [*_CLI, "proxy", "--upstream", upstream, "--seed", str(i), "--duration-s", "3600"]
             for spec in extra:
@@ -95,7 +136,7 @@ def proxies(upstreams: list[str], toxics: list[list[str]]) -> Iterator[list[str]
             if "listening on " not in line:
                 raise RuntimeError(f"feedline proxy did not start: {line!r}")
             urls.append("http://" + line.split("listening on ")[1].split()[0])
-        yield urls
+        yield [(p.pid, u) for p, u in zip(procs, urls, strict=True)]
     finally:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -109,13 +150,12 @@ def proxies(upstreams: list[str], toxics: list[list[str]]) -> Iterator[list[str]
 
 
 @contextlib.contextmanager
-def proxied_replicas(root: Path, toxics: list[list[str]]) -> Iterator[list[str]]:
-    """3 nginx replicas serving ``root``, each behind its proxy: the
-    proxies' URLs, in replica order."""
+def proxied_replicas(root: Path, toxics: list[list[str]]) -> Iterator[ProxiedReplicas]:
+    """3 nginx replicas serving ``root``, each behind its proxy process."""
     with NginxReplicas(root, len(toxics)) as replicas:
         upstreams = [u.removeprefix("http://") for u in replicas.urls]
-        with proxies(upstreams, toxics) as urls:
-            yield urls
+        with proxies(upstreams, toxics) as procs:
+            yield ProxiedReplicas([u for _, u in procs], [p for p, _ in procs], replicas.pids)
 
 
 class ColumnDigest:

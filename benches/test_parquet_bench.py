@@ -40,6 +40,7 @@ from parquet_rig import (
     ROW_GROUPS,
     WAN,
     ColumnDigest,
+    ProxiedReplicas,
     env_int,
     proxied_replicas,
     write_dataset,
@@ -158,19 +159,13 @@ def test_p10_projection_reads_at_most_30_percent(benchmark: Any) -> None:
 
 # -- P10 over HTTP -------------------------------------------------------------------
 
-#: ParquetStream's settings over the proxied replicas (chosen by a sweep,
-#: see the README): reads in flight across row groups, and coalesced ranges
-#: capped so one row group's columns arrive as several parallel reads.
-HTTP_DEPTH = 8
-HTTP_MAX_BLOCK_BYTES = 8 * MiB
-
-
 def _feedline_http(fs: Any, keys: list[str], digest: ColumnDigest | None = None) -> tuple[int, int]:
     # A cold start every round, footers included, as fsspec's path has.
     arrow._FOOTER_CACHE.clear()
-    stream = ParquetStream(
-        keys, fs=fs, batch_rows=BATCH_ROWS, depth=HTTP_DEPTH, max_block_bytes=HTTP_MAX_BLOCK_BYTES
-    )
+    # ParquetStream's defaults (2 row groups' reads in flight, ranges up to
+    # 64 MiB): a sweep of depth 2/4/8/16 and 8/16/64 MiB blocks on these
+    # loaded 2 cores found nothing faster (README).
+    stream = ParquetStream(keys, fs=fs, batch_rows=BATCH_ROWS)
     batches = rows = 0
     for batch in stream.numpy():
         batches += 1
@@ -202,6 +197,23 @@ def _fsspec_http(http: Any, urls: list[str], digest: ColumnDigest | None = None)
     return batches, rows
 
 
+def _round(rig: ProxiedReplicas, fn: Callable[[], tuple[int, int]]) -> dict[str, float]:
+    """One timed epoch: batches/s, and CPU seconds of the client process and
+    of the storage side (proxies, nginx), to show where the cores went."""
+    servers = rig.cpu_s()
+    wall, cpu, batches, rows = _timed(fn)
+    after = rig.cpu_s()
+    return {
+        "batches_per_s": batches / wall,
+        "rows": rows,
+        "client_cpu_s": cpu,
+        "proxies_cpu_s": after["proxies"] - servers["proxies"],
+        "nginx_cpu_s": after["nginx"] - servers["nginx"],
+        "wall_s": wall,
+        "batches": batches,
+    }
+
+
 @pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
 def test_p10_http_replicas_vs_fsspec(benchmark: Any) -> None:
     import feedline
@@ -211,15 +223,15 @@ def test_p10_http_replicas_vs_fsspec(benchmark: Any) -> None:
     rounds = env_int("FEEDLINE_P10_HTTP_ROUNDS", 5)
     with (
         rig_dataset("FEEDLINE_P10_HTTP_DIR", total) as (paths, total_rows),
-        proxied_replicas(paths[0].parent, [[WAN], [WAN], [WAN]]) as urls,
+        proxied_replicas(paths[0].parent, [[WAN], [WAN], [WAN]]) as rig,
     ):
         nbytes = sum(p.stat().st_size for p in paths)
         keys = [p.name for p in paths]
-        fs = feedline.FileSystem(urls)
+        fs = feedline.FileSystem(rig.urls)
         http = fsspec.filesystem("http", skip_instance_cache=True)
         # fsspec has no replicas: files are spread over them by index, as a
         # user would spread load by hand.
-        file_urls = [f"{urls[i % len(urls)]}/{k}" for i, k in enumerate(keys)]
+        file_urls = [f"{rig.urls[i % len(rig.urls)]}/{k}" for i, k in enumerate(keys)]
 
         # Untimed: both paths decode the same rows in the same order (this
         # also warms connections and the page cache behind nginx).
@@ -230,42 +242,55 @@ def test_p10_http_replicas_vs_fsspec(benchmark: Any) -> None:
         assert ours_digest.rows == theirs_digest.rows == total_rows
         assert ours_digest.digest() == theirs_digest.digest()
 
-        ours: list[float] = []
-        theirs: list[float] = []
+        runs: dict[str, list[dict[str, float]]] = {"feedline": [], "fsspec": []}
         for _ in range(rounds):  # alternating, so drift hits both alike
-            t, _cpu, b_ours, rows = _timed(lambda: _feedline_http(fs, keys))
-            assert rows == total_rows
-            ours.append(b_ours / t)
-            t, _cpu, b_theirs, rows = _timed(lambda: _fsspec_http(http, file_urls))
-            assert rows == total_rows
-            theirs.append(b_theirs / t)
+            runs["feedline"].append(_round(rig, lambda: _feedline_http(fs, keys)))
+            runs["fsspec"].append(_round(rig, lambda: _fsspec_http(http, file_urls)))
+        for name, rs in runs.items():
+            assert all(r["rows"] == total_rows for r in rs), name
         benchmark.pedantic(lambda: _feedline_http(fs, keys), rounds=1, iterations=1)
-        stats = fs.stats()
 
-    ratio = statistics.median(ours) / statistics.median(theirs)
-    gib_per_batch = nbytes / b_ours / GiB
+    gib = nbytes / GiB
+    med = {
+        name: {
+            k: statistics.median(r[k] / (gib if k.endswith("cpu_s") else 1) for r in rs)
+            for k in ("batches_per_s", "client_cpu_s", "proxies_cpu_s", "nginx_cpu_s")
+        }
+        for name, rs in runs.items()
+    }
+    ours, theirs = med["feedline"], med["fsspec"]
+    ratio = ours["batches_per_s"] / theirs["batches_per_s"]
+    gib_per_batch = gib / runs["feedline"][0]["batches"]
     benchmark.extra_info.update(
         {
             "dataset_bytes": nbytes,
             "row_groups": ROW_GROUPS,
             "rounds": rounds,
             "latency_per_request": "5 ms +- 2 ms (fault proxy, each of 3 nginx replicas)",
-            "feedline_batches_per_s": statistics.median(ours),
-            "fsspec_batches_per_s": statistics.median(theirs),
-            "feedline_gib_per_s": statistics.median(ours) * gib_per_batch,
-            "fsspec_gib_per_s": statistics.median(theirs) * gib_per_batch,
+            "feedline_batches_per_s": ours["batches_per_s"],
+            "fsspec_batches_per_s": theirs["batches_per_s"],
+            "feedline_gib_per_s": ours["batches_per_s"] * gib_per_batch,
+            "fsspec_gib_per_s": theirs["batches_per_s"] * gib_per_batch,
             "ratio": ratio,
+            "cpu_s_per_gib": med,
             "column_digest": ours_digest.digest(),
-            "feedline_requests_per_replica": [r["requests"] for r in stats["replicas"]],
-            "rounds_batches_per_s": {"feedline": ours, "fsspec": theirs},
+            "rounds_batches_per_s": {n: [r["batches_per_s"] for r in rs] for n, rs in runs.items()},
         }
     )
+
+    def cpu(m: dict[str, float]) -> str:
+        return (
+            f"client {m['client_cpu_s']:.2f}, proxies {m['proxies_cpu_s']:.2f}, "
+            f"nginx {m['nginx_cpu_s']:.2f} CPU s/GiB"
+        )
+
     print(
-        f"\nP10 HTTP: {nbytes / GiB:.2f} GiB, {ROW_GROUPS} row groups, 3 nginx replicas behind "
-        f"5+-2 ms, {rounds} rounds: ParquetStream {statistics.median(ours):.1f} batches/s "
-        f"({statistics.median(ours) * gib_per_batch:.2f} GiB/s), fsspec open_parquet_file + "
-        f"iter_batches {statistics.median(theirs):.1f} batches/s "
-        f"({statistics.median(theirs) * gib_per_batch:.2f} GiB/s), ratio {ratio:.2f}x; rounds: "
-        f"feedline {[round(x) for x in ours]}, fsspec {[round(x) for x in theirs]}; "
-        f"column digests equal ({len(ours_digest.digest())} columns, {total_rows} rows)"
+        f"\nP10 HTTP: {gib:.2f} GiB, {ROW_GROUPS} row groups, 3 nginx replicas behind 5+-2 ms, "
+        f"{rounds} rounds: ParquetStream {ours['batches_per_s']:.1f} batches/s "
+        f"({ours['batches_per_s'] * gib_per_batch:.2f} GiB/s; {cpu(ours)}), fsspec "
+        f"open_parquet_file + iter_batches {theirs['batches_per_s']:.1f} batches/s "
+        f"({theirs['batches_per_s'] * gib_per_batch:.2f} GiB/s; {cpu(theirs)}), ratio "
+        f"{ratio:.2f}x; rounds: feedline {[round(r['batches_per_s']) for r in runs['feedline']]}, "
+        f"fsspec {[round(r['batches_per_s']) for r in runs['fsspec']]}; column digests equal "
+        f"({len(ours_digest.digest())} columns, {total_rows} rows)"
     )
