@@ -52,5 +52,5 @@ def test_a_missing_key_on_the_replicas_is_named(
     paths = write_dataset(tmp_path, files=2, rows_per_file=50, row_group_rows=25, columns=1)
     replicas = nginx_replicas(tmp_path, 2)
     fs = feedline.FileSystem(replicas.urls)
-    with pytest.raises(FileNotFoundError, match="absent.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.parquet"):
         ParquetStream([paths[0].name, "absent.parquet", paths[1].name], fs=fs)
