@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,19 +163,14 @@ class ColumnDigest:
     same rows in the same order, however the rows were cut into batches."""
 
     def __init__(self) -> None:
-        self._hash: dict[str, hashlib._Hash] = {}
+        self._hash: dict[str, hashlib.blake2b] = {}
         self.rows = 0
 
     def update(self, batch: dict[str, np.ndarray]) -> None:
         for name, array in batch.items():
             h = self._hash.get(name) or self._hash.setdefault(name, hashlib.blake2b())
-            h.update(np.ascontiguousarray(array).view(np.uint8))
+            h.update(np.ascontiguousarray(array).data.cast("B"))
         self.rows += len(next(iter(batch.values())))
-
-    def update_all(self, batches: Iterable[dict[str, np.ndarray]]) -> ColumnDigest:
-        for batch in batches:
-            self.update(batch)
-        return self
 
     def digest(self) -> dict[str, str]:
         return {name: h.hexdigest()[:16] for name, h in sorted(self._hash.items())}

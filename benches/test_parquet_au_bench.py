@@ -40,7 +40,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,10 @@ def _train(loader: Any, compute_s: float) -> tuple[list[StepTiming], int, dict[s
 
 
 def _loader(dataset: Any) -> Any:
-    return DataLoader(dataset, batch_size=None, num_workers=WORKERS, multiprocessing_context="fork")
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=WORKERS, multiprocessing_context="fork"
+    )
+    return loader
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 2-core machines
@@ -171,7 +174,7 @@ def test_parquet_au_dataloader_spiky_replica(benchmark: Any) -> None:
         keys = [p.name for p in paths]
         fs = feedline.FileSystem(rig.urls, hedge_after_ms=HEDGE_AFTER_MS)
         file_urls = [f"{rig.urls[i % len(rig.urls)]}/{k}" for i, k in enumerate(keys)]
-        systems = {
+        systems: dict[str, Callable[[], Any]] = {
             "feedline": lambda: ParquetDataset(
                 keys, fs=fs, columns=COLUMNS, batch_rows=batch_rows, depth=FEEDLINE_DEPTH
             ),
