@@ -1,5 +1,6 @@
 //! `_core.Storage`: whole-object and ranged reads for `feedline.FileSystem`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use feedline_core::plan::PlanItem;
@@ -7,7 +8,8 @@ use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::exceptions::PyTypeError;
+use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
@@ -47,6 +49,54 @@ fn new_bytes(py: Python<'_>, len: usize) -> PyResult<(Bound<'_, PyBytes>, BytesT
     };
     let ptr = unsafe { pyo3::ffi::PyBytes_AsString(obj.as_ptr()) } as *mut u8;
     Ok((obj.cast_into::<PyBytes>()?, BytesTarget(ptr, len)))
+}
+
+/// The keys of a batch as distinct strings and one index per key. A batch
+/// names a few files many times, usually as the very same `str` object (fs.py
+/// resolves each path once): that object is recognised by identity and not
+/// converted again, so no `String` is made per range.
+fn distinct_keys(keys: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<usize>)> {
+    if keys.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(
+            "keys must be a list of str, got one str",
+        ));
+    }
+    let mut distinct: Vec<String> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut index: Vec<usize> = Vec::with_capacity(keys.len().unwrap_or(0));
+    // The previous key object, held so its address cannot be reused by
+    // another object while it is compared against.
+    let mut last: Option<(Bound<'_, PyAny>, usize)> = None;
+    for item in keys.try_iter()? {
+        let item = item?;
+        if let Some((prev, i)) = &last {
+            if prev.is(&item) {
+                index.push(*i);
+                continue;
+            }
+        }
+        let key = item.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err(format!("keys must be str, got {}", describe(&item)))
+        })?;
+        let key = key.to_str()?;
+        let i = match seen.get(key) {
+            Some(&i) => i,
+            None => {
+                distinct.push(key.to_owned());
+                seen.insert(key.to_owned(), distinct.len() - 1);
+                distinct.len() - 1
+            }
+        };
+        index.push(i);
+        last = Some((item, i));
+    }
+    Ok((distinct, index))
+}
+
+fn describe(item: &Bound<'_, PyAny>) -> String {
+    item.repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "an unprintable object".into())
 }
 
 #[pymethods]
@@ -90,15 +140,20 @@ impl PyStorage {
     fn cat_ranges(
         &self,
         py: Python<'_>,
-        keys: Vec<String>,
+        keys: &Bound<'_, PyAny>,
         starts: Vec<Option<i64>>,
         ends: Vec<Option<i64>>,
     ) -> PyResult<Vec<Py<PyAny>>> {
+        let (distinct, index) = distinct_keys(keys)?;
+        let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
         let spans = py
-            .detach(|| self.inner.resolve_slices(&keys, &starts, &ends))
+            .detach(|| {
+                self.inner
+                    .resolve_slices_indexed(&distinct, &index, &starts, &ends)
+            })
             .py()?;
-        let mut out: Vec<Py<PyAny>> = Vec::with_capacity(keys.len());
-        let mut targets = Vec::with_capacity(keys.len());
+        let mut out: Vec<Py<PyAny>> = Vec::with_capacity(index.len());
+        let mut targets = Vec::with_capacity(index.len());
         for span in spans {
             match span {
                 Ok((offset, len)) => {
@@ -114,22 +169,22 @@ impl PyStorage {
         }
         let results = py.detach(|| {
             let mut requests: Vec<RangeRequest<'_>> = Vec::with_capacity(targets.len());
-            let mut index = Vec::with_capacity(targets.len());
-            for (i, (key, t)) in keys.iter().zip(&targets).enumerate() {
+            let mut requested = Vec::with_capacity(targets.len());
+            for (i, (&k, t)) in index.iter().zip(&targets).enumerate() {
                 if let Some((offset, target)) = t {
                     // SAFETY: one request per fresh bytes object.
                     let buf = unsafe { target.slice() };
                     requests.push(RangeRequest {
-                        key,
+                        key: distinct[k],
                         offset: *offset,
                         buf,
                     });
-                    index.push(i);
+                    requested.push(i);
                 }
             }
             let threads = threads_for_ranges(requests.len());
             let results = self.inner.read_many(&mut requests, threads);
-            index.into_iter().zip(results).collect::<Vec<_>>()
+            requested.into_iter().zip(results).collect::<Vec<_>>()
         });
         for (i, result) in results {
             if let Err(e) = result {
