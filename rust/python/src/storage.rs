@@ -9,7 +9,7 @@ use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig};
 use pyo3::prelude::*;
 use pyo3::exceptions::PyTypeError;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
@@ -91,6 +91,74 @@ fn distinct_keys(keys: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<usize>)>
         last = Some((item, i));
     }
     Ok((distinct, index))
+}
+
+/// Converts a Python plan to plan items. Plans run to hundreds of thousands
+/// of entries naming a few files, so a path object is recognised by
+/// identity (then by value) and `key_of` runs once per distinct path.
+fn plan_items<'py>(
+    entries: &Bound<'py, PyAny>,
+    key_of: &Bound<'py, PyAny>,
+) -> PyResult<Vec<PlanItem>> {
+    let py = entries.py();
+    let mut items = Vec::with_capacity(entries.len().unwrap_or(0));
+    let mut keys: HashMap<String, Arc<str>> = HashMap::new();
+    // The previous path object, held so its address is not reused by
+    // another object while it is compared against.
+    let mut last: Option<(Bound<'py, PyAny>, Arc<str>)> = None;
+    let mut key_for = |path: Bound<'py, PyAny>| -> PyResult<Arc<str>> {
+        if let Some((prev, key)) = &last {
+            if prev.is(&path) {
+                return Ok(Arc::clone(key));
+            }
+        }
+        let fspath: String = match path.cast::<PyString>() {
+            Ok(s) => s.to_str()?.to_owned(),
+            Err(_) => py
+                .import("os")?
+                .call_method1("fspath", (&path,))?
+                .extract()?,
+        };
+        let key = match keys.get(&fspath) {
+            Some(key) => Arc::clone(key),
+            None => {
+                let key: String = key_of.call1((fspath.as_str(),))?.extract()?;
+                let key: Arc<str> = key.into();
+                keys.insert(fspath, Arc::clone(&key));
+                key
+            }
+        };
+        last = Some((path, Arc::clone(&key)));
+        Ok(key)
+    };
+    // `int()` semantics for offsets and lengths, as the Python plan had:
+    // ints (and anything with `__index__`) directly, others through int().
+    let int = |v: Bound<'py, PyAny>| -> PyResult<i64> {
+        match v.extract::<i64>() {
+            Ok(i) => Ok(i),
+            Err(_) => py.get_type::<PyInt>().call1((v,))?.extract(),
+        }
+    };
+    for entry in entries.try_iter()? {
+        let entry = entry?;
+        if let Ok(t) = entry.cast::<PyTuple>() {
+            if t.len() == 3 {
+                let key = key_for(t.get_item(0)?)?;
+                let offset = int(t.get_item(1)?)?;
+                let len = int(t.get_item(2)?)?;
+                items.push(PlanItem::Range { key, offset, len });
+                continue;
+            }
+        } else if entry.is_instance_of::<PyString>() || entry.hasattr("__fspath__")? {
+            items.push(PlanItem::Object(key_for(entry)?));
+            continue;
+        }
+        return Err(PyTypeError::new_err(format!(
+            "a plan entry is a path or a (path, offset, length) tuple, got {}",
+            describe(&entry)
+        )));
+    }
+    Ok(items)
 }
 
 fn describe(item: &Bound<'_, PyAny>) -> String {
@@ -194,24 +262,20 @@ impl PyStorage {
         Ok(out)
     }
 
-    /// Starts a prefetching stream. `items`: `(key, None)` for a whole
-    /// object, `(key, (offset, length))` for a range.
-    #[pyo3(signature = (items, chunk_bytes, depth, memory_budget_bytes = None))]
+    /// Starts a prefetching stream over a plan: each entry a path (the
+    /// whole object) or a `(path, offset, length)` tuple. `key_of` maps a
+    /// path to its store key; it is called once per distinct path.
+    #[pyo3(signature = (entries, key_of, chunk_bytes, depth, memory_budget_bytes = None))]
     fn stream(
         &self,
         py: Python<'_>,
-        items: Vec<(String, Option<(i64, i64)>)>,
+        entries: &Bound<'_, PyAny>,
+        key_of: &Bound<'_, PyAny>,
         chunk_bytes: usize,
         depth: usize,
         memory_budget_bytes: Option<usize>,
     ) -> PyResult<PyChunkStream> {
-        let items: Vec<PlanItem> = items
-            .into_iter()
-            .map(|(key, range)| match range {
-                None => PlanItem::Object(key),
-                Some((offset, len)) => PlanItem::Range { key, offset, len },
-            })
-            .collect();
+        let items = plan_items(entries, key_of)?;
         let mut config = StreamConfig::new(chunk_bytes, depth);
         if let Some(budget) = memory_budget_bytes {
             config.memory_budget_bytes = budget;
