@@ -80,9 +80,9 @@ impl StripedCounter {
     /// swapped, so an add racing with `take` lands either in the value
     /// returned or in the counter afterwards, never in neither.
     pub fn take(&self) -> u64 {
-        self.stripes
-            .iter()
-            .fold(0u64, |sum, s| sum.wrapping_add(s.0.swap(0, Ordering::Relaxed)))
+        self.stripes.iter().fold(0u64, |sum, s| {
+            sum.wrapping_add(s.0.swap(0, Ordering::Relaxed))
+        })
     }
 }
 

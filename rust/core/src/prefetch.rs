@@ -455,7 +455,9 @@ mod tests {
     fn streams_every_byte_in_plan_order() {
         let dir = dataset(5, 10_000);
         let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
-        let items: Vec<_> = (0..5).map(|f| PlanItem::Object(format!("f{f}").into())).collect();
+        let items: Vec<_> = (0..5)
+            .map(|f| PlanItem::Object(format!("f{f}").into()))
+            .collect();
         let plan = runtime::block_on(build_plan(store.as_ref(), &items, 4096)).unwrap();
         assert_eq!(plan.len(), 15);
         let mut stream = Stream::start(store, plan.clone(), &StreamConfig::new(4096, 3)).unwrap();
@@ -498,7 +500,9 @@ mod tests {
     fn close_with_chunks_held_joins_promptly() {
         let dir = dataset(4, 64 * 1024);
         let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
-        let items: Vec<_> = (0..4).map(|f| PlanItem::Object(format!("f{f}").into())).collect();
+        let items: Vec<_> = (0..4)
+            .map(|f| PlanItem::Object(format!("f{f}").into()))
+            .collect();
         let plan = runtime::block_on(build_plan(store.as_ref(), &items, 1024)).unwrap();
         let mut stream = Stream::start(store, plan, &StreamConfig::new(1024, 2)).unwrap();
         let mut held = Vec::new();

@@ -16,9 +16,7 @@ use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
 use crate::manifest::ManifestSource;
 use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
-use crate::route::{
-    HedgeAfterMs, ReadTally, Router, RouterConfig, RouterStats, RoutingOptions,
-};
+use crate::route::{HedgeAfterMs, ReadTally, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
 use crate::store::secrets::{self as remote, redacted_options, StorageOptions};
 use crate::store::{fallback, LocalStore, Store};
@@ -347,7 +345,9 @@ impl Storage {
         let store = self.store.as_ref();
         let mut found: Vec<(usize, Result<u64, String>)> = runtime::block_on(
             futures::stream::iter(distinct.iter().enumerate())
-                .map(|(i, key)| async move { (i, store.size(key).await.map_err(|e| e.to_string())) })
+                .map(
+                    |(i, key)| async move { (i, store.size(key).await.map_err(|e| e.to_string())) },
+                )
                 .buffer_unordered(concurrency)
                 .collect(),
         );
@@ -418,18 +418,22 @@ impl Storage {
         let router = self.router.as_deref();
         // Each thread reads through its own tally (see `route::tally`): the
         // latency bookkeeping of its reads is folded in per batch.
-        let read_one = |r: &mut RangeRequest<'_>, tally: &mut Option<ReadTally<'_>>| -> Result<()> {
-            let done = match (router, tally.as_mut()) {
-                (Some(router), Some(tally)) => {
-                    router.read_into_blocking_tallied(r.key, r.offset, r.buf, tally)
-                }
-                _ => store.read_into_blocking(r.key, r.offset, r.buf),
+        let read_one =
+            |r: &mut RangeRequest<'_>, tally: &mut Option<ReadTally<'_>>| -> Result<()> {
+                let done = match (router, tally.as_mut()) {
+                    (Some(router), Some(tally)) => {
+                        router.read_into_blocking_tallied(r.key, r.offset, r.buf, tally)
+                    }
+                    _ => store.read_into_blocking(r.key, r.offset, r.buf),
+                };
+                done.unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
             };
-            done.unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
-        };
         if threads == 1 {
             let mut tally = router.map(Router::tally);
-            return requests.iter_mut().map(|r| read_one(r, &mut tally)).collect();
+            return requests
+                .iter_mut()
+                .map(|r| read_one(r, &mut tally))
+                .collect();
         }
         // Threads take batches from a shared queue instead of a fixed share
         // each: on a busy machine one thread may get far less CPU than the

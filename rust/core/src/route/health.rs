@@ -101,10 +101,12 @@ pub struct ReplicaHealth {
     ejected: AtomicBool,
     probe_in_flight: AtomicBool,
     ewma: Mutex<Ewma>,
-    /// `ewma.cost_ns` as f64 bits, stored whenever it changes: lets a
-    /// caller that defers its samples see without the lock whether a sample
-    /// is a peak (which must raise the estimate at once).
-    ewma_cost_bits: AtomicU64,
+    /// `ewma.cost_ns` rounded down to whole nanoseconds, stored whenever it
+    /// changes: lets a caller that defers its samples see without the lock
+    /// whether a sample is a peak (which must raise the estimate at once).
+    /// For a whole number of nanoseconds `n`, `n > floor(cost)` exactly
+    /// when `n > cost`, so the test matches `fold_latency`'s.
+    ewma_floor_ns: AtomicU64,
     ejection: Mutex<Ejection>,
     latency: Mutex<LatencyHistogram>,
 }
@@ -122,7 +124,7 @@ impl ReplicaHealth {
                 cost_ns: 0.0,
                 stamp: Instant::now(),
             }),
-            ewma_cost_bits: AtomicU64::new(0f64.to_bits()),
+            ewma_floor_ns: AtomicU64::new(0),
             ejection: Mutex::new(Ejection {
                 until: None,
                 count: 0,
@@ -185,8 +187,8 @@ impl ReplicaHealth {
     pub fn observe_latency(&self, elapsed: Duration, now: Instant) {
         let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
         Self::fold_latency(&mut e, elapsed, now);
-        self.ewma_cost_bits
-            .store(e.cost_ns.to_bits(), Ordering::Relaxed);
+        self.ewma_floor_ns
+            .store(e.cost_ns as u64, Ordering::Relaxed);
     }
 
     fn fold_latency(e: &mut Ewma, elapsed: Duration, now: Instant) {
@@ -208,7 +210,12 @@ impl ReplicaHealth {
     /// a caller's batch. Relaxed: a stale answer only flushes a batch early
     /// or lets one decaying sample wait a little.
     pub fn is_peak(&self, elapsed: Duration) -> bool {
-        elapsed.as_nanos() as f64 > f64::from_bits(self.ewma_cost_bits.load(Ordering::Relaxed))
+        // Integer nanoseconds: a u128 → f64 conversion is a library call.
+        let nanos = elapsed
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(elapsed.subsec_nanos() as u64);
+        nanos > self.ewma_floor_ns.load(Ordering::Relaxed)
     }
 
     /// Successful attempts a caller batched: `(elapsed, ended at)` each, in
@@ -226,8 +233,8 @@ impl ReplicaHealth {
         for (elapsed, end) in samples {
             Self::fold_latency(&mut e, elapsed, end);
         }
-        self.ewma_cost_bits
-            .store(e.cost_ns.to_bits(), Ordering::Relaxed);
+        self.ewma_floor_ns
+            .store(e.cost_ns as u64, Ordering::Relaxed);
     }
 
     pub fn start_attempt(&self) {

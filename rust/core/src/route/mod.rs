@@ -814,8 +814,9 @@ impl Router {
                 // Nothing read yet: the async path takes over.
                 None if first => return None,
                 None if tokio::runtime::Handle::try_current().is_err() => {
-                    let result =
-                        runtime::block_on(self.attempt(r, probe, kind, key, offset, buf, f.deadline));
+                    let result = runtime::block_on(
+                        self.attempt(r, probe, kind, key, offset, buf, f.deadline),
+                    );
                     (result, Instant::now())
                 }
                 None => (

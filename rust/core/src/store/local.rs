@@ -292,14 +292,19 @@ mod tests {
     #[test]
     fn large_reads_and_small_reads_see_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..(READ_UNDER_LOCK_BYTES * 3)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(READ_UNDER_LOCK_BYTES * 3))
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(dir.path().join("f"), &data).unwrap();
         let store = LocalStore::rooted(dir.path()).unwrap();
         let mut big = vec![0u8; READ_UNDER_LOCK_BYTES * 2];
         store.read_into_blocking("f", 7, &mut big).unwrap().unwrap();
         assert_eq!(big[..], data[7..7 + big.len()]);
         let mut small = [0u8; 100];
-        store.read_into_blocking("f", 1000, &mut small).unwrap().unwrap();
+        store
+            .read_into_blocking("f", 1000, &mut small)
+            .unwrap()
+            .unwrap();
         assert_eq!(small[..], data[1000..1100]);
     }
 
