@@ -1,5 +1,6 @@
 """Type stubs for the Rust extension ``feedline._core`` (checked by stubtest)."""
 
+from collections.abc import Callable, Iterable
 from os import PathLike
 from types import TracebackType
 from typing import Any, final
@@ -39,7 +40,8 @@ class Storage:
     ) -> list[bytes | BaseException]: ...
     def stream(
         self,
-        items: list[tuple[str, tuple[int, int] | None]],
+        entries: Iterable[str | PathLike[str] | tuple[str, int, int]],
+        key_of: Callable[[str], str],
         chunk_bytes: int,
         depth: int,
         memory_budget_bytes: int | None = None,

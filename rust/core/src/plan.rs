@@ -79,13 +79,19 @@ pub fn check_explicit_range(key: &str, size: u64, offset: i64, len: i64) -> Resu
 /// Stats in flight while a plan is built.
 pub const STAT_CONCURRENCY: usize = 64;
 
-/// A plan entry before sizes are known.
+/// A plan entry before sizes are known. Keys are shared (`Arc<str>`): a
+/// plan of 100,000 ranges usually names a few objects, and the plan's
+/// ranges share the same key without a copy each.
 #[derive(Debug, Clone)]
 pub enum PlanItem {
     /// The whole object.
-    Object(String),
+    Object(Arc<str>),
     /// An explicit range, validated against the object's size.
-    Range { key: String, offset: i64, len: i64 },
+    Range {
+        key: Arc<str>,
+        offset: i64,
+        len: i64,
+    },
 }
 
 /// Builds a plan: whole objects and explicit ranges split into chunks of
@@ -104,7 +110,7 @@ pub async fn build_plan(
     let mut keys: Vec<&str> = items
         .iter()
         .map(|item| match item {
-            PlanItem::Object(key) | PlanItem::Range { key, .. } => key.as_str(),
+            PlanItem::Object(key) | PlanItem::Range { key, .. } => &**key,
         })
         .collect();
     keys.sort_unstable();
@@ -114,21 +120,24 @@ pub async fn build_plan(
         .buffer_unordered(STAT_CONCURRENCY)
         .try_collect()
         .await?;
-    let mut out = Vec::new();
-    // One shared key per distinct object, however many ranges of it the
-    // plan names.
-    let mut shared: std::collections::HashMap<&str, Arc<str>> = Default::default();
+    let mut out = Vec::with_capacity(items.len());
+    // The previous item's key and size: consecutive ranges of one object
+    // (the usual plan) skip the map lookup.
+    let mut last: Option<(&Arc<str>, u64)> = None;
     for item in items {
         let key = match item {
-            PlanItem::Object(key) | PlanItem::Range { key, .. } => key.as_str(),
+            PlanItem::Object(key) | PlanItem::Range { key, .. } => key,
         };
-        let size = sizes[key];
-        let shared_key = Arc::clone(shared.entry(key).or_insert_with(|| Arc::from(key)));
+        let size = match last {
+            Some((k, size)) if Arc::ptr_eq(k, key) => size,
+            _ => sizes[&**key],
+        };
+        last = Some((key, size));
         match item {
-            PlanItem::Object(_) => split_range(&shared_key, 0, size, chunk_bytes, &mut out),
+            PlanItem::Object(_) => split_range(key, 0, size, chunk_bytes, &mut out),
             PlanItem::Range { offset, len, .. } => {
                 let (o, l) = check_explicit_range(key, size, *offset, *len)?;
-                split_range(&shared_key, o, l, chunk_bytes, &mut out);
+                split_range(key, o, l, chunk_bytes, &mut out);
             }
         }
     }

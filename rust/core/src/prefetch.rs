@@ -11,7 +11,8 @@ use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 use crate::plan::ReadRange;
-use crate::ring::{Ring, SlotReader};
+use crate::ring::{Ring, SlotReader, SlotWriter};
+use crate::route::{ReadTally, Router};
 use crate::runtime;
 use crate::store::Store;
 
@@ -145,6 +146,27 @@ impl Stream {
         plan: Vec<ReadRange>,
         config: &StreamConfig,
     ) -> Result<Self> {
+        Self::start_with(store, None, plan, config)
+    }
+
+    /// `start` over a router: the driver's inline reads keep their latency
+    /// samples in a tally (see [`crate::route::tally`]), flushed in
+    /// batches and whenever the driver is about to wait.
+    pub fn start_routed(
+        router: Arc<Router>,
+        plan: Vec<ReadRange>,
+        config: &StreamConfig,
+    ) -> Result<Self> {
+        let store = Arc::clone(&router) as Arc<dyn Store>;
+        Self::start_with(store, Some(router), plan, config)
+    }
+
+    fn start_with(
+        store: Arc<dyn Store>,
+        router: Option<Arc<Router>>,
+        plan: Vec<ReadRange>,
+        config: &StreamConfig,
+    ) -> Result<Self> {
         config.validate()?;
         if let Some(r) = plan.iter().find(|r| r.len > config.chunk_bytes) {
             return Err(Error::invalid(format!(
@@ -162,6 +184,7 @@ impl Stream {
             ring: Arc::clone(&ring),
             plan: Arc::clone(&plan),
             store,
+            router,
             in_flight: Arc::clone(&in_flight),
             stop: Arc::clone(&stop),
         };
@@ -237,6 +260,45 @@ impl Stream {
         }
     }
 
+    /// Takes, without waiting, up to `max` chunks that are already published
+    /// next in plan order, appending them to `out`. A consumer that crosses
+    /// a costly boundary per call (Python's GIL) takes every ready chunk in
+    /// one crossing and serves the rest from `out`. Taking a published chunk
+    /// early holds no extra memory: its slot is occupied either way until
+    /// the chunk is released.
+    ///
+    /// A failed range ends the stream as in [`Stream::next_chunk`]; its
+    /// error is returned after the chunks before it were appended, so the
+    /// caller hands those out first.
+    pub fn take_ready(&mut self, max: usize, out: &mut VecDeque<Chunk>) -> Result<()> {
+        for _ in 0..max {
+            let Some(range) = self.plan.get(self.next_seq as usize) else {
+                return Ok(());
+            };
+            match self.ring.try_consume(self.next_seq) {
+                None => return Ok(()),
+                Some(Ok(slot)) => {
+                    self.next_seq += 1;
+                    out.push_back(Chunk {
+                        range: range.clone(),
+                        slot,
+                    });
+                }
+                Some(Err(e)) => {
+                    self.next_seq = self.plan.len() as u64;
+                    self.close();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every range of the plan has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.next_seq as usize >= self.plan.len()
+    }
+
     /// Stops fetching and joins the driver. Idempotent.
     pub fn close(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -262,6 +324,8 @@ struct Driver {
     ring: Arc<Ring>,
     plan: Arc<[ReadRange]>,
     store: Arc<dyn Store>,
+    /// The same store as `store` when it is a router.
+    router: Option<Arc<Router>>,
     in_flight: Arc<Semaphore>,
     stop: Arc<AtomicBool>,
 }
@@ -274,20 +338,31 @@ impl Driver {
     fn run(self) {
         let handle = runtime::handle();
         let mut tasks = VecDeque::new();
+        let router = self.router.clone();
+        let mut tally = router.as_deref().map(Router::tally);
         for seq in 0..self.plan.len() as u64 {
-            let Some(mut writer) = self.claim(seq) else {
+            let Some(mut writer) = self.claim(seq, &mut tally) else {
                 break;
             };
             let range = &self.plan[seq as usize];
             if range.len <= INLINE_READ_BYTES {
                 let buf = &mut writer.buf_mut()[..range.len];
-                if let Some(result) = self.store.read_into_blocking(&range.key, range.offset, buf) {
+                let done = match (router.as_deref(), tally.as_mut()) {
+                    (Some(router), Some(tally)) => {
+                        router.read_into_blocking_tallied(&range.key, range.offset, buf, tally)
+                    }
+                    _ => self.store.read_into_blocking(&range.key, range.offset, buf),
+                };
+                if let Some(result) = done {
                     match result {
                         Ok(()) => writer.publish(range.len),
                         Err(e) => writer.fail(e),
                     }
                     continue;
                 }
+            }
+            if let Some(tally) = tally.as_mut() {
+                tally.flush();
             }
             let permit = match handle.block_on(Arc::clone(&self.in_flight).acquire_owned()) {
                 Ok(p) => p,
@@ -323,7 +398,17 @@ impl Driver {
     }
 
     /// Claims the slot for `seq`, waking every `STOP_POLL` to honour a stop.
-    fn claim(&self, seq: u64) -> Option<crate::ring::SlotWriter> {
+    /// Before waiting, folds in the tally's samples: `stats()` must not lag
+    /// for as long as the consumer holds the ring full.
+    fn claim(&self, seq: u64, tally: &mut Option<ReadTally<'_>>) -> Option<SlotWriter> {
+        if !self.stopped() {
+            if let Some(writer) = self.ring.try_claim(seq) {
+                return Some(writer);
+            }
+        }
+        if let Some(tally) = tally.as_mut() {
+            tally.flush();
+        }
         loop {
             if self.stopped() {
                 return None;
@@ -370,7 +455,9 @@ mod tests {
     fn streams_every_byte_in_plan_order() {
         let dir = dataset(5, 10_000);
         let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
-        let items: Vec<_> = (0..5).map(|f| PlanItem::Object(format!("f{f}"))).collect();
+        let items: Vec<_> = (0..5)
+            .map(|f| PlanItem::Object(format!("f{f}").into()))
+            .collect();
         let plan = runtime::block_on(build_plan(store.as_ref(), &items, 4096)).unwrap();
         assert_eq!(plan.len(), 15);
         let mut stream = Stream::start(store, plan.clone(), &StreamConfig::new(4096, 3)).unwrap();
@@ -413,7 +500,9 @@ mod tests {
     fn close_with_chunks_held_joins_promptly() {
         let dir = dataset(4, 64 * 1024);
         let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
-        let items: Vec<_> = (0..4).map(|f| PlanItem::Object(format!("f{f}"))).collect();
+        let items: Vec<_> = (0..4)
+            .map(|f| PlanItem::Object(format!("f{f}").into()))
+            .collect();
         let plan = runtime::block_on(build_plan(store.as_ref(), &items, 1024)).unwrap();
         let mut stream = Stream::start(store, plan, &StreamConfig::new(1024, 2)).unwrap();
         let mut held = Vec::new();
@@ -464,6 +553,49 @@ mod tests {
             }
         };
         assert_eq!(next.range.offset, 2048);
+    }
+
+    #[test]
+    fn take_ready_hands_out_published_chunks_in_order_then_the_error() {
+        let dir = dataset(1, 8 * 1024);
+        let store: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
+        let mut plan: Vec<ReadRange> = (0..8)
+            .map(|i| ReadRange {
+                key: "f0".into(),
+                offset: i * 1024,
+                len: 1024,
+            })
+            .collect();
+        plan.push(ReadRange {
+            key: "missing".into(),
+            offset: 0,
+            len: 10,
+        });
+        let mut stream = Stream::start(store, plan, &StreamConfig::new(1024, 8)).unwrap();
+        let want = std::fs::read(dir.path().join("f0")).unwrap();
+        let mut got: Vec<u8> = Vec::new();
+        let mut ready = VecDeque::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            assert!(Instant::now() < deadline, "stream did not finish in 10 s");
+            match stream.next_chunk(Duration::from_millis(100)) {
+                Ok(Next::Chunk(c)) => ready.push_back(c),
+                Ok(Next::Pending) => continue,
+                Ok(Next::End) => panic!("the failed range must end the stream with its error"),
+                Err(e) => break e,
+            }
+            let taken = stream.take_ready(3, &mut ready);
+            assert!(ready.len() <= 4);
+            for c in ready.drain(..) {
+                got.extend_from_slice(c.data());
+            }
+            if let Err(e) = taken {
+                break e;
+            }
+        };
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert_eq!(got, want, "every chunk before the failed one, in order");
+        assert!(stream.is_done() && stream.is_closed());
     }
 
     #[test]

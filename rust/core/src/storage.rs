@@ -16,7 +16,7 @@ use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
 use crate::manifest::ManifestSource;
 use crate::plan::{build_plan, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
-use crate::route::{HedgeAfterMs, Router, RouterConfig, RouterStats, RoutingOptions};
+use crate::route::{HedgeAfterMs, ReadTally, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
 use crate::store::secrets::{self as remote, redacted_options, StorageOptions};
 use crate::store::{fallback, LocalStore, Store};
@@ -268,45 +268,72 @@ impl Storage {
         starts: &[Option<i64>],
         ends: &[Option<i64>],
     ) -> Result<Vec<Result<(u64, u64)>>> {
-        if keys.len() != starts.len() || keys.len() != ends.len() {
+        let mut distinct: Vec<&str> = Vec::new();
+        let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let index: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                *seen.entry(k.as_str()).or_insert_with(|| {
+                    distinct.push(k.as_str());
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        self.resolve_slices_indexed(&distinct, &index, starts, ends)
+    }
+
+    /// `resolve_slices` with the keys given as `distinct` names and, per
+    /// request, an index into them (a batch of 100,000 ranges usually names
+    /// a few files: no string per range is hashed or compared).
+    pub fn resolve_slices_indexed(
+        &self,
+        distinct: &[&str],
+        index: &[usize],
+        starts: &[Option<i64>],
+        ends: &[Option<i64>],
+    ) -> Result<Vec<Result<(u64, u64)>>> {
+        if index.len() != starts.len() || index.len() != ends.len() {
             return Err(Error::invalid(format!(
                 "paths, starts and ends must have one length; got {}, {} and {}",
-                keys.len(),
+                index.len(),
                 starts.len(),
                 ends.len()
             )));
         }
-        let sizes = self.sizes(keys);
-        let mut out = Vec::with_capacity(keys.len());
-        for ((key, start), end) in keys.iter().zip(starts).zip(ends) {
-            out.push(match &sizes[key.as_str()] {
+        if let Some(&bad) = index.iter().find(|&&i| i >= distinct.len()) {
+            return Err(Error::invalid(format!(
+                "key index {bad} out of range for {} distinct keys",
+                distinct.len()
+            )));
+        }
+        let sizes = self.sizes(distinct);
+        let mut out = Vec::with_capacity(index.len());
+        for ((&k, start), end) in index.iter().zip(starts).zip(ends) {
+            out.push(match &sizes[k] {
                 Ok(size) => Ok(resolve_slice(*size, *start, *end)),
-                // Stat again for the typed error (the map keeps only text);
+                // Stat again for the typed error (the list keeps only text);
                 // if the store has recovered meanwhile, use the fresh size.
-                Err(_) => self.size(key).map(|size| resolve_slice(size, *start, *end)),
+                Err(_) => self
+                    .size(distinct[k])
+                    .map(|size| resolve_slice(size, *start, *end)),
             });
         }
         Ok(out)
     }
 
-    /// The size of each distinct key: on the calling thread where the store
-    /// allows it, else `concurrency` stats in flight (a remote stat is a
-    /// round trip; 1,000 of them in a row would dominate a `cat_ranges`).
-    fn sizes<'k>(
-        &self,
-        keys: &'k [String],
-    ) -> std::collections::HashMap<&'k str, Result<u64, String>> {
-        let mut distinct: Vec<&str> = keys.iter().map(String::as_str).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
+    /// The size of each of the `distinct` keys, in order: on the calling
+    /// thread where the store allows it, else `concurrency` stats in flight
+    /// (a remote stat is a round trip; 1,000 of them in a row would dominate
+    /// a `cat_ranges`).
+    fn sizes(&self, distinct: &[&str]) -> Vec<Result<u64, String>> {
         let Some(first) = distinct.first() else {
-            return Default::default();
+            return Vec::new();
         };
         if let Some(r) = self.store.size_blocking(first) {
-            let mut out = std::collections::HashMap::new();
-            out.insert(*first, r.map_err(|e| e.to_string()));
+            let mut out = Vec::with_capacity(distinct.len());
+            out.push(r.map_err(|e| e.to_string()));
             for key in &distinct[1..] {
-                out.insert(*key, self.size(key).map_err(|e| e.to_string()));
+                out.push(self.size(key).map_err(|e| e.to_string()));
             }
             return out;
         }
@@ -316,12 +343,16 @@ impl Storage {
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
         let store = self.store.as_ref();
-        runtime::block_on(
-            futures::stream::iter(distinct)
-                .map(|key| async move { (key, store.size(key).await.map_err(|e| e.to_string())) })
+        let mut found: Vec<(usize, Result<u64, String>)> = runtime::block_on(
+            futures::stream::iter(distinct.iter().enumerate())
+                .map(
+                    |(i, key)| async move { (i, store.size(key).await.map_err(|e| e.to_string())) },
+                )
                 .buffer_unordered(concurrency)
                 .collect(),
-        )
+        );
+        found.sort_unstable_by_key(|(i, _)| *i);
+        found.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Fills `buf` from `offset` of `key`, on the calling thread where the
@@ -384,13 +415,25 @@ impl Storage {
         let n = requests.len();
         let threads = threads.clamp(1, n.max(1));
         let store = &self.store;
-        let read_one = |r: &mut RangeRequest<'_>| -> Result<()> {
-            store
-                .read_into_blocking(r.key, r.offset, r.buf)
-                .unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
-        };
+        let router = self.router.as_deref();
+        // Each thread reads through its own tally (see `route::tally`): the
+        // latency bookkeeping of its reads is folded in per batch.
+        let read_one =
+            |r: &mut RangeRequest<'_>, tally: &mut Option<ReadTally<'_>>| -> Result<()> {
+                let done = match (router, tally.as_mut()) {
+                    (Some(router), Some(tally)) => {
+                        router.read_into_blocking_tallied(r.key, r.offset, r.buf, tally)
+                    }
+                    _ => store.read_into_blocking(r.key, r.offset, r.buf),
+                };
+                done.unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
+            };
         if threads == 1 {
-            return requests.iter_mut().map(read_one).collect();
+            let mut tally = router.map(Router::tally);
+            return requests
+                .iter_mut()
+                .map(|r| read_one(r, &mut tally))
+                .collect();
         }
         // Threads take batches from a shared queue instead of a fixed share
         // each: on a busy machine one thread may get far less CPU than the
@@ -401,6 +444,7 @@ impl Storage {
         let batch = (BATCH_BYTES / (total_bytes / n).max(1)).clamp(1, 64);
         let queue = std::sync::Mutex::new(requests.iter_mut().enumerate());
         let work = || {
+            let mut tally = router.map(Router::tally);
             let mut done = Vec::new();
             loop {
                 let taken: Vec<_> = queue
@@ -413,7 +457,7 @@ impl Storage {
                     return done;
                 }
                 for (i, r) in taken {
-                    done.push((i, read_one(r)));
+                    done.push((i, read_one(r, &mut tally)));
                 }
             }
         };
@@ -467,7 +511,10 @@ impl Storage {
     pub fn stream(&self, items: &[PlanItem], config: &StreamConfig) -> Result<Stream> {
         config.validate()?;
         let plan = runtime::block_on(build_plan(self.store.as_ref(), items, config.chunk_bytes))?;
-        Stream::start(Arc::clone(&self.store), plan, config)
+        match &self.router {
+            Some(router) => Stream::start_routed(Arc::clone(router), plan, config),
+            None => Stream::start(Arc::clone(&self.store), plan, config),
+        }
     }
 }
 

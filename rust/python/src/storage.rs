@@ -1,13 +1,15 @@
 //! `_core.Storage`: whole-object and ranged reads for `feedline.FileSystem`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use feedline_core::plan::PlanItem;
 use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
@@ -47,6 +49,122 @@ fn new_bytes(py: Python<'_>, len: usize) -> PyResult<(Bound<'_, PyBytes>, BytesT
     };
     let ptr = unsafe { pyo3::ffi::PyBytes_AsString(obj.as_ptr()) } as *mut u8;
     Ok((obj.cast_into::<PyBytes>()?, BytesTarget(ptr, len)))
+}
+
+/// The keys of a batch as distinct strings and one index per key. A batch
+/// names a few files many times, usually as the very same `str` object (fs.py
+/// resolves each path once): that object is recognised by identity and not
+/// converted again, so no `String` is made per range.
+fn distinct_keys(keys: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<usize>)> {
+    if keys.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(
+            "keys must be a list of str, got one str",
+        ));
+    }
+    let mut distinct: Vec<String> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut index: Vec<usize> = Vec::with_capacity(keys.len().unwrap_or(0));
+    // The previous key object, held so its address cannot be reused by
+    // another object while it is compared against.
+    let mut last: Option<(Bound<'_, PyAny>, usize)> = None;
+    for item in keys.try_iter()? {
+        let item = item?;
+        if let Some((prev, i)) = &last {
+            if prev.is(&item) {
+                index.push(*i);
+                continue;
+            }
+        }
+        let key = item.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err(format!("keys must be str, got {}", describe(&item)))
+        })?;
+        let key = key.to_str()?;
+        let i = match seen.get(key) {
+            Some(&i) => i,
+            None => {
+                distinct.push(key.to_owned());
+                seen.insert(key.to_owned(), distinct.len() - 1);
+                distinct.len() - 1
+            }
+        };
+        index.push(i);
+        last = Some((item, i));
+    }
+    Ok((distinct, index))
+}
+
+/// Converts a Python plan to plan items. Plans run to hundreds of thousands
+/// of entries naming a few files, so a path object is recognised by
+/// identity (then by value) and `key_of` runs once per distinct path.
+fn plan_items<'py>(
+    entries: &Bound<'py, PyAny>,
+    key_of: &Bound<'py, PyAny>,
+) -> PyResult<Vec<PlanItem>> {
+    let py = entries.py();
+    let mut items = Vec::with_capacity(entries.len().unwrap_or(0));
+    let mut keys: HashMap<String, Arc<str>> = HashMap::new();
+    // The previous path object, held so its address is not reused by
+    // another object while it is compared against.
+    let mut last: Option<(Bound<'py, PyAny>, Arc<str>)> = None;
+    let mut key_for = |path: Bound<'py, PyAny>| -> PyResult<Arc<str>> {
+        if let Some((prev, key)) = &last {
+            if prev.is(&path) {
+                return Ok(Arc::clone(key));
+            }
+        }
+        let fspath: String = match path.cast::<PyString>() {
+            Ok(s) => s.to_str()?.to_owned(),
+            Err(_) => py
+                .import("os")?
+                .call_method1("fspath", (&path,))?
+                .extract()?,
+        };
+        let key = match keys.get(&fspath) {
+            Some(key) => Arc::clone(key),
+            None => {
+                let key: String = key_of.call1((fspath.as_str(),))?.extract()?;
+                let key: Arc<str> = key.into();
+                keys.insert(fspath, Arc::clone(&key));
+                key
+            }
+        };
+        last = Some((path, Arc::clone(&key)));
+        Ok(key)
+    };
+    // `int()` semantics for offsets and lengths, as the Python plan had:
+    // ints (and anything with `__index__`) directly, others through int().
+    let int = |v: Bound<'py, PyAny>| -> PyResult<i64> {
+        match v.extract::<i64>() {
+            Ok(i) => Ok(i),
+            Err(_) => py.get_type::<PyInt>().call1((v,))?.extract(),
+        }
+    };
+    for entry in entries.try_iter()? {
+        let entry = entry?;
+        if let Ok(t) = entry.cast::<PyTuple>() {
+            if t.len() == 3 {
+                let key = key_for(t.get_item(0)?)?;
+                let offset = int(t.get_item(1)?)?;
+                let len = int(t.get_item(2)?)?;
+                items.push(PlanItem::Range { key, offset, len });
+                continue;
+            }
+        } else if entry.is_instance_of::<PyString>() || entry.hasattr("__fspath__")? {
+            items.push(PlanItem::Object(key_for(entry)?));
+            continue;
+        }
+        return Err(PyTypeError::new_err(format!(
+            "a plan entry is a path or a (path, offset, length) tuple, got {}",
+            describe(&entry)
+        )));
+    }
+    Ok(items)
+}
+
+fn describe(item: &Bound<'_, PyAny>) -> String {
+    item.repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "an unprintable object".into())
 }
 
 #[pymethods]
@@ -90,15 +208,20 @@ impl PyStorage {
     fn cat_ranges(
         &self,
         py: Python<'_>,
-        keys: Vec<String>,
+        keys: &Bound<'_, PyAny>,
         starts: Vec<Option<i64>>,
         ends: Vec<Option<i64>>,
     ) -> PyResult<Vec<Py<PyAny>>> {
+        let (distinct, index) = distinct_keys(keys)?;
+        let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
         let spans = py
-            .detach(|| self.inner.resolve_slices(&keys, &starts, &ends))
+            .detach(|| {
+                self.inner
+                    .resolve_slices_indexed(&distinct, &index, &starts, &ends)
+            })
             .py()?;
-        let mut out: Vec<Py<PyAny>> = Vec::with_capacity(keys.len());
-        let mut targets = Vec::with_capacity(keys.len());
+        let mut out: Vec<Py<PyAny>> = Vec::with_capacity(index.len());
+        let mut targets = Vec::with_capacity(index.len());
         for span in spans {
             match span {
                 Ok((offset, len)) => {
@@ -114,22 +237,22 @@ impl PyStorage {
         }
         let results = py.detach(|| {
             let mut requests: Vec<RangeRequest<'_>> = Vec::with_capacity(targets.len());
-            let mut index = Vec::with_capacity(targets.len());
-            for (i, (key, t)) in keys.iter().zip(&targets).enumerate() {
+            let mut requested = Vec::with_capacity(targets.len());
+            for (i, (&k, t)) in index.iter().zip(&targets).enumerate() {
                 if let Some((offset, target)) = t {
                     // SAFETY: one request per fresh bytes object.
                     let buf = unsafe { target.slice() };
                     requests.push(RangeRequest {
-                        key,
+                        key: distinct[k],
                         offset: *offset,
                         buf,
                     });
-                    index.push(i);
+                    requested.push(i);
                 }
             }
             let threads = threads_for_ranges(requests.len());
             let results = self.inner.read_many(&mut requests, threads);
-            index.into_iter().zip(results).collect::<Vec<_>>()
+            requested.into_iter().zip(results).collect::<Vec<_>>()
         });
         for (i, result) in results {
             if let Err(e) = result {
@@ -139,24 +262,20 @@ impl PyStorage {
         Ok(out)
     }
 
-    /// Starts a prefetching stream. `items`: `(key, None)` for a whole
-    /// object, `(key, (offset, length))` for a range.
-    #[pyo3(signature = (items, chunk_bytes, depth, memory_budget_bytes = None))]
+    /// Starts a prefetching stream over a plan: each entry a path (the
+    /// whole object) or a `(path, offset, length)` tuple. `key_of` maps a
+    /// path to its store key; it is called once per distinct path.
+    #[pyo3(signature = (entries, key_of, chunk_bytes, depth, memory_budget_bytes = None))]
     fn stream(
         &self,
         py: Python<'_>,
-        items: Vec<(String, Option<(i64, i64)>)>,
+        entries: &Bound<'_, PyAny>,
+        key_of: &Bound<'_, PyAny>,
         chunk_bytes: usize,
         depth: usize,
         memory_budget_bytes: Option<usize>,
     ) -> PyResult<PyChunkStream> {
-        let items: Vec<PlanItem> = items
-            .into_iter()
-            .map(|(key, range)| match range {
-                None => PlanItem::Object(key),
-                Some((offset, len)) => PlanItem::Range { key, offset, len },
-            })
-            .collect();
+        let items = plan_items(entries, key_of)?;
         let mut config = StreamConfig::new(chunk_bytes, depth);
         if let Some(budget) = memory_budget_bytes {
             config.memory_budget_bytes = budget;

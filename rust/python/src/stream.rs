@@ -1,8 +1,9 @@
 //! `_core.ChunkStream` and `_core.Chunk`: prefetched ranges handed to Python
 //! as read-only buffers over their ring slots, without a copy.
 
+use std::collections::VecDeque;
 use std::os::raw::{c_int, c_void};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use feedline_core::prefetch::{Chunk, Next, Stream};
@@ -14,10 +15,35 @@ use crate::errors::IntoPyResult;
 /// How long one wait for a chunk lasts before Python signals are checked.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
+/// Most chunks taken from the ring per crossing into Rust: each `__next__`
+/// that finds none ready releases the GIL once, waits for one chunk, and
+/// takes every chunk already published behind it (up to this many); the
+/// next calls serve those without leaving Python's thread state.
+const READY_BATCH: usize = 64;
+
 #[pyclass(name = "ChunkStream", module = "feedline._core", frozen)]
 pub struct PyChunkStream {
     inner: Mutex<Option<Stream>>,
+    /// Chunks taken from the ring and not yet handed to Python, in plan
+    /// order, and the error that ended the stream after them.
+    ready: Mutex<Ready>,
     len: usize,
+}
+
+#[derive(Default)]
+struct Ready {
+    chunks: VecDeque<Chunk>,
+    error: Option<feedline_core::Error>,
+}
+
+impl Ready {
+    /// The next chunk, else the error that ended the stream, else nothing.
+    fn pop(&mut self) -> Option<feedline_core::Result<Chunk>> {
+        match self.chunks.pop_front() {
+            Some(chunk) => Some(Ok(chunk)),
+            None => self.error.take().map(Err),
+        }
+    }
 }
 
 impl PyChunkStream {
@@ -25,16 +51,34 @@ impl PyChunkStream {
         let len = stream.len();
         PyChunkStream {
             inner: Mutex::new(Some(stream)),
+            ready: Mutex::new(Ready::default()),
             len,
         }
     }
 
-    fn next_once(&self) -> feedline_core::Result<Next> {
+    fn pop_ready(&self) -> Option<feedline_core::Result<Chunk>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Waits (up to `SIGNAL_POLL`) for the next chunk and takes those ready
+    /// behind it into `ready`. Runs without the GIL.
+    fn next_batch(&self) -> feedline_core::Result<Next> {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have filled `ready` while this one waited for
+        // the lock: those chunks come first.
+        if let Some(next) = self.pop_ready() {
+            return next.map(Next::Chunk);
+        }
         let Some(stream) = guard.as_mut() else {
             return Ok(Next::End);
         };
         let next = stream.next_chunk(SIGNAL_POLL);
+        if matches!(next, Ok(Next::Chunk(_))) {
+            let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = stream.take_ready(READY_BATCH, &mut ready.chunks) {
+                ready.error = Some(e);
+            }
+        }
         if matches!(next, Ok(Next::End)) || stream.is_closed() {
             // Done, or failed (the core closed it): join the driver now
             // rather than at GC. An error that leaves the stream open (all
@@ -47,6 +91,10 @@ impl PyChunkStream {
     fn close_inner(&self) {
         let stream = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(stream);
+        // Chunks taken ahead but never handed out go back to the ring; as
+        // before batching, a closed stream yields nothing more.
+        let ready = std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(ready);
     }
 }
 
@@ -57,8 +105,11 @@ impl PyChunkStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyChunk>> {
+        if let Some(next) = self.pop_ready() {
+            return Ok(Some(PyChunk::new(next.py()?)));
+        }
         loop {
-            match py.detach(|| self.next_once()).py()? {
+            match py.detach(|| self.next_batch()).py()? {
                 Next::Chunk(chunk) => return Ok(Some(PyChunk::new(chunk))),
                 Next::End => return Ok(None),
                 Next::Pending => py.check_signals()?,
@@ -102,7 +153,8 @@ impl PyChunkStream {
 #[pyclass(name = "Chunk", module = "feedline._core")]
 pub struct PyChunk {
     chunk: Option<Chunk>,
-    path: String,
+    /// Shared with the plan: no copy of the path per chunk.
+    path: Arc<str>,
     offset: u64,
     nbytes: usize,
     /// Live buffer views; the slot may not go back while any exists.
@@ -112,7 +164,7 @@ pub struct PyChunk {
 impl PyChunk {
     fn new(chunk: Chunk) -> Self {
         PyChunk {
-            path: chunk.range.key.to_string(),
+            path: Arc::clone(&chunk.range.key),
             offset: chunk.range.offset,
             nbytes: chunk.len(),
             chunk: Some(chunk),

@@ -9,9 +9,10 @@
 //! `ratio` of the traffic instead of multiplying it (no retry storm).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::counter::StripedCounter;
 
 /// How long a deposit counts (the decay time constant of the balance).
 pub const TTL: Duration = Duration::from_secs(10);
@@ -27,8 +28,9 @@ pub struct RetryBudget {
     ratio: f64,
     floor_per_s: f64,
     /// Requests not yet folded into the balance: a deposit is one atomic
-    /// add on the read path; withdrawals (rare) settle under the lock.
-    pending: AtomicU64,
+    /// add on the read path (striped, so reader threads do not share its
+    /// line); withdrawals (rare) settle under the lock.
+    pending: StripedCounter,
     state: Mutex<State>,
 }
 
@@ -37,7 +39,7 @@ impl RetryBudget {
         RetryBudget {
             ratio,
             floor_per_s,
-            pending: AtomicU64::new(0),
+            pending: StripedCounter::new(),
             // Start at the balance an idle client converges to (floor × TTL),
             // not at zero: a fresh client whose replica is already dead sends
             // a burst of first reads (a whole prefetch depth, a cat_ranges
@@ -50,7 +52,7 @@ impl RetryBudget {
     }
 
     fn settle(&self, state: &mut State, now: Instant) {
-        let requests = self.pending.swap(0, Ordering::Relaxed);
+        let requests = self.pending.take();
         state.balance += requests as f64 * self.ratio;
         let dt = now.saturating_duration_since(state.stamp).as_secs_f64();
         if dt > 0.0 {
@@ -65,7 +67,7 @@ impl RetryBudget {
 
     /// A new request: deposits `ratio` of a token.
     pub fn deposit(&self) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.pending.add(1);
     }
 
     /// Takes one token for a retry or hedge, if there is one.

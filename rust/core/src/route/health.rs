@@ -19,17 +19,19 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::counter::StripedCounter;
 use crate::metrics::{LatencyHistogram, LatencySummary};
 
 /// Time constant of the latency decay: how long a latency peak keeps
 /// steering load away from a replica.
 pub const PEAK_EWMA_DECAY: Duration = Duration::from_secs(1);
 
-/// Counters of one replica (atomics: bumped on every attempt).
+/// Counters of one replica. The two that every attempt bumps are striped
+/// (see [`crate::counter`]); the rest count rare events.
 #[derive(Debug, Default)]
 pub struct ReplicaCounters {
-    pub requests: AtomicU64,
-    pub bytes: AtomicU64,
+    pub requests: StripedCounter,
+    pub bytes: StripedCounter,
     pub errors: AtomicU64,
     pub retries: AtomicU64,
     pub hedges_sent: AtomicU64,
@@ -44,9 +46,9 @@ pub struct ReplicaCounters {
 
 impl ReplicaCounters {
     fn reset(&self) {
+        self.requests.take();
+        self.bytes.take();
         for c in [
-            &self.requests,
-            &self.bytes,
             &self.errors,
             &self.retries,
             &self.hedges_sent,
@@ -91,12 +93,20 @@ pub enum Availability {
 pub struct ReplicaHealth {
     pub name: String,
     pub counters: ReplicaCounters,
-    in_flight: AtomicU64,
+    /// Striped: raised and lowered by every attempt, read only by p2c,
+    /// bounded load and stats.
+    in_flight: StripedCounter,
     consecutive_failures: AtomicU32,
     /// A fast check for the hot path; the details are in `ejection`.
     ejected: AtomicBool,
     probe_in_flight: AtomicBool,
     ewma: Mutex<Ewma>,
+    /// `ewma.cost_ns` rounded down to whole nanoseconds, stored whenever it
+    /// changes: lets a caller that defers its samples see without the lock
+    /// whether a sample is a peak (which must raise the estimate at once).
+    /// For a whole number of nanoseconds `n`, `n > floor(cost)` exactly
+    /// when `n > cost`, so the test matches `fold_latency`'s.
+    ewma_floor_ns: AtomicU64,
     ejection: Mutex<Ejection>,
     latency: Mutex<LatencyHistogram>,
 }
@@ -106,7 +116,7 @@ impl ReplicaHealth {
         ReplicaHealth {
             name: name.into(),
             counters: ReplicaCounters::default(),
-            in_flight: AtomicU64::new(0),
+            in_flight: StripedCounter::new(),
             consecutive_failures: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             probe_in_flight: AtomicBool::new(false),
@@ -114,6 +124,7 @@ impl ReplicaHealth {
                 cost_ns: 0.0,
                 stamp: Instant::now(),
             }),
+            ewma_floor_ns: AtomicU64::new(0),
             ejection: Mutex::new(Ejection {
                 until: None,
                 count: 0,
@@ -123,7 +134,7 @@ impl ReplicaHealth {
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.get()
     }
 
     pub fn consecutive_failures(&self) -> u32 {
@@ -174,8 +185,14 @@ impl ReplicaHealth {
 
     /// Folds one observed latency into the peak-EWMA.
     pub fn observe_latency(&self, elapsed: Duration, now: Instant) {
-        let rtt = elapsed.as_nanos() as f64;
         let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        Self::fold_latency(&mut e, elapsed, now);
+        self.ewma_floor_ns
+            .store(e.cost_ns as u64, Ordering::Relaxed);
+    }
+
+    fn fold_latency(e: &mut Ewma, elapsed: Duration, now: Instant) {
+        let rtt = elapsed.as_nanos() as f64;
         let dt = now.saturating_duration_since(e.stamp).as_secs_f64();
         if rtt > e.cost_ns {
             e.cost_ns = rtt;
@@ -183,16 +200,50 @@ impl ReplicaHealth {
             let w = (-dt / PEAK_EWMA_DECAY.as_secs_f64()).exp();
             e.cost_ns = e.cost_ns * w + rtt * (1.0 - w);
         }
-        e.stamp = now;
+        // Samples folded late (see `record_successes`) never move the
+        // stamp back, so the decay of a later sample is not counted twice.
+        e.stamp = e.stamp.max(now);
+    }
+
+    /// Whether a sample of `elapsed` would raise the peak-EWMA at once
+    /// (it is above the current estimate): such a sample must not wait in
+    /// a caller's batch. Relaxed: a stale answer only flushes a batch early
+    /// or lets one decaying sample wait a little.
+    pub fn is_peak(&self, elapsed: Duration) -> bool {
+        // Integer nanoseconds: a u128 → f64 conversion is a library call.
+        let nanos = elapsed
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(elapsed.subsec_nanos() as u64);
+        nanos > self.ewma_floor_ns.load(Ordering::Relaxed)
+    }
+
+    /// Successful attempts a caller batched: `(elapsed, ended at)` each, in
+    /// the order they ended. One lock of the histogram and one of the
+    /// estimate for the whole batch, where one attempt at a time takes both
+    /// per attempt.
+    pub fn record_successes(&self, samples: impl Iterator<Item = (Duration, Instant)> + Clone) {
+        {
+            let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+            for (elapsed, _) in samples.clone() {
+                h.record(elapsed);
+            }
+        }
+        let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        for (elapsed, end) in samples {
+            Self::fold_latency(&mut e, elapsed, end);
+        }
+        self.ewma_floor_ns
+            .store(e.cost_ns as u64, Ordering::Relaxed);
     }
 
     pub fn start_attempt(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.add(1);
+        self.counters.requests.add(1);
     }
 
     pub fn end_attempt(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.sub(1);
     }
 
     pub fn record_latency(&self, elapsed: Duration) {
@@ -217,7 +268,12 @@ impl ReplicaHealth {
     /// A success: resets the failure streak; readmits after a probe.
     /// Returns whether this readmitted the replica.
     pub fn on_success(&self) -> bool {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
+        // Load first: on a healthy replica the streak is already 0, and a
+        // load keeps the line shared between the cores where a store would
+        // take it from the other one on every read.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
         if !self.is_ejected() {
             return false;
         }
@@ -253,8 +309,8 @@ impl ReplicaHealth {
         let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         let stats = ReplicaStats {
             name: self.name.clone(),
-            requests: c.requests.load(Ordering::Relaxed),
-            bytes: c.bytes.load(Ordering::Relaxed),
+            requests: c.requests.get(),
+            bytes: c.bytes.get(),
             errors: c.errors.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             hedges_sent: c.hedges_sent.load(Ordering::Relaxed),

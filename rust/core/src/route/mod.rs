@@ -12,12 +12,14 @@ pub mod budget;
 pub mod config;
 pub mod health;
 pub mod hrw;
+pub mod tally;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::counter::StripedCounter;
 use crate::error::{Error, ReplicaFailure, Result};
 use crate::metrics::{LatencyHistogram, LatencySummary};
 use crate::runtime;
@@ -27,6 +29,7 @@ pub use budget::RetryBudget;
 pub use config::{HedgeAfter, HedgeAfterMs, Policy, RouterConfig, RoutingOptions};
 pub use health::{Availability, ReplicaHealth, ReplicaStats};
 pub use hrw::{PreferenceList, Rendezvous, MAX_REPLICAS};
+pub use tally::ReadTally;
 
 /// How long an adaptive hedge delay is reused before the histogram is read
 /// again (a percentile walk costs microseconds; reads cost less).
@@ -71,11 +74,12 @@ pub struct RouterStats {
     pub replicas: Vec<ReplicaStats>,
 }
 
+/// Every read bumps `reads` and `bytes`: striped (see [`crate::counter`]).
 #[derive(Debug, Default)]
 struct ReadCounters {
-    reads: std::sync::atomic::AtomicU64,
+    reads: StripedCounter,
     read_errors: std::sync::atomic::AtomicU64,
-    bytes: std::sync::atomic::AtomicU64,
+    bytes: StripedCounter,
 }
 
 /// Routes reads over replicas; see the module docs.
@@ -206,12 +210,12 @@ impl Router {
             .map(|r| r.health.snapshot(reset))
             .collect();
         let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        let reads = self.counters.reads.load(Relaxed);
+        let reads = self.counters.reads.get();
         let extra: u64 = replicas.iter().map(|r| r.retries + r.hedges_sent).sum();
         let stats = RouterStats {
             reads,
             read_errors: self.counters.read_errors.load(Relaxed),
-            bytes: self.counters.bytes.load(Relaxed),
+            bytes: self.counters.bytes.get(),
             extra_request_ratio: if reads == 0 {
                 0.0
             } else {
@@ -223,9 +227,9 @@ impl Router {
         };
         if reset {
             latency.reset();
-            self.counters.reads.store(0, Relaxed);
+            self.counters.reads.take();
             self.counters.read_errors.store(0, Relaxed);
-            self.counters.bytes.store(0, Relaxed);
+            self.counters.bytes.take();
             for r in &self.replicas {
                 *r.hedge_delay.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
@@ -409,23 +413,35 @@ impl Router {
 
     /// Folds an attempt's result into the replica's health and counters,
     /// ejecting it after too many failures in a row.
+    /// With a `tally`, a success's latency sample waits in it (unless it is
+    /// a peak), and anything else flushes it first.
     fn finish_attempt(
         &self,
         r: usize,
         guard: &mut AttemptGuard<'_>,
         result: &Result<()>,
         bytes: usize,
+        tally: Option<&mut ReadTally<'_>>,
     ) -> Instant {
         use std::sync::atomic::Ordering::Relaxed;
         guard.finished = true;
         let health = &self.replicas[r].health;
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(guard.start);
+        if let Some(tally) = tally {
+            if result.is_ok() && !health.is_peak(elapsed) {
+                tally.defer_attempt(r, elapsed, now);
+                health.counters.bytes.add(bytes as u64);
+                health.on_success();
+                return now;
+            }
+            tally.flush();
+        }
         match result {
             Ok(()) => {
                 health.record_latency(elapsed);
                 health.observe_latency(elapsed, now);
-                health.counters.bytes.fetch_add(bytes as u64, Relaxed);
+                health.counters.bytes.add(bytes as u64);
                 health.on_success();
             }
             // The replica answered: it lags or the caller asked for a file
@@ -513,7 +529,7 @@ impl Router {
             Ok(result) => result,
             Err(_) => Err(self.attempt_timeout(key, r, guard.start)),
         };
-        self.finish_attempt(r, &mut guard, &result, len);
+        self.finish_attempt(r, &mut guard, &result, len, None);
         result
     }
 
@@ -529,19 +545,16 @@ impl Router {
         offset: u64,
         buf: &mut [u8],
         start: Instant,
+        tally: Option<&mut ReadTally<'_>>,
     ) -> Option<(Result<()>, Instant)> {
         let mut guard = self.start_attempt(r, probe, kind, start);
         let Some(result) = self.replicas[r].store.read_into_blocking(key, offset, buf) else {
             // Not sent: undo the count (the guard still frees the probe).
             guard.finished = true;
-            guard
-                .health
-                .counters
-                .requests
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            guard.health.counters.requests.sub(1);
             return None;
         };
-        let end = self.finish_attempt(r, &mut guard, &result, buf.len());
+        let end = self.finish_attempt(r, &mut guard, &result, buf.len(), tally);
         Some((result, end))
     }
 
@@ -665,55 +678,83 @@ impl Router {
         !matches!(failures.last(), Some((_, Error::NotFound { .. })))
     }
 
-    async fn read_routed(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// A new read's failover state; see [`Failover`].
+    fn failover<'k>(&self, key: &'k str) -> Failover<'k> {
         let start = Instant::now();
-        let deadline = start + self.config.deadline;
-        self.budget.deposit();
-        let prefs = self.placement.preference_list(key);
-        let mut failures: Vec<(usize, Error)> = Vec::new();
-        let mut tried: Tried = 0;
-        let mut tries = 0u32;
-        let mut stop = None;
+        Failover {
+            key,
+            prefs: self.placement.preference_list(key),
+            start,
+            deadline: start + self.config.deadline,
+            failures: Vec::new(),
+            tried: 0,
+            tries: 0,
+        }
+    }
+
+    /// Before each try: how long to back off first, or why to stop (every
+    /// replica tried, the deadline, the retry budget). After a failure that
+    /// costs a token, takes one.
+    fn before_try(&self, f: &Failover<'_>) -> std::result::Result<Duration, Option<GiveUp>> {
         let everyone: Tried = if self.replicas.len() == 64 {
             u64::MAX
         } else {
             bit(self.replicas.len()) - 1
         };
+        if f.tried == everyone {
+            return Err(None);
+        }
+        if f.tries == 0 {
+            return Ok(Duration::ZERO);
+        }
+        if Instant::now() >= f.deadline {
+            return Err(Some(GiveUp::Deadline));
+        }
+        if !Self::next_try_costs(&f.failures) {
+            return Ok(Duration::ZERO);
+        }
+        if !self.budget.try_withdraw() {
+            return Err(Some(GiveUp::Budget));
+        }
+        let wait = budget::backoff(f.tries, self.config.backoff_base, self.config.backoff_max);
+        if Instant::now() + wait >= f.deadline {
+            return Err(Some(GiveUp::Deadline));
+        }
+        Ok(wait)
+    }
+
+    /// The replica for the next try (after any backoff, so health is
+    /// current), marked as tried; `None` when none is left.
+    fn next_try(&self, f: &mut Failover<'_>) -> Option<(usize, bool, AttemptKind)> {
+        let (r, probe) = self.choose(&f.prefs, f.tried, true)?;
+        f.tried |= bit(r);
+        let kind = if f.tries == 0 {
+            AttemptKind::First
+        } else {
+            AttemptKind::Retry
+        };
+        f.tries += 1;
+        Some((r, probe, kind))
+    }
+
+    /// The end of a read that no replica served.
+    fn read_given_up(&self, f: Failover<'_>, stop: Option<GiveUp>) -> Result<()> {
+        let err = self.give_up(f.key, f.failures, f.tried, stop);
+        self.read_failed(f.start, err)
+    }
+
+    async fn read_routed(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut f = self.failover(key);
+        self.budget.deposit();
         loop {
-            if tried == everyone {
-                break;
+            match self.before_try(&f) {
+                Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                Ok(_) => {}
+                Err(stop) => return self.read_given_up(f, stop),
             }
-            if tries > 0 {
-                if Instant::now() >= deadline {
-                    stop = Some(GiveUp::Deadline);
-                    break;
-                }
-                if Self::next_try_costs(&failures) {
-                    if !self.budget.try_withdraw() {
-                        stop = Some(GiveUp::Budget);
-                        break;
-                    }
-                    let wait =
-                        budget::backoff(tries, self.config.backoff_base, self.config.backoff_max);
-                    if Instant::now() + wait >= deadline {
-                        stop = Some(GiveUp::Deadline);
-                        break;
-                    }
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-            }
-            let Some((r, probe)) = self.choose(&prefs, tried, true) else {
-                break;
+            let Some((r, probe, kind)) = self.next_try(&mut f) else {
+                return self.read_given_up(f, None);
             };
-            tried |= bit(r);
-            let kind = if tries == 0 {
-                AttemptKind::First
-            } else {
-                AttemptKind::Retry
-            };
-            tries += 1;
             match self
                 .attempt_hedged(
                     r,
@@ -722,126 +763,141 @@ impl Router {
                     key,
                     offset,
                     buf,
-                    &prefs,
-                    &mut tried,
-                    deadline,
-                    &mut failures,
+                    &f.prefs,
+                    &mut f.tried,
+                    f.deadline,
+                    &mut f.failures,
                 )
                 .await
             {
-                Outcome::Done => return self.read_done(start, Instant::now(), buf.len()),
-                Outcome::Fatal(e) => return self.read_failed(start, e),
+                Outcome::Done => return self.read_done(f.start, Instant::now(), buf.len(), None),
+                Outcome::Fatal(e) => return self.read_failed(f.start, e),
                 Outcome::Failed => {}
             }
         }
-        let err = self.give_up(key, failures, tried, stop);
-        self.read_failed(start, err)
     }
 
     /// The failover loop without an executor: no hedges or timeouts (the
     /// caller checked), backoff by sleeping the calling thread. `None` if
     /// the first chosen store has no blocking path (nothing was read).
-    fn read_routed_blocking(&self, key: &str, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
-        let start = Instant::now();
-        let mut last_end = start;
-        let deadline = start + self.config.deadline;
-        let prefs = self.placement.preference_list(key);
-        let mut failures: Vec<(usize, Error)> = Vec::new();
-        let mut tried: Tried = 0;
-        let mut tries = 0u32;
-        let mut stop = None;
-        let everyone: Tried = if self.replicas.len() == 64 {
-            u64::MAX
-        } else {
-            bit(self.replicas.len()) - 1
-        };
+    fn read_routed_blocking(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        mut tally: Option<&mut ReadTally<'_>>,
+    ) -> Option<Result<()>> {
+        let mut f = self.failover(key);
         loop {
-            if tried == everyone {
-                break;
+            match self.before_try(&f) {
+                Ok(wait) if !wait.is_zero() => std::thread::sleep(wait),
+                Ok(_) => {}
+                Err(stop) => return Some(self.read_given_up(f, stop)),
             }
-            if tries > 0 {
-                if Instant::now() >= deadline {
-                    stop = Some(GiveUp::Deadline);
-                    break;
-                }
-                if Self::next_try_costs(&failures) {
-                    if !self.budget.try_withdraw() {
-                        stop = Some(GiveUp::Budget);
-                        break;
-                    }
-                    let wait =
-                        budget::backoff(tries, self.config.backoff_base, self.config.backoff_max);
-                    if Instant::now() + wait >= deadline {
-                        stop = Some(GiveUp::Deadline);
-                        break;
-                    }
-                    std::thread::sleep(wait);
-                }
-            }
-            let Some((r, probe)) = self.choose(&prefs, tried, true) else {
-                break;
+            let Some((r, probe, kind)) = self.next_try(&mut f) else {
+                return Some(self.read_given_up(f, None));
             };
-            let kind = if tries == 0 {
-                AttemptKind::First
-            } else {
-                AttemptKind::Retry
-            };
-            let attempt_start = if tries == 0 { start } else { Instant::now() };
-            let result =
-                match self.attempt_blocking(r, probe, kind, key, offset, buf, attempt_start) {
-                    Some((result, end)) => {
-                        last_end = end;
-                        result
-                    }
-                    // Nothing read yet: the async path takes over.
-                    None if tries == 0 => return None,
-                    None if tokio::runtime::Handle::try_current().is_err() => {
-                        let result = runtime::block_on(
-                            self.attempt(r, probe, kind, key, offset, buf, deadline),
-                        );
-                        last_end = Instant::now();
-                        result
-                    }
-                    None => Err(Error::Remote(format!(
+            let first = kind == AttemptKind::First;
+            let attempt_start = if first { f.start } else { Instant::now() };
+            let attempt = self.attempt_blocking(
+                r,
+                probe,
+                kind,
+                key,
+                offset,
+                buf,
+                attempt_start,
+                tally.as_deref_mut(),
+            );
+            let (result, end) = match attempt {
+                Some(done) => done,
+                // Nothing read yet: the async path takes over.
+                None if first => return None,
+                None if tokio::runtime::Handle::try_current().is_err() => {
+                    let result = runtime::block_on(
+                        self.attempt(r, probe, kind, key, offset, buf, f.deadline),
+                    );
+                    (result, Instant::now())
+                }
+                None => (
+                    Err(Error::Remote(format!(
                         "replica {:?} has no blocking read path",
                         self.replicas[r].health.name
                     ))),
-                };
-            if tries == 0 {
+                    Instant::now(),
+                ),
+            };
+            if first {
+                // The async path deposits up front; here only once the read
+                // is known to stay on this path.
                 self.budget.deposit();
             }
-            tried |= bit(r);
-            tries += 1;
-            match Self::settle(r, result, &mut failures) {
-                Outcome::Done => return Some(self.read_done(start, last_end, buf.len())),
-                Outcome::Fatal(e) => return Some(self.read_failed(start, e)),
+            match Self::settle(r, result, &mut f.failures) {
+                Outcome::Done => return Some(self.read_done(f.start, end, buf.len(), tally)),
+                Outcome::Fatal(e) => return Some(self.read_failed(f.start, e)),
                 Outcome::Failed => {}
             }
         }
-        let err = self.give_up(key, failures, tried, stop);
-        Some(self.read_failed(start, err))
     }
 
-    fn read_done(&self, start: Instant, end: Instant, bytes: usize) -> Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.counters.reads.fetch_add(1, Relaxed);
-        self.counters.bytes.fetch_add(bytes as u64, Relaxed);
-        self.latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(end.saturating_duration_since(start));
+    fn read_done(
+        &self,
+        start: Instant,
+        end: Instant,
+        bytes: usize,
+        tally: Option<&mut ReadTally<'_>>,
+    ) -> Result<()> {
+        self.counters.reads.add(1);
+        self.counters.bytes.add(bytes as u64);
+        let elapsed = end.saturating_duration_since(start);
+        match tally {
+            Some(tally) => tally.defer_read(elapsed),
+            None => self.record_read_latencies(&[elapsed]),
+        }
         Ok(())
+    }
+
+    /// Folds end-to-end read latencies into the router's histogram.
+    fn record_read_latencies(&self, elapsed: &[Duration]) {
+        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for e in elapsed {
+            h.record(*e);
+        }
     }
 
     fn read_failed(&self, start: Instant, err: Error) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
-        self.counters.reads.fetch_add(1, Relaxed);
+        self.counters.reads.add(1);
         self.counters.read_errors.fetch_add(1, Relaxed);
-        self.latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(start.elapsed());
+        self.record_read_latencies(&[start.elapsed()]);
         Err(err)
+    }
+
+    /// A deferred-bookkeeping tally for a run of blocking reads on this
+    /// thread (see [`tally`]); pass it to [`Router::read_into_blocking_tallied`].
+    pub fn tally(&self) -> ReadTally<'_> {
+        ReadTally::new(self)
+    }
+
+    /// [`Store::read_into_blocking`] with the latency samples of a success
+    /// held in `tally` (flushed in batches) instead of folded in one by one.
+    /// Everything else (counters, health, failover, the budget) is as for
+    /// an untallied read.
+    pub fn read_into_blocking_tallied(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        tally: &mut ReadTally<'_>,
+    ) -> Option<Result<()>> {
+        assert!(
+            std::ptr::eq(tally.router(), self),
+            "a tally is used with the router that made it"
+        );
+        if !self.blocking_allowed() {
+            return None;
+        }
+        self.read_routed_blocking(key, offset, buf, Some(tally))
     }
 
     /// The error for a read no replica could serve. When every replica gave
@@ -975,6 +1031,19 @@ enum GiveUp {
     Budget,
 }
 
+/// One read's failover state, shared by the async and the blocking loop:
+/// the key's preference list, which replicas were tried and what they
+/// answered, and the deadline.
+struct Failover<'k> {
+    key: &'k str,
+    prefs: PreferenceList,
+    start: Instant,
+    deadline: Instant,
+    failures: Vec<(usize, Error)>,
+    tried: Tried,
+    tries: u32,
+}
+
 impl Store for Router {
     fn name(&self) -> &str {
         &self.name
@@ -997,7 +1066,7 @@ impl Store for Router {
         if !self.blocking_allowed() {
             return None;
         }
-        self.read_routed_blocking(key, offset, buf)
+        self.read_routed_blocking(key, offset, buf, None)
     }
 
     fn size_blocking(&self, key: &str) -> Option<Result<u64>> {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -14,6 +14,20 @@ use crate::error::{Error, Result};
 /// reopening is the fallback, not an error).
 const MAX_OPEN_FILES: usize = 1024;
 
+/// Reads up to this size run under the cache's read lock (no reference
+/// count taken on the descriptor: two atomic operations on a line that
+/// every reader thread shares). Larger reads take a reference and drop the
+/// lock, so opening a new file never waits behind a long read.
+const READ_UNDER_LOCK_BYTES: usize = 64 << 10;
+
+/// A cached descriptor and the identity of the file it was opened on.
+#[derive(Debug)]
+struct OpenFile {
+    file: File,
+    dev: u64,
+    ino: u64,
+}
+
 /// A directory (a replica root) or, with no root, the whole local filesystem.
 #[derive(Debug)]
 pub struct LocalStore {
@@ -21,7 +35,14 @@ pub struct LocalStore {
     name: String,
     /// Read-mostly: parallel `cat_ranges` threads look files up at once,
     /// and a read lock never puts one of them to sleep.
-    files: RwLock<HashMap<String, Arc<File>>>,
+    ///
+    /// A descriptor keeps reading the file it was opened on, even after the
+    /// path is replaced (an atomic rename of a new version) or deleted. So
+    /// every size lookup, which starts each `cat_file`, `cat_ranges`,
+    /// stream plan and `open`, stats the path and reopens when it names
+    /// another file (device and inode differ) or drops the entry when it is
+    /// gone; reads in between use the descriptor as is.
+    files: RwLock<HashMap<String, Arc<OpenFile>>>,
 }
 
 impl LocalStore {
@@ -77,54 +98,104 @@ impl LocalStore {
         Ok(root.join(rel))
     }
 
-    fn file(&self, key: &str) -> Result<Arc<File>> {
-        if let Some(f) = self
-            .files
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-        {
-            return Ok(Arc::clone(f));
-        }
+    /// Runs `f` on the cached descriptor of `key`, opening it if needed.
+    fn with_file<R>(&self, key: &str, len: usize, f: impl FnOnce(&File) -> R) -> Result<R> {
+        let cached = {
+            let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+            match files.get(key) {
+                Some(open) if len <= READ_UNDER_LOCK_BYTES => return Ok(f(&open.file)),
+                Some(open) => Some(Arc::clone(open)),
+                None => None,
+            }
+        };
+        let open = match cached {
+            Some(open) => open,
+            None => self.open(key)?,
+        };
+        Ok(f(&open.file))
+    }
+
+    /// Opens `key` and caches the descriptor (replacing any older one).
+    fn open(&self, key: &str) -> Result<Arc<OpenFile>> {
         let path = self.path_of(key)?;
         let file = File::open(&path).map_err(|e| Error::from_io(key, e))?;
         let meta = file.metadata().map_err(|e| Error::from_io(key, e))?;
         if meta.is_dir() {
             return Err(Error::IsADirectory { path: key.into() });
         }
-        let file = Arc::new(file);
+        let open = Arc::new(OpenFile {
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        });
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         if files.len() >= MAX_OPEN_FILES {
             files.clear();
         }
-        files.insert(key.to_owned(), Arc::clone(&file));
-        Ok(file)
+        files.insert(key.to_owned(), Arc::clone(&open));
+        Ok(open)
+    }
+
+    fn forget(&self, key: &str) {
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 
     fn pread_exact(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let file = self.file(key)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(Error::ShortRead {
-                        path: key.into(),
-                        offset,
-                        wanted_bytes: buf.len() as u64,
-                        got_bytes: done as u64,
-                    })
+        let len = buf.len();
+        self.with_file(key, len, |file| {
+            let mut done = 0usize;
+            while done < buf.len() {
+                match file.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => {
+                        return Err(Error::ShortRead {
+                            path: key.into(),
+                            offset,
+                            wanted_bytes: buf.len() as u64,
+                            got_bytes: done as u64,
+                        })
+                    }
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Error::from_io(key, e)),
                 }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::from_io(key, e)),
             }
-        }
-        Ok(())
+            Ok(())
+        })?
     }
 
+    /// The size of `key`, revalidating its cached descriptor (see `files`).
     fn stat(&self, key: &str) -> Result<u64> {
-        let file = self.file(key)?;
-        let meta = file.metadata().map_err(|e| Error::from_io(key, e))?;
+        let cached = self
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map(|open| (open.dev, open.ino));
+        let open = match cached {
+            None => self.open(key)?,
+            Some(identity) => {
+                let path = self.path_of(key)?;
+                let meta = match std::fs::metadata(&path) {
+                    Ok(meta) => meta,
+                    Err(e) => {
+                        // Deleted (or no longer reachable): the old
+                        // descriptor must not serve it any more.
+                        self.forget(key);
+                        return Err(Error::from_io(key, e));
+                    }
+                };
+                if (meta.dev(), meta.ino()) == identity && !meta.is_dir() {
+                    return Ok(meta.len());
+                }
+                // Replaced: open the file the path names now.
+                self.forget(key);
+                self.open(key)?
+            }
+        };
+        let meta = open.file.metadata().map_err(|e| Error::from_io(key, e))?;
         Ok(meta.len())
     }
 }
@@ -185,6 +256,56 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&buf[..4], b"ello");
+    }
+
+    #[test]
+    fn a_file_replaced_by_rename_or_deleted_is_not_served_from_the_old_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"old contents").unwrap();
+        let store = LocalStore::rooted(dir.path()).unwrap();
+        let mut buf = [0u8; 3];
+        assert_eq!(store.size_blocking("f").unwrap().unwrap(), 12);
+        store.read_into_blocking("f", 0, &mut buf).unwrap().unwrap();
+        assert_eq!(&buf, b"old");
+        // The way writers publish a new version: write aside, rename over.
+        let tmp = dir.path().join("f.tmp");
+        std::fs::write(&tmp, b"new!").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        assert_eq!(store.size_blocking("f").unwrap().unwrap(), 4);
+        store.read_into_blocking("f", 0, &mut buf).unwrap().unwrap();
+        assert_eq!(&buf, b"new");
+        // The same inode rewritten in place: the size is the path's now.
+        std::fs::write(&p, b"longer contents here").unwrap();
+        assert_eq!(store.size_blocking("f").unwrap().unwrap(), 20);
+        std::fs::remove_file(&p).unwrap();
+        assert!(matches!(
+            store.size_blocking("f").unwrap(),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.read_into_blocking("f", 0, &mut buf).unwrap(),
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn large_reads_and_small_reads_see_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(READ_UNDER_LOCK_BYTES * 3))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(dir.path().join("f"), &data).unwrap();
+        let store = LocalStore::rooted(dir.path()).unwrap();
+        let mut big = vec![0u8; READ_UNDER_LOCK_BYTES * 2];
+        store.read_into_blocking("f", 7, &mut big).unwrap().unwrap();
+        assert_eq!(big[..], data[7..7 + big.len()]);
+        let mut small = [0u8; 100];
+        store
+            .read_into_blocking("f", 1000, &mut small)
+            .unwrap()
+            .unwrap();
+        assert_eq!(small[..], data[1000..1100]);
     }
 
     #[test]
