@@ -315,7 +315,11 @@ impl Storage {
         start: Option<i64>,
         end: Option<i64>,
     ) -> Result<(u64, u64)> {
-        Ok(resolve_slice(self.size(key)?, start, end))
+        let size = match self.manifest_size(key) {
+            Some(size) => size,
+            None => self.size(key)?,
+        };
+        Ok(resolve_slice(size, start, end))
     }
 
     /// `resolve_slice` for many requests, statting each distinct key once.
@@ -356,6 +360,24 @@ impl Storage {
         let mut distinct: Vec<&str> = keys.iter().map(String::as_str).collect();
         distinct.sort_unstable();
         distinct.dedup();
+        // The manifest's sizes need no request (see `manifest_size`).
+        let mut known = std::collections::HashMap::new();
+        distinct.retain(|key| match self.manifest_size(key) {
+            Some(size) => {
+                known.insert(*key, Ok(size));
+                false
+            }
+            None => true,
+        });
+        let mut rest = self.sizes_asked(distinct);
+        rest.extend(known);
+        rest
+    }
+
+    fn sizes_asked<'k>(
+        &self,
+        distinct: Vec<&'k str>,
+    ) -> std::collections::HashMap<&'k str, Result<u64, String>> {
         let Some(first) = distinct.first() else {
             return Default::default();
         };

@@ -240,6 +240,13 @@ impl RemoteStore {
         };
         let result = match client.get_opts(&path, options).await {
             Ok(result) => result,
+            // A 200 to the range request: nginx does that for an empty
+            // object, range-less servers always. Their full answer is the
+            // object; ask for it plainly (its size is Content-Length).
+            Err(object_store::Error::NotSupported { .. }) => client
+                .get_opts(&path, GetOptions::default())
+                .await
+                .map_err(|e| self.error(key, e))?,
             Err(e) => {
                 return match self.error(key, e) {
                     // 416 for `bytes=0-`: no byte 0, an empty object (or an
