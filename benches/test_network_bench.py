@@ -414,9 +414,7 @@ def test_gray_failure_recovery(benchmark: Any, rig: netns.NetnsRig, dataset: Dat
     benchmark.pedantic(all_trials, rounds=1, iterations=1)
     budget_ms = 2 * ROUTING["hedge_after_ms"]
     results: dict[str, dict[str, float]] = {f"trial {i}": t for i, t in enumerate(trials)}
-    results["median"] = {
-        k: statistics.median(t[k] for t in trials) for k in trials[0]
-    }
+    results["median"] = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
     results["median"]["2 x hedge_after_ms"] = float(budget_ms)
     report(f"gray failure: SIGSTOP 1 of 3 mid-run, {GRAY_TRIALS} trials", results,
            benchmark.extra_info)  # fmt: skip

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.nginx
 REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) ')
 
 
-def _logged(root: Path, log: Path, n: int, nginx_replicas: Callable[..., NginxReplicas]) -> list[str]:
+def _logged(
+    root: Path, log: Path, n: int, nginx_replicas: Callable[..., NginxReplicas]
+) -> list[str]:
     """``n`` replicas of ``root`` that append every request to ``log``."""
     replicas = nginx_replicas(root, n, extra_config=f"        access_log {log} combined;\n")
     return list(replicas.urls)

@@ -571,9 +571,9 @@ impl Store for ChaosStore {
     fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let spec = self.sampler.spec();
-            let past_limit = spec.fail_after_requests.is_some_and(|n| {
-                self.sampler.next_request.load(Ordering::Relaxed) >= n
-            });
+            let past_limit = spec
+                .fail_after_requests
+                .is_some_and(|n| self.sampler.next_request.load(Ordering::Relaxed) >= n);
             if past_limit || self.sampler.in_outage_window() {
                 let d = self.sampler.next(0);
                 if let Some(e) = self.immediate_failure(&d, key) {

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use feedline_core::plan::PlanItem;
 use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
-use feedline_core::storage::{
-    threads_for_ranges, RangeRequest, Storage, StorageConfig, WholeRead,
-};
+use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig, WholeRead};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 

@@ -850,9 +850,14 @@ impl Router {
                             offset,
                             buf: &mut *buf,
                         };
-                        let result = runtime::block_on(
-                            self.attempt(r, probe, kind, key, &mut target, deadline),
-                        );
+                        let result = runtime::block_on(self.attempt(
+                            r,
+                            probe,
+                            kind,
+                            key,
+                            &mut target,
+                            deadline,
+                        ));
                         last_end = Instant::now();
                         result
                     }

@@ -587,7 +587,10 @@ fn whole_object_reads_are_hedged_whole_from_one_replica() {
         } else if got == b {
             from[1] += 1;
         } else {
-            panic!("object read {i} is a mix of the two replicas ({} bytes)", got.len());
+            panic!(
+                "object read {i} is a mix of the two replicas ({} bytes)",
+                got.len()
+            );
         }
     }
     let stats = router.stats(false);
@@ -640,9 +643,7 @@ fn a_replica_that_never_answers_is_ejected_after_losing_hedges() {
     // straight to the others instead of each waiting the hedge delay.
     let data = pattern(5, 2048);
     let reps = Replicas::new(3, |_| Some(data.clone()));
-    let primary = Rendezvous::new(&reps.names(), None)
-        .unwrap()
-        .primary("obj");
+    let primary = Rendezvous::new(&reps.names(), None).unwrap().primary("obj");
     let stores: Vec<Arc<dyn Store>> = reps
         .local()
         .into_iter()

@@ -54,8 +54,9 @@ pub trait Store: Send + Sync + Debug + 'static {
     fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let size = self.size(key).await?;
-            let len = usize::try_from(size)
-                .map_err(|_| crate::error::Error::invalid(format!("{key:?} is too large ({size} bytes)")))?;
+            let len = usize::try_from(size).map_err(|_| {
+                crate::error::Error::invalid(format!("{key:?} is too large ({size} bytes)"))
+            })?;
             out.clear();
             out.resize(len, 0);
             self.read_into(key, 0, out).await
