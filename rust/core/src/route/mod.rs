@@ -627,23 +627,36 @@ impl Router {
             Target::Object(_) => (Vec::new(), None),
         };
         let mut primary = Box::pin(self.attempt(r, probe, kind, key, target, deadline));
-        let fire_at = deadline.min(Instant::now() + delay);
-        tokio::select! {
-            biased;
-            result = &mut primary => return Self::settle(r, result, failures),
-            _ = tokio::time::sleep_until(fire_at.into()) => {}
-        }
-        let hedge_to = match self.choose(prefs, *tried | bit(r), false) {
-            Some(choice) if self.budget.try_withdraw() => Some(choice),
-            Some((h, true)) => {
-                self.replicas[h].health.release_probe();
-                None
+        let mut fire_at = deadline.min(Instant::now() + delay);
+        let (h, hedge_probe) = loop {
+            tokio::select! {
+                biased;
+                result = &mut primary => return Self::settle(r, result, failures),
+                _ = tokio::time::sleep_until(fire_at.into()) => {}
             }
-            _ => None,
-        };
-        let Some((h, hedge_probe)) = hedge_to else {
-            let result = primary.await;
-            return Self::settle(r, result, failures);
+            match self.choose(prefs, *tried | bit(r), false) {
+                Some(choice) if self.budget.try_withdraw() => break choice,
+                Some((h, probe)) => {
+                    if probe {
+                        self.replicas[h].health.release_probe();
+                    }
+                }
+                // Nobody to hedge to: the primary is the only hope.
+                None => {
+                    let result = primary.await;
+                    return Self::settle(r, result, failures);
+                }
+            }
+            // No token now (a busy spell spent the budget): ask again one
+            // hedge delay later rather than never. The floor refills the
+            // budget, so a primary that will not answer (a stopped server)
+            // is hedged within about a second instead of holding the read
+            // until its deadline.
+            if Instant::now() >= deadline {
+                let result = primary.await;
+                return Self::settle(r, result, failures);
+            }
+            fire_at = deadline.min(Instant::now() + delay);
         };
         *tried |= bit(h);
         let hedge_won = {
