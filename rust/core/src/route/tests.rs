@@ -673,3 +673,41 @@ fn a_replica_that_never_answers_is_ejected_after_losing_hedges() {
     assert_eq!(won, 3, "hedged until ejected, then straight to the others");
     assert_eq!(stats.read_errors, 0);
 }
+
+#[test]
+fn a_hedge_refused_by_the_budget_is_asked_again_not_never() {
+    // The primary never answers and is never ejected; the budget starts
+    // at 20 tokens (floor 2/s x TTL 10 s), so reads past the 20th find it
+    // empty when their hedge is due. Each must wait for the floor to
+    // refill it (about half a second), not for its deadline.
+    let data = pattern(9, 1024);
+    let reps = Replicas::new(2, |_| Some(data.clone()));
+    let primary = Rendezvous::new(&reps.names(), None).unwrap().primary("obj");
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let delay = if i == primary { 3600 } else { 0 };
+            Arc::new(SlowStore::new(s, Duration::from_secs(delay))) as Arc<dyn Store>
+        })
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Ms(2.0)),
+        eject_after_failures: Some(u32::MAX),
+        retry_budget_ratio: Some(0.001),
+        retry_budget_floor_per_s: Some(2.0),
+        deadline_ms: Some(20_000.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    for _ in 0..23 {
+        assert_eq!(read_object(&router, "obj").unwrap(), data);
+    }
+    let stats = router.stats(false);
+    assert_eq!(stats.read_errors, 0);
+    assert!(!stats.replicas[primary].ejected);
+    let won: u64 = stats.replicas.iter().map(|r| r.hedges_won).sum();
+    assert_eq!(won, 23, "every read was served by a hedge: {stats:?}");
+}
