@@ -291,7 +291,8 @@ class LyingServer:
             name, _, value = line.partition(":")
             if name.strip().lower() == "range":
                 a, _, b = value.strip().removeprefix("bytes=").partition("-")
-                start, end = int(a), min(int(b), total - 1)
+                # `bytes=0-` (a whole object, size unknown) has no end.
+                start, end = int(a), min(int(b) if b else total - 1, total - 1)
         body = self.data[start : end + 1]
         if method == "HEAD":
             conn.sendall(
@@ -305,6 +306,16 @@ class LyingServer:
                 f"Content-Range: bytes {start}-{end}/{total}\r\nConnection: close\r\n\r\n"
             )
             conn.sendall(header.encode() + body[: len(body) // 2])
+        elif self.mode == "wrong-total":
+            # A consistent lie: the first half of the range, labelled as
+            # the whole of a smaller object. Only a manifest can tell.
+            cut = body[: max(1, len(body) // 2)]
+            header = (
+                f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(cut)}\r\n"
+                f"Content-Range: bytes {start}-{start + len(cut) - 1}/{start + len(cut)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            conn.sendall(header.encode() + cut)
         else:  # "wrong-range": the bytes of another range, labelled as such
             shifted = self.data[start + 1 : end + 2]
             header = (
@@ -328,6 +339,10 @@ def test_lying_server_alone_is_an_error_never_short_data(mode: str) -> None:
         fs = feedline.FileSystem([server.url])
         with pytest.raises(OSError):
             fs.cat_file("obj", 1000, 200_000)
+        with pytest.raises(OSError):  # a whole object: one GET, same checks
+            fs.cat_file("obj")
+        for r in fs.cat_ranges(["obj"] * 2, None, None):
+            assert isinstance(r, OSError), r
         for r in fs.cat_ranges(["obj"] * 3, [0, 10, 5000], [100, 20_000, 100_000]):
             assert isinstance(r, OSError), r
     finally:

@@ -562,6 +562,47 @@ impl Store for ChaosStore {
         })
     }
 
+    /// The same fates as `read_into`, drawn once per whole-object read. Its
+    /// size is only known once the bytes are in, so the fate is drawn then
+    /// (corruption needs an index, the link a byte count) and applied
+    /// before the caller sees anything: the caller waits as long and gets
+    /// the same error or corruption as if it had been applied first. An
+    /// outage is decided up front: a down replica is not asked at all.
+    fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let spec = self.sampler.spec();
+            let past_limit = spec
+                .fail_after_requests
+                .is_some_and(|n| self.sampler.next_request.load(Ordering::Relaxed) >= n);
+            if past_limit || self.sampler.in_outage_window() {
+                let d = self.sampler.next(0);
+                if let Some(e) = self.immediate_failure(&d, key) {
+                    return Err(e);
+                }
+            }
+            let read = self.inner.read_object(key, out).await;
+            let d = self.sampler.next(out.len());
+            if let Some(e) = self.immediate_failure(&d, key) {
+                return Err(e);
+            }
+            if d.fault == Fault::Stall {
+                std::future::pending::<()>().await;
+            }
+            // Read time plus the delay, as in `read_into` (delay, then read).
+            if !d.delay.is_zero() {
+                tokio::time::sleep(d.delay).await;
+            }
+            if d.fault == Fault::Error {
+                return Err(self.injected("error", key, d.request));
+            }
+            read?;
+            if let Fault::Corrupt { index } = d.fault {
+                corrupt_byte(out, index);
+            }
+            Ok(())
+        })
+    }
+
     fn read_into_blocking(&self, key: &str, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
         if self.sampler.spec().has_timing_faults() {
             return None;

@@ -551,6 +551,22 @@ impl Store for VerifyingStore {
         })
     }
 
+    /// The whole object in one request below; its size must be the
+    /// manifest's (checked before the checksums, so a short or long copy is
+    /// this replica's failure, never short data) and every block must match.
+    fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            // Refuses a key the manifest does not name before any request.
+            self.span(key, 0, 0)?;
+            self.inner.read_object(key, out).await?;
+            if let Some(e) = self.mismatched_size(key, out.len() as u64) {
+                return Err(e);
+            }
+            let span = self.span(key, 0, out.len())?;
+            self.verify(key, &span, out)
+        })
+    }
+
     fn read_into_blocking(&self, key: &str, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
         if buf.is_empty() {
             return self.inner.read_into_blocking(key, offset, buf);

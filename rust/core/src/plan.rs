@@ -101,6 +101,17 @@ pub async fn build_plan(
     items: &[PlanItem],
     chunk_bytes: usize,
 ) -> Result<Vec<ReadRange>> {
+    build_plan_with(store, items, chunk_bytes, &|_: &str| None).await
+}
+
+/// `build_plan` where `known` already gives some sizes (a manifest's, which
+/// verification then holds every read to): those objects are not statted.
+pub async fn build_plan_with(
+    store: &dyn Store,
+    items: &[PlanItem],
+    chunk_bytes: usize,
+    known: &(dyn Fn(&str) -> Option<u64> + Sync),
+) -> Result<Vec<ReadRange>> {
     if chunk_bytes == 0 {
         return Err(Error::invalid("chunk_bytes must be at least 1, got 0"));
     }
@@ -116,7 +127,12 @@ pub async fn build_plan(
     keys.sort_unstable();
     keys.dedup();
     let sizes: std::collections::HashMap<&str, u64> = futures::stream::iter(keys)
-        .map(|key| async move { store.size(key).await.map(|size| (key, size)) })
+        .map(|key| async move {
+            match known(key) {
+                Some(size) => Ok((key, size)),
+                None => store.size(key).await.map(|size| (key, size)),
+            }
+        })
         .buffer_unordered(STAT_CONCURRENCY)
         .try_collect()
         .await?;

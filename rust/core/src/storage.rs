@@ -14,7 +14,7 @@ use crate::chaos::ChaosSpec;
 use crate::error::{Error, Result};
 use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
 use crate::manifest::ManifestSource;
-use crate::plan::{build_plan, resolve_slice, PlanItem};
+use crate::plan::{build_plan_with, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
 use crate::route::{HedgeAfterMs, ReadTally, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
@@ -154,6 +154,15 @@ impl StorageConfig {
     }
 }
 
+/// How a whole-object read goes (see [`Storage::whole_read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WholeRead {
+    /// The size is known: read exactly this many bytes from offset 0.
+    Sized(u64),
+    /// One request brings the bytes and their size.
+    OneRequest,
+}
+
 /// One request of `read_many`: fill `buf` from `offset` of `key`.
 pub struct RangeRequest<'a> {
     pub key: &'a str,
@@ -250,6 +259,54 @@ impl Storage {
         }
     }
 
+    /// The object's size in the manifest, when one is configured: it is
+    /// authoritative (verification holds every replica's bytes to it), so
+    /// nothing needs to ask a replica.
+    pub fn manifest_size(&self, key: &str) -> Option<u64> {
+        Some(self.layers.manifest()?.get(key)?.size)
+    }
+
+    /// How a whole-object read of `key` goes here: into a buffer of a size
+    /// known without a request (the manifest's, or a local `stat`), or as
+    /// one request whose response brings the size (remote stores without a
+    /// manifest: no HEAD before the GET).
+    pub fn whole_read(&self, key: &str) -> Result<WholeRead> {
+        if let Some(size) = self.manifest_size(key) {
+            return Ok(WholeRead::Sized(size));
+        }
+        match self.store.size_blocking(key) {
+            Some(size) => Ok(WholeRead::Sized(size?)),
+            None => Ok(WholeRead::OneRequest),
+        }
+    }
+
+    /// The whole object, its size learned from the response (see
+    /// [`Store::read_object`]); routed, hedged and retried like any read.
+    pub fn read_object(&self, key: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        runtime::block_on(self.store.read_object(key, &mut out))?;
+        Ok(out)
+    }
+
+    /// `read_object` of each key, `concurrency` in flight; results in order.
+    pub fn read_objects(&self, keys: &[&str]) -> Vec<Result<Vec<u8>>> {
+        let concurrency = self
+            .config
+            .concurrency
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .max(1);
+        let store = self.store.as_ref();
+        runtime::block_on(
+            futures::stream::iter(keys)
+                .map(|key| async move {
+                    let mut out = Vec::new();
+                    store.read_object(key, &mut out).await.map(|()| out)
+                })
+                .buffered(concurrency)
+                .collect(),
+        )
+    }
+
     /// Resolves `cat_file(key, start, end)` to `(offset, len)` with fsspec's
     /// slice semantics (see [`resolve_slice`]).
     pub fn resolve_slice(
@@ -258,7 +315,11 @@ impl Storage {
         start: Option<i64>,
         end: Option<i64>,
     ) -> Result<(u64, u64)> {
-        Ok(resolve_slice(self.size(key)?, start, end))
+        let size = match self.manifest_size(key) {
+            Some(size) => size,
+            None => self.size(key)?,
+        };
+        Ok(resolve_slice(size, start, end))
     }
 
     /// `resolve_slice` for many requests, statting each distinct key once.
@@ -321,11 +382,30 @@ impl Storage {
         Ok(out)
     }
 
-    /// The size of each of the `distinct` keys, in order: on the calling
-    /// thread where the store allows it, else `concurrency` stats in flight
-    /// (a remote stat is a round trip; 1,000 of them in a row would dominate
-    /// a `cat_ranges`).
+    /// The size of each of the `distinct` keys, in order: from the manifest
+    /// where it has them (no request, see `manifest_size`), else on the
+    /// calling thread where the store allows it, else `concurrency` stats
+    /// in flight (a remote stat is a round trip; 1,000 of them in a row
+    /// would dominate a `cat_ranges`).
     fn sizes(&self, distinct: &[&str]) -> Vec<Result<u64, String>> {
+        let known: Vec<Option<u64>> = distinct.iter().map(|k| self.manifest_size(k)).collect();
+        let asked: Vec<&str> = distinct
+            .iter()
+            .zip(&known)
+            .filter(|(_, size)| size.is_none())
+            .map(|(key, _)| *key)
+            .collect();
+        let mut asked_sizes = self.sizes_asked(&asked).into_iter();
+        known
+            .into_iter()
+            .map(|size| match size {
+                Some(size) => Ok(size),
+                None => asked_sizes.next().expect("one size per asked key"),
+            })
+            .collect()
+    }
+
+    fn sizes_asked(&self, distinct: &[&str]) -> Vec<Result<u64, String>> {
         let Some(first) = distinct.first() else {
             return Vec::new();
         };
@@ -510,7 +590,13 @@ impl Storage {
     /// Starts a prefetching stream over `items`.
     pub fn stream(&self, items: &[PlanItem], config: &StreamConfig) -> Result<Stream> {
         config.validate()?;
-        let plan = runtime::block_on(build_plan(self.store.as_ref(), items, config.chunk_bytes))?;
+        let known = |key: &str| self.manifest_size(key);
+        let plan = runtime::block_on(build_plan_with(
+            self.store.as_ref(),
+            items,
+            config.chunk_bytes,
+            &known,
+        ))?;
         match &self.router {
             Some(router) => Stream::start_routed(Arc::clone(router), plan, config),
             None => Stream::start(Arc::clone(&self.store), plan, config),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use feedline_core::plan::PlanItem;
 use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
-use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig};
+use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig, WholeRead};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
@@ -191,9 +191,24 @@ impl PyStorage {
         start: Option<i64>,
         end: Option<i64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (offset, len) = py
-            .detach(|| self.inner.resolve_slice(key, start, end))
+        let whole = is_whole(start, end);
+        let plan = py
+            .detach(|| match whole {
+                true => self.inner.whole_read(key),
+                false => Ok(WholeRead::OneRequest),
+            })
             .py()?;
+        let (offset, len) = match (whole, plan) {
+            (true, WholeRead::Sized(size)) => (0, size),
+            (true, WholeRead::OneRequest) => {
+                // The size comes with the bytes: one copy into `bytes`.
+                let data = py.detach(|| self.inner.read_object(key)).py()?;
+                return Ok(PyBytes::new(py, &data));
+            }
+            (false, _) => py
+                .detach(|| self.inner.resolve_slice(key, start, end))
+                .py()?,
+        };
         let (bytes, target) = new_bytes(py, len as usize)?;
         py.detach(move || {
             // SAFETY: the only slice of this fresh bytes object.
@@ -214,6 +229,27 @@ impl PyStorage {
     ) -> PyResult<Vec<Py<PyAny>>> {
         let (distinct, index) = distinct_keys(keys)?;
         let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
+        // Whole objects on a store where one request brings the size: no
+        // stats first (see `Storage::whole_read`).
+        let all_whole = !index.is_empty()
+            && index.len() == starts.len()
+            && index.len() == ends.len()
+            && starts.iter().zip(&ends).all(|(s, e)| is_whole(*s, *e));
+        if all_whole
+            && py.detach(|| self.inner.whole_read(distinct[0])).ok() == Some(WholeRead::OneRequest)
+        {
+            let results = py.detach(|| {
+                let refs: Vec<&str> = index.iter().map(|&k| distinct[k]).collect();
+                self.inner.read_objects(&refs)
+            });
+            return Ok(results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(data) => PyBytes::new(py, &data).into_any().unbind(),
+                    Err(e) => to_py(e).into_value(py).into_any(),
+                })
+                .collect());
+        }
         let spans = py
             .detach(|| {
                 self.inner
@@ -320,6 +356,11 @@ impl PyStorage {
             .map(|s| crate::manifest::fault_stats_dict(py, s))
             .collect()
     }
+}
+
+/// `cat_file(path, start, end)` asks for the whole object.
+fn is_whole(start: Option<i64>, end: Option<i64>) -> bool {
+    matches!(start, None | Some(0)) && end.is_none()
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

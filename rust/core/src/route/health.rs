@@ -293,6 +293,15 @@ impl ReplicaHealth {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// A read that this replica did not answer before a hedge elsewhere
+    /// did: no error, but one more in the streak that ejects (a stopped
+    /// server answers nothing and fails nothing; without this it would
+    /// keep every read it is asked for waiting the hedge delay forever).
+    /// Not counted in `errors`; any success resets the streak.
+    pub fn on_hedge_lost(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// Takes the replica out of rotation for `base × ejections`, capped.
     /// The caller has checked that another replica stays healthy.
     pub fn eject(&self, now: Instant, base: Duration, max: Duration) {

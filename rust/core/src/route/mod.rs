@@ -106,6 +106,32 @@ enum Outcome {
     Fatal(Error),
 }
 
+/// Where one read's bytes go: a range into the caller's buffer, or a whole
+/// object whose size comes with the data (see [`Store::read_object`]). Both
+/// go through the same choice, timeouts, hedging, failover and budget.
+pub enum Target<'b> {
+    Range { offset: u64, buf: &'b mut [u8] },
+    Object(&'b mut Vec<u8>),
+}
+
+impl Target<'_> {
+    /// Bytes delivered (a range's length; an object's bytes once read).
+    fn len(&self) -> usize {
+        match self {
+            Target::Range { buf, .. } => buf.len(),
+            Target::Object(out) => out.len(),
+        }
+    }
+
+    /// Reads into this target from `store`.
+    fn read<'a>(&'a mut self, store: &'a dyn Store, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        match self {
+            Target::Range { offset, buf } => store.read_into(key, *offset, buf),
+            Target::Object(out) => store.read_object(key, out),
+        }
+    }
+}
+
 /// Held while an attempt runs: counts it in flight and, if dropped before
 /// `finish` (the loser of a hedge race, a read whose caller went away),
 /// counts it cancelled and frees a probe slot.
@@ -474,6 +500,21 @@ impl Router {
         now
     }
 
+    /// The primary `r` was still running when its hedge completed: a
+    /// replica that keeps losing is ejected like one that keeps failing,
+    /// so a gray failure (accepts, never answers) stops costing every
+    /// read routed to it the hedge delay after a few reads.
+    fn primary_lost_hedge(&self, r: usize, probe: bool) {
+        let health = &self.replicas[r].health;
+        let streak = health.on_hedge_lost();
+        let now = Instant::now();
+        if probe {
+            health.eject(now, self.config.base_ejection, self.config.max_ejection);
+        } else if streak >= self.config.eject_after_failures && !health.is_ejected() {
+            self.maybe_eject(r, now);
+        }
+    }
+
     fn maybe_eject(&self, r: usize, now: Instant) {
         let _lock = self.eject_lock.lock().unwrap_or_else(|e| e.into_inner());
         let health = &self.replicas[r].health;
@@ -510,8 +551,7 @@ impl Router {
         probe: bool,
         kind: AttemptKind,
         key: &str,
-        offset: u64,
-        buf: &mut [u8],
+        target: &mut Target<'_>,
         deadline: Instant,
     ) -> Result<()> {
         let mut guard = self.start_attempt(r, probe, kind, Instant::now());
@@ -519,16 +559,16 @@ impl Router {
             Some(t) => deadline.min(guard.start + t),
             None => deadline,
         };
-        let len = buf.len();
         let result = match tokio::time::timeout_at(
             limit.into(),
-            self.replicas[r].store.read_into(key, offset, buf),
+            target.read(self.replicas[r].store.as_ref(), key),
         )
         .await
         {
             Ok(result) => result,
             Err(_) => Err(self.attempt_timeout(key, r, guard.start)),
         };
+        let len = target.len();
         self.finish_attempt(r, &mut guard, &result, len, None);
         result
     }
@@ -575,8 +615,8 @@ impl Router {
     /// An attempt on `r`, hedged to the next healthy replica if it is still
     /// running after the hedge delay. The first complete response wins and
     /// the other attempt is dropped (cancelled). The primary writes into
-    /// `buf`, the hedge into its own scratch buffer, copied into `buf` only
-    /// once the primary is gone, so a result is never a mix of the two.
+    /// `target`, the hedge into its own scratch buffer, moved into `target`
+    /// only once the primary is gone, so a result is never a mix of the two.
     #[allow(clippy::too_many_arguments)]
     async fn attempt_hedged(
         &self,
@@ -584,49 +624,68 @@ impl Router {
         probe: bool,
         kind: AttemptKind,
         key: &str,
-        offset: u64,
-        buf: &mut [u8],
+        target: &mut Target<'_>,
         prefs: &PreferenceList,
         tried: &mut Tried,
         deadline: Instant,
         failures: &mut Vec<(usize, Error)>,
     ) -> Outcome {
         let Some(delay) = self.hedge_delay(r) else {
-            let result = self
-                .attempt(r, probe, kind, key, offset, buf, deadline)
-                .await;
+            let result = self.attempt(r, probe, kind, key, target, deadline).await;
             return Self::settle(r, result, failures);
         };
-        let len = buf.len();
-        let mut primary = Box::pin(self.attempt(r, probe, kind, key, offset, buf, deadline));
-        let fire_at = deadline.min(Instant::now() + delay);
-        tokio::select! {
-            biased;
-            result = &mut primary => return Self::settle(r, result, failures),
-            _ = tokio::time::sleep_until(fire_at.into()) => {}
-        }
-        let hedge_to = match self.choose(prefs, *tried | bit(r), false) {
-            Some(choice) if self.budget.try_withdraw() => Some(choice),
-            Some((h, true)) => {
-                self.replicas[h].health.release_probe();
-                None
+        // The hedge's own buffer: a range's length, or an empty object.
+        let (mut scratch, hedge_offset) = match target {
+            Target::Range { offset, buf } => (vec![0u8; buf.len()], Some(*offset)),
+            Target::Object(_) => (Vec::new(), None),
+        };
+        let mut primary = Box::pin(self.attempt(r, probe, kind, key, target, deadline));
+        let mut fire_at = deadline.min(Instant::now() + delay);
+        let (h, hedge_probe) = loop {
+            tokio::select! {
+                biased;
+                result = &mut primary => return Self::settle(r, result, failures),
+                _ = tokio::time::sleep_until(fire_at.into()) => {}
             }
-            _ => None,
-        };
-        let Some((h, hedge_probe)) = hedge_to else {
-            let result = primary.await;
-            return Self::settle(r, result, failures);
+            match self.choose(prefs, *tried | bit(r), false) {
+                Some(choice) if self.budget.try_withdraw() => break choice,
+                Some((h, probe)) => {
+                    if probe {
+                        self.replicas[h].health.release_probe();
+                    }
+                }
+                // Nobody to hedge to: the primary is the only hope.
+                None => {
+                    let result = primary.await;
+                    return Self::settle(r, result, failures);
+                }
+            }
+            // No token now (a busy spell spent the budget): ask again one
+            // hedge delay later rather than never. The floor refills the
+            // budget, so a primary that will not answer (a stopped server)
+            // is hedged within about a second instead of holding the read
+            // until its deadline.
+            if Instant::now() >= deadline {
+                let result = primary.await;
+                return Self::settle(r, result, failures);
+            }
+            fire_at = deadline.min(Instant::now() + delay);
         };
         *tried |= bit(h);
-        let mut scratch = vec![0u8; len];
         let hedge_won = {
+            let mut hedge_target = match hedge_offset {
+                Some(offset) => Target::Range {
+                    offset,
+                    buf: &mut scratch,
+                },
+                None => Target::Object(&mut scratch),
+            };
             let mut hedge = Box::pin(self.attempt(
                 h,
                 hedge_probe,
                 AttemptKind::Hedge,
                 key,
-                offset,
-                &mut scratch,
+                &mut hedge_target,
                 deadline,
             ));
             let (mut primary_done, mut hedge_done) = (false, false);
@@ -659,12 +718,17 @@ impl Router {
         drop(primary);
         match hedge_won {
             Ok(true) => {
-                buf.copy_from_slice(&scratch);
+                match target {
+                    Target::Range { buf, .. } => buf.copy_from_slice(&scratch),
+                    // The hedge's object replaces whatever the primary left.
+                    Target::Object(out) => std::mem::swap(*out, &mut scratch),
+                }
                 self.replicas[h]
                     .health
                     .counters
                     .hedges_won
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.primary_lost_hedge(r, probe);
                 Outcome::Done
             }
             Ok(false) => Outcome::Done,
@@ -743,7 +807,7 @@ impl Router {
         self.read_failed(f.start, err)
     }
 
-    async fn read_routed(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+    async fn read_routed(&self, key: &str, target: &mut Target<'_>) -> Result<()> {
         let mut f = self.failover(key);
         self.budget.deposit();
         loop {
@@ -761,8 +825,7 @@ impl Router {
                     probe,
                     kind,
                     key,
-                    offset,
-                    buf,
+                    target,
                     &f.prefs,
                     &mut f.tried,
                     f.deadline,
@@ -770,7 +833,9 @@ impl Router {
                 )
                 .await
             {
-                Outcome::Done => return self.read_done(f.start, Instant::now(), buf.len(), None),
+                Outcome::Done => {
+                    return self.read_done(f.start, Instant::now(), target.len(), None)
+                }
                 Outcome::Fatal(e) => return self.read_failed(f.start, e),
                 Outcome::Failed => {}
             }
@@ -814,9 +879,18 @@ impl Router {
                 // Nothing read yet: the async path takes over.
                 None if first => return None,
                 None if tokio::runtime::Handle::try_current().is_err() => {
-                    let result = runtime::block_on(
-                        self.attempt(r, probe, kind, key, offset, buf, f.deadline),
-                    );
+                    let mut target = Target::Range {
+                        offset,
+                        buf: &mut *buf,
+                    };
+                    let result = runtime::block_on(self.attempt(
+                        r,
+                        probe,
+                        kind,
+                        key,
+                        &mut target,
+                        f.deadline,
+                    ));
                     (result, Instant::now())
                 }
                 None => (
@@ -1059,7 +1133,14 @@ impl Store for Router {
         offset: u64,
         buf: &'a mut [u8],
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.read_routed(key, offset, buf))
+        Box::pin(async move {
+            self.read_routed(key, &mut Target::Range { offset, buf })
+                .await
+        })
+    }
+
+    fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { self.read_routed(key, &mut Target::Object(out)).await })
     }
 
     fn read_into_blocking(&self, key: &str, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {

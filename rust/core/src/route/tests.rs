@@ -629,3 +629,165 @@ fn a_tally_flushes_by_count_and_on_a_peak() {
     let s = router.stats(false);
     assert_eq!((s.latency.count, s.replicas[0].latency.count), (n, n));
 }
+
+fn read_object(router: &Router, key: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    runtime::block_on(router.read_object(key, &mut out)).map(|()| out)
+}
+
+#[test]
+fn whole_object_reads_are_hedged_whole_from_one_replica() {
+    // The same machinery as ranges: a slow primary is hedged, and the
+    // object comes entirely from whichever replica won.
+    let a = pattern(0xAA, 48 * 1024);
+    let b = pattern(0x55, 48 * 1024);
+    let reps = Replicas::new(2, |i| Some(if i == 0 { a.clone() } else { b.clone() }));
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .map(|s| {
+            let mut slow = SlowStore::new(s, Duration::from_millis(1));
+            slow.spike = Duration::from_millis(30);
+            slow.spike_every = 3;
+            Arc::new(slow) as Arc<dyn Store>
+        })
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
+        retry_budget_floor_per_s: Some(1000.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    let mut from = [0usize; 2];
+    for i in 0..40 {
+        let got = read_object(&router, "obj").unwrap();
+        if got == a {
+            from[0] += 1;
+        } else if got == b {
+            from[1] += 1;
+        } else {
+            panic!(
+                "object read {i} is a mix of the two replicas ({} bytes)",
+                got.len()
+            );
+        }
+    }
+    let stats = router.stats(false);
+    let won: u64 = stats.replicas.iter().map(|r| r.hedges_won).sum();
+    assert!(won > 0 && from[0] > 0 && from[1] > 0, "{from:?} {stats:?}");
+    assert_eq!(stats.reads, 40);
+    assert_eq!(stats.bytes, 40 * 48 * 1024);
+}
+
+#[test]
+fn whole_object_reads_fail_over_eject_and_spend_the_budget() {
+    let data = pattern(7, 3000);
+    let reps = Replicas::new(3, |_| Some(data.clone()));
+    let (switches, stores) = switchable(&reps);
+    let config = RouterConfig::from_options(&RoutingOptions {
+        eject_after_failures: Some(3),
+        backoff_base_ms: Some(0.0),
+        retry_budget_ratio: Some(0.1),
+        // An idle balance of a few tokens (floor x TTL) for the failovers.
+        retry_budget_floor_per_s: Some(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    let primary = router.placement().primary("obj");
+    switches[primary].down.store(true, Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(read_object(&router, "obj").unwrap(), data);
+    }
+    let s = router.stats(false).replicas[primary].clone();
+    assert_eq!((s.errors, s.ejections), (3, 1), "{s:?}");
+    // Everyone down: the budget, not the replica count, bounds retries.
+    for s in &switches {
+        s.down.store(true, Ordering::SeqCst);
+    }
+    router.stats(true);
+    for _ in 0..200 {
+        assert!(read_object(&router, "obj").is_err());
+    }
+    let stats = router.stats(false);
+    let retries: u64 = stats.replicas.iter().map(|r| r.retries).sum();
+    assert!(retries <= 60, "retries {retries} for 200 failing reads");
+    assert_eq!(stats.read_errors, 200);
+}
+
+#[test]
+fn a_replica_that_never_answers_is_ejected_after_losing_hedges() {
+    // A gray failure: the primary accepts and never answers, never fails.
+    // After `eject_after_failures` lost hedge races it is out, and reads go
+    // straight to the others instead of each waiting the hedge delay.
+    let data = pattern(5, 2048);
+    let reps = Replicas::new(3, |_| Some(data.clone()));
+    let primary = Rendezvous::new(&reps.names(), None).unwrap().primary("obj");
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let delay = if i == primary { 3600 } else { 0 };
+            Arc::new(SlowStore::new(s, Duration::from_secs(delay))) as Arc<dyn Store>
+        })
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
+        eject_after_failures: Some(3),
+        base_ejection_ms: Some(60_000.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    for _ in 0..10 {
+        assert_eq!(read_async(&router, "obj", 0, 2048).unwrap(), data);
+        assert_eq!(read_object(&router, "obj").unwrap(), data);
+    }
+    let stats = router.stats(false);
+    let won: u64 = stats.replicas.iter().map(|r| r.hedges_won).sum();
+    let p = &stats.replicas[primary];
+    assert!(p.ejected && p.ejections == 1, "{p:?}");
+    assert_eq!(p.errors, 0, "losing a hedge is not an error: {p:?}");
+    assert_eq!(won, 3, "hedged until ejected, then straight to the others");
+    assert_eq!(stats.read_errors, 0);
+}
+
+#[test]
+fn a_hedge_refused_by_the_budget_is_asked_again_not_never() {
+    // The primary never answers and is never ejected; the budget starts
+    // at 20 tokens (floor 2/s x TTL 10 s), so reads past the 20th find it
+    // empty when their hedge is due. Each must wait for the floor to
+    // refill it (about half a second), not for its deadline.
+    let data = pattern(9, 1024);
+    let reps = Replicas::new(2, |_| Some(data.clone()));
+    let primary = Rendezvous::new(&reps.names(), None).unwrap().primary("obj");
+    let stores: Vec<Arc<dyn Store>> = reps
+        .local()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let delay = if i == primary { 3600 } else { 0 };
+            Arc::new(SlowStore::new(s, Duration::from_secs(delay))) as Arc<dyn Store>
+        })
+        .collect();
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Ms(2.0)),
+        eject_after_failures: Some(u32::MAX),
+        retry_budget_ratio: Some(0.001),
+        retry_budget_floor_per_s: Some(2.0),
+        deadline_ms: Some(20_000.0),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), stores, config).unwrap();
+    for _ in 0..23 {
+        assert_eq!(read_object(&router, "obj").unwrap(), data);
+    }
+    let stats = router.stats(false);
+    assert_eq!(stats.read_errors, 0);
+    assert!(!stats.replicas[primary].ejected);
+    let won: u64 = stats.replicas.iter().map(|r| r.hedges_won).sum();
+    assert_eq!(won, 23, "every read was served by a hedge: {stats:?}");
+}

@@ -43,6 +43,26 @@ pub trait Store: Send + Sync + Debug + 'static {
         buf: &'a mut [u8],
     ) -> BoxFuture<'a, Result<()>>;
 
+    /// Reads the whole object into `out` (cleared first), learning its size
+    /// from the response itself: one request where the backend allows it
+    /// (an HTTP `Range: bytes=0-` GET, whose `Content-Range` names the
+    /// total) instead of a stat and then a read. A body shorter or longer
+    /// than the size that came with it is an error, never short data.
+    ///
+    /// The default stats, then reads: two requests, which is what local
+    /// files cost anyway (a `stat` and a `pread`).
+    fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let size = self.size(key).await?;
+            let len = usize::try_from(size).map_err(|_| {
+                crate::error::Error::invalid(format!("{key:?} is too large ({size} bytes)"))
+            })?;
+            out.clear();
+            out.resize(len, 0);
+            self.read_into(key, 0, out).await
+        })
+    }
+
     /// The same read without an executor, for stores whose reads never wait
     /// on anything but the kernel (page-cache `pread`). `None` means "use
     /// the async path". The hot local paths (`cat_ranges` of small ranges,

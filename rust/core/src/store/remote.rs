@@ -225,6 +225,81 @@ impl RemoteStore {
         Ok(())
     }
 
+    /// The whole object in one request: `Range: bytes=0-`. The server must
+    /// answer 206 with a `Content-Range` of `0-(N-1)/N` (object_store checks
+    /// the range against the ask and takes N, the total, from it); the body
+    /// must then be exactly N bytes. A plain 200 or another range is an
+    /// error (retryable: another replica may answer properly).
+    async fn read_whole(&self, key: &str, out: &mut Vec<u8>) -> Result<()> {
+        out.clear();
+        let path = self.path(key)?;
+        let client = self.client()?;
+        let options = GetOptions {
+            range: Some(GetRange::Offset(0)),
+            ..Default::default()
+        };
+        let result = match client.get_opts(&path, options).await {
+            Ok(result) => result,
+            // A 200 to the range request: nginx does that for an empty
+            // object, range-less servers always. Their full answer is the
+            // object; ask for it plainly (its size is Content-Length).
+            Err(object_store::Error::NotSupported { .. }) => client
+                .get_opts(&path, GetOptions::default())
+                .await
+                .map_err(|e| self.error(key, e))?,
+            Err(e) => {
+                return match self.error(key, e) {
+                    // 416 for `bytes=0-`: no byte 0, an empty object (or an
+                    // unsatisfiable range on a broken server): ask its size.
+                    Error::ShortRead { .. } => match self.head_size(key).await? {
+                        0 => Ok(()),
+                        size => Err(Error::ShortRead {
+                            path: key.into(),
+                            offset: 0,
+                            wanted_bytes: size,
+                            got_bytes: 0,
+                        }),
+                    },
+                    other => Err(other),
+                };
+            }
+        };
+        let size = result.meta.size;
+        if result.range != (0..size) {
+            return Err(Error::ShortRead {
+                path: key.into(),
+                offset: 0,
+                wanted_bytes: size,
+                got_bytes: result.range.end.saturating_sub(result.range.start),
+            });
+        }
+        let len = usize::try_from(size)
+            .map_err(|_| Error::invalid(format!("{key:?} is too large ({size} bytes)")))?;
+        // One copy, as in `read`: each hyper frame into `out`, which is
+        // sized once from the announced total (no zero-fill, no regrowth).
+        out.reserve_exact(len);
+        let mut stream = result.into_stream();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| self.error(key, e))?;
+            if out.len() + piece.len() > len {
+                return Err(Error::Remote(format!(
+                    "{}: server sent more than the {size} bytes it announced for {key:?}",
+                    self.name
+                )));
+            }
+            out.extend_from_slice(&piece);
+        }
+        if out.len() != len {
+            return Err(Error::ShortRead {
+                path: key.into(),
+                offset: 0,
+                wanted_bytes: size,
+                got_bytes: out.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
     async fn head_size(&self, key: &str) -> Result<u64> {
         let path = self.path(key)?;
         let client = self.client()?;
@@ -249,6 +324,10 @@ impl Store for RemoteStore {
         buf: &'a mut [u8],
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.read(key, offset, buf))
+    }
+
+    fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.read_whole(key, out))
     }
 }
 
