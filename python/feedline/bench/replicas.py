@@ -12,7 +12,6 @@ from typing import Any
 
 from feedline.bench.dataset import Materialized
 from feedline.bench.scenario import Event, Scenario, ScenarioError
-from feedline.bench.systems import has_module
 
 
 def nginx_support() -> str | None:
@@ -24,11 +23,6 @@ def nginx_support() -> str | None:
         os.path.exists(p) for p in ("/usr/sbin/nginx", "/usr/bin/nginx")
     ):
         return "nginx is not installed (Debian: apt-get install nginx)"
-    if not has_module("feedline.testing"):
-        return "this build has no feedline.testing.NginxReplicas (issue 4)"
-    mod = importlib.import_module("feedline.testing")
-    if not hasattr(mod, "NginxReplicas"):
-        return "this build has no feedline.testing.NginxReplicas (issue 4)"
     return None
 
 
@@ -205,10 +199,5 @@ def open_replicas(scenario: Scenario, data: Materialized) -> ReplicaSet:
     if kind == "nginx":
         return NginxReplicaSet(data, scenario.replicas.count)
     if kind == "netns":
-        if not has_module("feedline.testing.netns"):
-            raise ScenarioError(
-                f'{scenario.source}: [replicas] kind = "netns" needs feedline.testing.netns '
-                "(issue 4's namespace rig), not in this build"
-            )
         return NetnsReplicaSet(data, scenario.replicas.count)
     raise ScenarioError(f"{scenario.source}: unknown replicas kind {kind!r}")

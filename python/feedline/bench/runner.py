@@ -24,7 +24,6 @@ from feedline.bench.systems import (
     SystemUnavailable,
     build_chaos,
     fault_plan,
-    has_module,
     make_system,
 )
 from feedline.bench.workload import (
@@ -91,11 +90,6 @@ def check_runnable(scenario: Scenario, *, is_root: bool | None = None) -> None:
         why = nginx_support()
         if why is not None:
             raise ScenarioError(f'{scenario.source}: [replicas] kind = "nginx": {why}')
-    if kind == "netns" and not has_module("feedline.testing.netns"):
-        raise ScenarioError(
-            f'{scenario.source}: [replicas] kind = "netns" needs feedline.testing.netns '
-            "(issue 4's namespace rig), not in this build"
-        )
 
 
 def run_system(

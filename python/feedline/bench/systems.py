@@ -55,10 +55,8 @@ def has_module(name: str) -> bool:
         return False
 
 
-def chaos_module() -> Any | None:
-    """``feedline.chaos`` when this build has it (issue 3), else None."""
-    if not has_module("feedline.chaos"):
-        return None
+def chaos_module() -> Any:
+    """``feedline.chaos`` (imported late: the bench CLI starts without it)."""
     return importlib.import_module("feedline.chaos")
 
 
@@ -163,17 +161,11 @@ def _latency(mod: Any, dist: Distribution) -> Any:
     return cls(*dist.params.values())
 
 
-def build_chaos(plan: FaultPlan) -> dict[int, Any] | None:
-    """``{replica_index: feedline.chaos.Chaos}``; None (with a note) without chaos."""
+def build_chaos(plan: FaultPlan) -> dict[int, Any]:
+    """``{replica_index: feedline.chaos.Chaos}``."""
     if plan.empty:
         return {}
     mod = chaos_module()
-    if mod is None:
-        plan.notes.append(
-            "faults NOT applied: this build has no feedline.chaos (issue 3); "
-            "every system ran fault-free"
-        )
-        return None
     out: dict[int, Any] = {}
     for index, kw in plan.per_replica.items():
         kw = dict(kw)
@@ -376,14 +368,7 @@ class FsspecSystem(System):
         from fsspec.implementations.local import LocalFileSystem
 
         self.replica_fs: list[Any] = []
-        wrapper = None
-        if self.chaos:
-            mod = chaos_module()
-            wrapper = getattr(mod, "ChaosFileSystem", None) if mod else None
-            if wrapper is None:
-                self.notes.append(
-                    "faults NOT applied to fsspec: no feedline.chaos.ChaosFileSystem in this build"
-                )
+        wrapper = chaos_module().ChaosFileSystem if self.chaos else None
         for i in range(len(self.roots)):
             fs: Any = LocalFileSystem()
             if self.http:
