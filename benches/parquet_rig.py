@@ -13,9 +13,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from feedline.testing import NginxReplicas
+from feedline.testing.proxy_cli import proxy_processes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -37,8 +35,6 @@ FILES = 8
 WAN = "latency:name=wan,direction=upstream,latency_ms=5,jitter_ms=2"
 #: The spiky replica: 5% of its requests wait 100 ms more.
 SPIKE = "latency:name=spike,direction=upstream,latency_ms=100,toxicity=0.05"
-
-_CLI = [sys.executable, "-c", "import sys; from feedline.cli import main; sys.exit(main())"]
 
 
 def env_int(name: str, default: int) -> int:
@@ -119,42 +115,11 @@ class ProxiedReplicas:
 
 
 @contextlib.contextmanager
-def proxies(upstreams: list[str], toxics: list[list[str]]) -> Iterator[list[tuple[int, str]]]:
-    """One ``feedline proxy`` process per upstream (``host:port``), with the
-    given toxic specs: (pid, URL) of each; all stopped on exit."""
-    procs: list[subprocess.Popen[str]] = []
-    urls: list[str] = []
-    try:
-        for i, (upstream, extra) in enumerate(zip(upstreams, toxics, strict=True)):
-            cmd = [*_CLI, "proxy", "--upstream", upstream, "--seed", str(i), "--duration-s", "3600"]
-            for spec in extra:
-                cmd += ["--toxic", spec]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if "listening on " not in line:
-                raise RuntimeError(f"feedline proxy did not start: {line!r}")
-            urls.append("http://" + line.split("listening on ")[1].split()[0])
-        yield [(p.pid, u) for p, u in zip(procs, urls, strict=True)]
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate(timeout=10)
-
-
-@contextlib.contextmanager
 def proxied_replicas(root: Path, toxics: list[list[str]]) -> Iterator[ProxiedReplicas]:
     """3 nginx replicas serving ``root``, each behind its proxy process."""
     with NginxReplicas(root, len(toxics)) as replicas:
         upstreams = [u.removeprefix("http://") for u in replicas.urls]
-        with proxies(upstreams, toxics) as procs:
+        with proxy_processes(upstreams, toxics) as procs:
             yield ProxiedReplicas([u for _, u in procs], [p for p, _ in procs], replicas.pids)
 
 

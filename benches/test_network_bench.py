@@ -18,13 +18,9 @@ systems so drift hits both. ``make bench`` (as root) runs them:
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -34,6 +30,7 @@ from typing import Any
 
 import pytest
 from feedline.testing import netns
+from feedline.testing.proxy_cli import proxy_processes
 
 MiB = 1 << 20
 OBJECTS = int(os.environ.get("FEEDLINE_NET_BENCH_OBJECTS", "1000"))
@@ -231,47 +228,14 @@ def test_lossy_replica_tail(benchmark: Any, rig: netns.NetnsRig, dataset: Datase
         assert not errors, f"{name}: {errors[:5]}"
 
 
-CLI = [sys.executable, "-c", "import sys; from feedline.cli import main; sys.exit(main())"]
-
-
-@contextlib.contextmanager
-def proxy_processes(upstreams: list[str], toxics: list[list[str]]) -> Iterator[list[str]]:
-    """One ``feedline proxy`` process per upstream: in its own process so
-    the proxy's work does not share a runtime (or the GIL) with any client
-    under test. Yields their URLs; stops them all on exit."""
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        urls = []
-        for i, (upstream, extra) in enumerate(zip(upstreams, toxics, strict=True)):
-            cmd = [*CLI, "proxy", "--upstream", upstream, "--seed", str(i), "--duration-s", "3600"]
-            for spec in extra:
-                cmd += ["--toxic", spec]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if "listening on " not in line:
-                raise RuntimeError(f"feedline proxy did not start: {line!r}")
-            urls.append("http://" + line.split("listening on ")[1].split()[0])
-        yield urls
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate(timeout=10)
-
-
 def test_p4_through_proxy(benchmark: Any, rig: netns.NetnsRig, dataset: Dataset) -> None:
     rig.replicas[1].set_loss(0)
     # On the upstream direction a chunk is one request: per-request delay.
     wan = "latency:name=wan,direction=upstream,latency_ms=5,jitter_ms=2"
     spike = "latency:name=spike,direction=upstream,latency_ms=100,toxicity=0.05"
     toxics = [[wan], [wan, spike], [wan]]
-    with proxy_processes([r.address for r in rig.replicas], toxics) as urls:
+    with proxy_processes([r.address for r in rig.replicas], toxics) as procs:
+        urls = [url for _, url in procs]
         systems: dict[str, Reader] = {
             "fsspec": fsspec_reader(urls, dataset),
             "obstore": obstore_reader(urls, dataset),

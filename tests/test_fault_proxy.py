@@ -345,3 +345,21 @@ def test_cli_bad_input_exits_2_naming_it(echo: str, args: list[str], named: str)
     )
     assert done.returncode == 2, done
     assert named in done.stderr
+
+
+def test_proxy_processes_forward_with_toxics_and_stop_on_exit(blob: tuple[str, bytes]) -> None:
+    from feedline.testing.proxy_cli import proxy_processes
+
+    upstream, payload = blob
+    toxics = [[], ["limit_data:bytes=1000"]]
+    with proxy_processes([upstream, upstream], toxics, duration_s=60) as procs:
+        got = []
+        for _, url in procs:
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=IO_TIMEOUT_S) as s:
+                got.append(recv_all(s))
+        pids = [pid for pid, _ in procs]
+    assert got == [payload, payload[:1000]]
+    for pid in pids:  # reaped on exit: no such process any more
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

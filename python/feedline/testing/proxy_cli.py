@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 from feedline._core import FaultProxy
@@ -122,3 +125,42 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     return 0
+
+
+@contextlib.contextmanager
+def proxy_processes(
+    upstreams: list[str], toxics: list[list[str]], *, duration_s: float = 3600
+) -> Iterator[list[tuple[int, str]]]:
+    """One ``feedline proxy`` process per upstream (``host:port``) with the
+    given ``--toxic`` specs; yields (pid, URL) per upstream, in order, and
+    stops them all on exit. A process of its own keeps the proxy's work off
+    the runtime (and the GIL) of any client under test, as in production."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        urls = []
+        for i, (upstream, extra) in enumerate(zip(upstreams, toxics, strict=True)):
+            cmd = [*_CLI, "proxy", "--upstream", upstream, "--seed", str(i)]
+            cmd += ["--duration-s", str(duration_s)]
+            for spec in extra:
+                cmd += ["--toxic", spec]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if "listening on " not in line:
+                raise RuntimeError(f"feedline proxy did not start: {line!r}")
+            urls.append("http://" + line.split("listening on ")[1].split()[0])
+        yield [(p.pid, u) for p, u in zip(procs, urls, strict=True)]
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate(timeout=10)
+
+
+_CLI = [sys.executable, "-c", "import sys; from feedline.cli import main; sys.exit(main())"]
