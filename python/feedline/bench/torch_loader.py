@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from feedline.bench.dataset import Materialized
 from feedline.bench.metrics import Recorder, StepTiming
 from feedline.bench.scenario import Scenario
-from feedline.bench.workload import RunLimits, Sample
+from feedline.bench.workload import RunLimits, Sample, sleep_until
 
 #: How long a worker waits for the broker's answer before failing the read.
 BROKER_TIMEOUT_S = 30.0
@@ -229,14 +229,6 @@ def next_batch(iterator: Any, stop: threading.Event, deadline: float) -> Any:
             return None
 
 
-def _sleep_until(deadline: float, stop: threading.Event) -> None:
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0 or stop.is_set():
-            return
-        time.sleep(min(left, 0.05))
-
-
 def shutdown(iterator: Any, workers: list[Any]) -> None:
     """Stops the DataLoader's workers: torch's own shutdown (join, then
     terminate), then a kill for any that survived it. Never raises."""
@@ -378,7 +370,7 @@ class LoaderRun:
             ready = ready_at - rec.t0
             c = compute()
             self._record(batch, rec)  # bookkeeping overlaps the compute
-            _sleep_until(ready_at + c, stop)
+            sleep_until(ready_at + c, stop)
             rec.record_step(StepTiming(wait_start, ready, c))
 
     def _record(self, batch: list[ReadRecord], rec: Recorder) -> None:

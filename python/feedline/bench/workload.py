@@ -99,7 +99,9 @@ def manifest_verifier(data: Materialized) -> Verifier:
     return verify
 
 
-def _sleep_until(deadline: float, stop: threading.Event) -> None:
+def sleep_until(deadline: float, stop: threading.Event) -> None:
+    """Sleeps until ``deadline`` (perf_counter) or until ``stop`` is set,
+    waking every 50 ms to check."""
     while True:
         left = deadline - time.perf_counter()
         if left <= 0 or stop.is_set():
@@ -191,7 +193,7 @@ def run_closed(
             ready = rec.now_s()
             submit(i + prefetch_batches + 1)
             c = compute()
-            _sleep_until(time.perf_counter() + c, stop)
+            sleep_until(time.perf_counter() + c, stop)
             rec.record_step(StepTiming(wait_start, ready, c))
     finally:
         rec.end_s = rec.now_s()
@@ -227,7 +229,7 @@ def run_open(
             intended = start + i / rate_per_s
             if intended >= deadline or stop.is_set():
                 break
-            _sleep_until(intended, stop)
+            sleep_until(intended, stop)
             futures.append(pool.submit(_read_task, read, verify, rec, sample, intended))
         for fut in futures:
             while not stop.is_set():

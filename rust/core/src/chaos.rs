@@ -508,6 +508,25 @@ impl ChaosStore {
         ))
     }
 
+    /// Everything a fate does before the bytes count: an immediate failure,
+    /// a stall (hangs until the caller drops the future: a hedge winner, a
+    /// timeout, a closed stream), the delay, an injected error.
+    async fn suffer(&self, d: &Decision, key: &str) -> Result<()> {
+        if let Some(e) = self.immediate_failure(d, key) {
+            return Err(e);
+        }
+        if d.fault == Fault::Stall {
+            std::future::pending::<()>().await;
+        }
+        if !d.delay.is_zero() {
+            tokio::time::sleep(d.delay).await;
+        }
+        if d.fault == Fault::Error {
+            return Err(self.injected("error", key, d.request));
+        }
+        Ok(())
+    }
+
     /// The outcome of a decision that needs no waiting, or `None` to go on.
     fn immediate_failure(&self, d: &Decision, key: &str) -> Option<Error> {
         match d.fault {
@@ -540,20 +559,7 @@ impl Store for ChaosStore {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let d = self.sampler.next(buf.len());
-            if let Some(e) = self.immediate_failure(&d, key) {
-                return Err(e);
-            }
-            if d.fault == Fault::Stall {
-                // Hangs until the caller drops the future (a hedge winner,
-                // a timeout, a closed stream).
-                std::future::pending::<()>().await;
-            }
-            if !d.delay.is_zero() {
-                tokio::time::sleep(d.delay).await;
-            }
-            if d.fault == Fault::Error {
-                return Err(self.injected("error", key, d.request));
-            }
+            self.suffer(&d, key).await?;
             self.inner.read_into(key, offset, buf).await?;
             if let Fault::Corrupt { index } = d.fault {
                 corrupt_byte(buf, index);
@@ -582,19 +588,8 @@ impl Store for ChaosStore {
             }
             let read = self.inner.read_object(key, out).await;
             let d = self.sampler.next(out.len());
-            if let Some(e) = self.immediate_failure(&d, key) {
-                return Err(e);
-            }
-            if d.fault == Fault::Stall {
-                std::future::pending::<()>().await;
-            }
             // Read time plus the delay, as in `read_into` (delay, then read).
-            if !d.delay.is_zero() {
-                tokio::time::sleep(d.delay).await;
-            }
-            if d.fault == Fault::Error {
-                return Err(self.injected("error", key, d.request));
-            }
+            self.suffer(&d, key).await?;
             read?;
             if let Fault::Corrupt { index } = d.fault {
                 corrupt_byte(out, index);

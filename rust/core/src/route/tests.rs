@@ -355,13 +355,11 @@ fn all_slow_fails_within_the_deadline_naming_each_replica() {
     assert_eq!(router.stats(false).replicas[0].timeouts, 1);
 }
 
-#[test]
-fn a_hedged_chunk_comes_whole_from_one_replica() {
-    // Two replicas with different bytes under one key; the primary is slow
-    // on some reads, so hedges win some races and lose others.
-    let a = pattern(0xAA, 64 * 1024);
-    let b = pattern(0x55, 64 * 1024);
-    let reps = Replicas::new(2, |i| Some(if i == 0 { a.clone() } else { b.clone() }));
+/// Two replicas holding different bytes under one key, each 1 ms per read
+/// with a 30 ms spike every third read, hedged after 5 ms: hedges win some
+/// races and lose others.
+fn spiky_pair(a: &[u8], b: &[u8]) -> (Replicas, Router) {
+    let reps = Replicas::new(2, |i| Some(if i == 0 { a.to_vec() } else { b.to_vec() }));
     let stores: Vec<Arc<dyn Store>> = reps
         .local()
         .into_iter()
@@ -379,6 +377,16 @@ fn a_hedged_chunk_comes_whole_from_one_replica() {
     })
     .unwrap();
     let router = Router::new(reps.names(), stores, config).unwrap();
+    (reps, router)
+}
+
+#[test]
+fn a_hedged_chunk_comes_whole_from_one_replica() {
+    // Two replicas with different bytes under one key; the primary is slow
+    // on some reads, so hedges win some races and lose others.
+    let a = pattern(0xAA, 64 * 1024);
+    let b = pattern(0x55, 64 * 1024);
+    let (_reps, router) = spiky_pair(&a, &b);
     let mut from = [0usize; 2];
     for i in 0..60u64 {
         let len = 8192;
@@ -641,24 +649,7 @@ fn whole_object_reads_are_hedged_whole_from_one_replica() {
     // object comes entirely from whichever replica won.
     let a = pattern(0xAA, 48 * 1024);
     let b = pattern(0x55, 48 * 1024);
-    let reps = Replicas::new(2, |i| Some(if i == 0 { a.clone() } else { b.clone() }));
-    let stores: Vec<Arc<dyn Store>> = reps
-        .local()
-        .into_iter()
-        .map(|s| {
-            let mut slow = SlowStore::new(s, Duration::from_millis(1));
-            slow.spike = Duration::from_millis(30);
-            slow.spike_every = 3;
-            Arc::new(slow) as Arc<dyn Store>
-        })
-        .collect();
-    let config = RouterConfig::from_options(&RoutingOptions {
-        hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
-        retry_budget_floor_per_s: Some(1000.0),
-        ..Default::default()
-    })
-    .unwrap();
-    let router = Router::new(reps.names(), stores, config).unwrap();
+    let (_reps, router) = spiky_pair(&a, &b);
     let mut from = [0usize; 2];
     for i in 0..40 {
         let got = read_object(&router, "obj").unwrap();
