@@ -10,6 +10,8 @@ import concurrent.futures
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,14 +35,41 @@ def _logged(
     return list(replicas.urls)
 
 
-def _requests(log: Path) -> list[tuple[str, str, int]]:
-    """(method, path, status) of every request logged so far."""
+#: Path of the request `_mark` sends to replica ``i``.
+MARK = "/__feedline_mark_{}"
+
+
+def _mark(log: Path, urls: list[str]) -> None:
+    """Puts a marker line from every replica in ``log`` after the requests
+    so far. nginx writes a request's line when it finishes the request, which
+    can be after the client has its response, so truncating the log after
+    ``FileSystem(...)`` returns races a late line in; one worker per replica
+    logs a request before it reads the next, so a replica's marker follows
+    all its earlier lines."""
+    for i, url in enumerate(urls):
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(url.rstrip("/") + MARK.format(i), timeout=10)
+    deadline = time.monotonic() + 10
+    wanted = {MARK.format(i) for i in range(len(urls))}
+    while wanted - {path for _, path, _ in _lines(log)}:
+        assert time.monotonic() < deadline, f"markers {wanted} not logged in 10 s"
+        time.sleep(0.01)
+
+
+def _lines(log: Path) -> list[tuple[str, str, int]]:
     out = []
     for line in log.read_text(encoding="utf-8").splitlines():
         m = REQUEST_LINE.search(line)
         assert m, line
         out.append((m.group(1), m.group(2), int(m.group(3))))
     return out
+
+
+def _requests(log: Path) -> list[tuple[str, str, int]]:
+    """(method, path, status) of every request logged after the last marker."""
+    lines = _lines(log)
+    marks = [i for i, (_, path, _) in enumerate(lines) if path.startswith(MARK.format(""))]
+    return lines[marks[-1] + 1 :] if marks else lines
 
 
 def _dataset(root: Path, n: int) -> dict[str, bytes]:
@@ -60,14 +89,15 @@ def test_whole_object_read_is_one_get_per_object(
     files = _dataset(tmp_path / "data", 24)
     (tmp_path / "data" / "empty.bin").write_bytes(b"")
     log = tmp_path / "access.log"
-    fs = feedline.FileSystem(_logged(tmp_path / "data", log, 3, nginx_replicas))
-    log.write_text("")  # construction probes each root (one HEAD /)
+    urls = _logged(tmp_path / "data", log, 3, nginx_replicas)
+    fs = feedline.FileSystem(urls)
+    _mark(log, urls)  # construction probes each root (one HEAD /)
     for key, data in files.items():
         assert fs.cat_file(key) == data, key
     got = fs.cat_ranges(list(files), None, None)
     assert got == list(files.values())
     requests = _requests(log)
-    assert [m for m, _, _ in requests if m != "GET"] == [], "no HEAD before a GET"
+    assert [(m, p) for m, p, _ in requests if m != "GET"] == [], "no HEAD before a GET"
     per_key = Counter(path for _, path, _ in requests)
     assert per_key == Counter({f"/{k}": 2 for k in files}), "one request per read"
     assert {status for _, _, status in requests} == {206}
@@ -83,15 +113,16 @@ def test_manifest_sizes_mean_no_stats_for_reads_or_streams(
     files = _dataset(root, 12)
     manifest = feedline.write_manifest(root, block_bytes=64 << 10, path=tmp_path / "m.json")
     log = tmp_path / "access.log"
-    fs = feedline.FileSystem(_logged(root, log, 2, nginx_replicas), manifest=manifest)
-    log.write_text("")  # construction probes roots and checks the keys (HEADs)
+    urls = _logged(root, log, 2, nginx_replicas)
+    fs = feedline.FileSystem(urls, manifest=manifest)
+    _mark(log, urls)  # construction probes roots and checks the keys (HEADs)
     for key, data in files.items():
         assert fs.cat_file(key) == data
     assert fs.cat_ranges(list(files), None, None) == list(files.values())
     streamed = [bytes(c) for c in fs.stream(list(files), chunk_bytes=1 << 20)]
     assert streamed == list(files.values())
     requests = _requests(log)
-    assert [m for m, _, _ in requests if m != "GET"] == []
+    assert [(m, p) for m, p, _ in requests if m != "GET"] == []
     assert len(requests) == 3 * len(files)
     verified = sum(s["verified_bytes"] for s in fs.fault_stats())
     assert verified >= 3 * sum(len(d) for d in files.values())
