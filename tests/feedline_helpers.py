@@ -3,6 +3,10 @@ prefetch threads (read from /proc, the kernel's own view)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,3 +44,32 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 1.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
+
+
+def interrupt_bench(scenario: Path, out: Path, system: str, after_s: float) -> tuple[int, str, str]:
+    """Runs `feedline bench scenario --json out` for `system`, sends SIGINT
+    `after_s` after its header line, and returns (exit code, stdout,
+    stderr). The process is killed if it outlives the test."""
+    argv = ["bench", str(scenario), "--json", str(out), "--no-progress", "--systems", system]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "feedline.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The system lines come at the end: the header says the run started.
+        assert proc.stderr is not None
+        header = proc.stderr.readline()
+        assert "feedline bench" in header, header
+        threading.Event().wait(after_s)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    return proc.returncode, stdout, stderr

@@ -4,9 +4,6 @@ JSON report (schema_version 1), the plots and --repeat."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from feedline.bench.metrics import Recorder
 from feedline.bench.report import table_rows, write_plots
 from feedline.bench.systems import has_module
 from feedline.cli import main
+from feedline_helpers import interrupt_bench
 
 SMALL = """
 name = "small"
@@ -203,37 +201,8 @@ def test_ctrl_c_in_the_cli_writes_partial_json(tmp_path: Path) -> None:
     scen = tmp_path / "long.toml"
     scen.write_text(SMALL.replace("steps = 30", "steps = 20000"), encoding="utf-8")
     out = tmp_path / "partial.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "feedline.cli",
-            "bench",
-            str(scen),
-            "--json",
-            str(out),
-            "--no-progress",
-            "--systems",
-            "fsspec",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # Wait until the run has started (the system line is printed at the end,
-        # so wait for the header), then interrupt.
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "feedline bench" in line
-        threading.Event().wait(1.0)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, stderr
+    returncode, stdout, stderr = interrupt_bench(scen, out, "fsspec", after_s=1.0)
+    assert returncode == 130, stderr
     rep = json.loads(out.read_text())
     assert rep["partial"] is True and rep["systems"][0]["steps"] > 0
     assert "PARTIAL" in stdout

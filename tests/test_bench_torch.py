@@ -8,8 +8,6 @@ import _thread
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import zlib
 from pathlib import Path
@@ -27,6 +25,7 @@ from feedline.bench.replicas import nginx_support
 from feedline.bench.systems import build_chaos, fault_plan, make_system
 from feedline.bench.workload import RunLimits, plan_batches
 from feedline.cli import main
+from feedline_helpers import interrupt_bench
 
 SMALL = """
 name = "torch_small"
@@ -246,37 +245,8 @@ def test_sigint_to_the_cli_writes_partial_json_and_leaves_no_worker(tmp_path: Pa
     scen = tmp_path / "long.toml"
     scen.write_text(SMALL.replace("steps = 30", "steps = 20000"), encoding="utf-8")
     out = tmp_path / "partial.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "feedline.cli",
-            "bench",
-            str(scen),
-            "--json",
-            str(out),
-            "--no-progress",
-            "--systems",
-            "torch-dataloader",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        assert "feedline bench" in proc.stderr.readline()
-        threading.Event().wait(2.0)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-    assert proc.returncode == 130, stderr
+    returncode, _, stderr = interrupt_bench(scen, out, "torch-dataloader", after_s=2.0)
+    assert returncode == 130, stderr
     rep = json.loads(out.read_text())
     t = rep["runs"][0][0]
     assert t["system"] == "torch-dataloader" and t["status"] == "partial"
