@@ -179,19 +179,7 @@ impl Manifest {
         if block_bytes == 0 {
             return Err(Error::invalid("block_bytes must be at least 1, got 0"));
         }
-        let meta = std::fs::metadata(root).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::invalid(format!(
-                "directory {:?} does not exist",
-                root.display().to_string()
-            )),
-            _ => Error::from_io(&root.display().to_string(), e),
-        })?;
-        if !meta.is_dir() {
-            return Err(Error::invalid(format!(
-                "{:?} is not a directory",
-                root.display().to_string()
-            )));
-        }
+        crate::store::local::require_dir(root, "path")?;
         let mut files = Vec::new();
         walk(root, root, skip, &mut files)?;
         let next = AtomicUsize::new(0);

@@ -58,19 +58,7 @@ impl LocalStore {
     /// Serves keys relative to `root`, which must be an existing directory.
     pub fn rooted(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref();
-        let meta = std::fs::metadata(root).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::invalid(format!(
-                "replica root {:?} does not exist",
-                root.display().to_string()
-            )),
-            _ => Error::from_io(&root.display().to_string(), e),
-        })?;
-        if !meta.is_dir() {
-            return Err(Error::invalid(format!(
-                "replica root {:?} is not a directory",
-                root.display().to_string()
-            )));
-        }
+        require_dir(root, "replica root")?;
         Ok(LocalStore {
             root: Some(root.to_path_buf()),
             name: root.display().to_string(),
@@ -228,6 +216,23 @@ impl Store for LocalStore {
     }
 }
 
+/// Fails with an error naming `root` (as `what`, e.g. "replica root") unless
+/// it is an existing directory.
+pub(crate) fn require_dir(root: &Path, what: &str) -> Result<()> {
+    let name = root.display().to_string();
+    let meta = std::fs::metadata(root).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::invalid(format!("{what} {name:?} does not exist")),
+        _ => Error::from_io(&name, e),
+    })?;
+    if meta.is_dir() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{what} {name:?} is not a directory"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +333,14 @@ mod tests {
             store.read_into_blocking("nope", 0, &mut buf).unwrap(),
             Err(Error::NotFound { .. })
         ));
-        assert!(LocalStore::rooted(dir.path().join("missing")).is_err());
+        let missing = LocalStore::rooted(dir.path().join("missing")).unwrap_err();
+        assert!(
+            missing.to_string().contains("replica root")
+                && missing.to_string().contains("missing\" does not exist"),
+            "{missing}"
+        );
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let file = LocalStore::rooted(dir.path().join("file")).unwrap_err();
+        assert!(file.to_string().contains("is not a directory"), "{file}");
     }
 }
