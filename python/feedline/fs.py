@@ -327,7 +327,8 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         ``requests``, ``bytes``, ``errors``, ``retries``, ``hedges_sent``,
         ``hedges_won``, ``ejections``, ``checksum_mismatches``, ``latency``
         (``p50_ms``, ``p90_ms``, ``p99_ms``, ``p99.9_ms``, ``max_ms``), ...
-        ``reset=True`` clears them after reading."""
+        ``reset=True`` clears them after reading (the adaptive hedge delay
+        keeps the latencies from before the reset until new ones come in)."""
         stats: dict[str, Any] = json.loads(self._storage.stats_json(reset))
         return stats
 

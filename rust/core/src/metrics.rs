@@ -87,6 +87,47 @@ impl LatencyHistogram {
     }
 }
 
+/// Latencies that a stats reset restarts for reporting while decisions keep
+/// the window before it: the adaptive hedge delay reads `percentile`, which
+/// falls back on the previous window until the current one holds enough
+/// samples, so `stats(reset=True)` (a monitoring call) never switches
+/// hedging off.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyWindow {
+    current: LatencyHistogram,
+    previous: LatencyHistogram,
+}
+
+impl LatencyWindow {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn record(&mut self, elapsed: std::time::Duration) {
+        self.current.record(elapsed);
+    }
+
+    /// The current window (what stats report).
+    pub fn current(&self) -> &LatencyHistogram {
+        &self.current
+    }
+
+    /// Starts a new window; the old one is kept for `percentile`.
+    pub fn restart(&mut self) {
+        std::mem::swap(&mut self.current, &mut self.previous);
+        self.current.reset();
+    }
+
+    /// The latency at `percentile` from the current window once it has
+    /// `min_samples`, else from the previous one if that has them.
+    pub fn percentile(&self, percentile: f64, min_samples: u64) -> Option<std::time::Duration> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .find(|h| h.count() >= min_samples.max(1))
+            .map(|h| std::time::Duration::from_secs_f64(h.percentile_ms(percentile) / 1000.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +161,35 @@ mod tests {
         assert_eq!(g.count(), 2);
         g.reset();
         assert_eq!(g.count(), 0);
+    }
+
+    #[test]
+    fn a_restarted_window_answers_from_the_previous_one_until_it_fills() {
+        let mut w = LatencyWindow::new();
+        assert_eq!(w.percentile(95.0, 3), None);
+        for ms in [10, 10, 10] {
+            w.record(std::time::Duration::from_millis(ms));
+        }
+        let ten = w.percentile(95.0, 3).unwrap();
+        assert!((ten.as_secs_f64() - 0.010).abs() < 1e-4, "{ten:?}");
+        w.restart();
+        assert_eq!(w.current().count(), 0, "stats start again");
+        assert_eq!(
+            w.percentile(95.0, 3),
+            Some(ten),
+            "decisions keep the old window"
+        );
+        for ms in [40, 40, 40] {
+            w.record(std::time::Duration::from_millis(ms));
+        }
+        let forty = w.percentile(95.0, 3).unwrap();
+        assert!((forty.as_secs_f64() - 0.040).abs() < 1e-4, "{forty:?}");
+        w.restart();
+        w.restart();
+        assert_eq!(
+            w.percentile(95.0, 3),
+            None,
+            "two restarts without reads forget"
+        );
     }
 }

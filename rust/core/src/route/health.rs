@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::counter::StripedCounter;
-use crate::metrics::{LatencyHistogram, LatencySummary};
+use crate::metrics::{LatencySummary, LatencyWindow};
 
 /// Time constant of the latency decay: how long a latency peak keeps
 /// steering load away from a replica.
@@ -108,7 +108,7 @@ pub struct ReplicaHealth {
     /// when `n > cost`, so the test matches `fold_latency`'s.
     ewma_floor_ns: AtomicU64,
     ejection: Mutex<Ejection>,
-    latency: Mutex<LatencyHistogram>,
+    latency: Mutex<LatencyWindow>,
 }
 
 impl ReplicaHealth {
@@ -129,7 +129,7 @@ impl ReplicaHealth {
                 until: None,
                 count: 0,
             }),
-            latency: Mutex::new(LatencyHistogram::new()),
+            latency: Mutex::new(LatencyWindow::new()),
         }
     }
 
@@ -256,13 +256,10 @@ impl ReplicaHealth {
     /// This replica's own latency at `percentile`, once it has `min_samples`
     /// (the adaptive hedge delay).
     pub fn latency_percentile(&self, percentile: f64, min_samples: u64) -> Option<Duration> {
-        let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        if h.count() < min_samples {
-            return None;
-        }
-        Some(Duration::from_secs_f64(
-            h.percentile_ms(percentile) / 1000.0,
-        ))
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .percentile(percentile, min_samples)
     }
 
     /// A success: resets the failure streak; readmits after a probe.
@@ -334,11 +331,11 @@ impl ReplicaHealth {
             in_flight: self.in_flight(),
             consecutive_failures: self.consecutive_failures(),
             peak_ewma_ms: self.peak_ewma_ns(Instant::now()) / 1e6,
-            latency: latency.summary(),
+            latency: latency.current().summary(),
         };
         if reset {
             c.reset();
-            latency.reset();
+            latency.restart();
         }
         stats
     }

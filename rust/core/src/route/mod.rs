@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::counter::StripedCounter;
 use crate::error::{Error, ReplicaFailure, Result};
-use crate::metrics::{LatencyHistogram, LatencySummary};
+use crate::metrics::{LatencySummary, LatencyWindow};
 use crate::runtime;
 use crate::store::{BoxFuture, Store};
 
@@ -94,7 +94,7 @@ pub struct Router {
     /// conclude that the other one is still healthy.
     eject_lock: Mutex<()>,
     counters: ReadCounters,
-    latency: Mutex<LatencyHistogram>,
+    latency: Mutex<LatencyWindow>,
 }
 
 /// What an attempt (with its hedge) came to.
@@ -200,7 +200,7 @@ impl Router {
             config,
             eject_lock: Mutex::new(()),
             counters: ReadCounters::default(),
-            latency: Mutex::new(LatencyHistogram::new()),
+            latency: Mutex::new(LatencyWindow::new()),
         })
     }
 
@@ -248,17 +248,14 @@ impl Router {
                 extra as f64 / reads as f64
             },
             retry_budget_balance: self.budget.balance(),
-            latency: latency.summary(),
+            latency: latency.current().summary(),
             replicas,
         };
         if reset {
-            latency.reset();
+            latency.restart();
             self.counters.reads.take();
             self.counters.read_errors.store(0, Relaxed);
             self.counters.bytes.take();
-            for r in &self.replicas {
-                *r.hedge_delay.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            }
         }
         stats
     }
@@ -391,11 +388,11 @@ impl Router {
                         let own = replica
                             .health
                             .latency_percentile(p, config::MIN_HEDGE_SAMPLES);
-                        let all = {
-                            let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-                            (h.count() >= config::MIN_HEDGE_SAMPLES)
-                                .then(|| Duration::from_secs_f64(h.percentile_ms(p) / 1000.0))
-                        };
+                        let all = self
+                            .latency
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .percentile(p, config::MIN_HEDGE_SAMPLES);
                         let delay = match (own, all) {
                             (Some(a), Some(b)) => Some(a.min(b)),
                             (a, b) => a.or(b),

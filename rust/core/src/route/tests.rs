@@ -436,6 +436,18 @@ fn adaptive_hedging_waits_for_samples_then_uses_the_percentile() {
     let sent: u64 = stats.replicas.iter().map(|r| r.hedges_sent).sum();
     assert!(sent > 0, "spikes after the warm-up were hedged: {stats:?}");
     assert!(stats.extra_request_ratio < 0.5, "{stats:?}");
+    // A stats reset (monitoring) restarts the reported latencies but not
+    // the hedge delay: it would otherwise go unhedged for the next samples.
+    router.stats(true);
+    assert_eq!(router.stats(false).latency.count, 0);
+    let min = config::MIN_HEDGE_SAMPLES;
+    let kept = |r: usize| router.replicas[r].health.latency_percentile(90.0, min);
+    assert!(
+        kept(0).is_some() || kept(1).is_some(),
+        "the primary's p90 is kept"
+    );
+    let all = router.latency.lock().unwrap().percentile(90.0, min);
+    assert!(all.is_some(), "so is the p90 of all reads");
 }
 
 #[test]
