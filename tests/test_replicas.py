@@ -41,6 +41,39 @@ def order(roots: list[str], key: str) -> list[int]:
     return _core.Rendezvous(roots).preference_list(key)
 
 
+def test_listing_names_keys_that_reads_take(roots: list[str]) -> None:
+    """ls/info/glob on local replicas answer with keys relative to the
+    replica root (what cat_file and ParquetStream take), not replica 0's
+    own paths."""
+    for root in roots:
+        (Path(root) / "shard-0" / "other.bin").write_bytes(b"xy")
+    fs = feedline.FileSystem(replicas=roots)
+    assert fs.ls("", detail=False) == ["shard-0"]
+    assert sorted(fs.ls("shard-0", detail=False)) == ["shard-0/other.bin", KEY]
+    assert {e["name"] for e in fs.ls("shard-0")} == {"shard-0/other.bin", KEY}
+    assert fs.info(KEY)["name"] == KEY and fs.info(KEY)["size"] == SIZE
+    assert sorted(fs.glob("shard-0/*.bin")) == ["shard-0/other.bin", KEY]
+    assert [fs.cat_file(k) for k in sorted(fs.find(""))] == [b"xy", payload(0)]
+
+
+def test_parquet_stream_globs_on_the_replicas(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from feedline.arrow import ParquetStream
+
+    table = pa.table({"id": pa.array(range(600))})
+    roots = []
+    for i in range(2):
+        root = tmp_path / f"pq-replica-{i}"
+        (root / "set").mkdir(parents=True)
+        for part in range(2):
+            pq.write_table(table.slice(part * 300, 300), root / "set" / f"p{part}.parquet")
+        roots.append(str(root))
+    stream = ParquetStream("set/p*.parquet", fs=feedline.FileSystem(replicas=roots))
+    assert stream.paths == ["set/p0.parquet", "set/p1.parquet"]
+    assert pa.Table.from_batches(list(stream)).equals(table)
+
+
 def test_reads_go_through_the_router_and_stick_to_the_primary(roots: list[str]) -> None:
     fs = feedline.FileSystem(replicas=roots)
     data = payload(0)

@@ -337,13 +337,18 @@ def _worker() -> tuple[int, int]:
     return int(info.id), int(info.num_workers)
 
 
-def _expand(paths_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+def _expand(
+    paths_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], fs: FileSystem
+) -> list[str]:
+    """The paths, each glob pattern expanded: on the replicas when ``fs``
+    has any (object stores list; keys come back), else on local files."""
     items = [paths_or_glob] if isinstance(paths_or_glob, str | os.PathLike) else paths_or_glob
     paths: list[str] = []
     for item in items:
         text = os.fspath(item)
         if any(ch in text for ch in "*?["):
-            matches = sorted(_glob.glob(text))
+            found = fs.glob(text) if fs.replicas else _glob.glob(text)
+            matches = sorted(str(m) for m in found)
             if not matches:
                 raise FileNotFoundError(f"no file matches {text!r}")
             paths.extend(matches)
@@ -364,7 +369,8 @@ class ParquetStream:
     rank. DataLoader workers split a rank's share further. The unit of a
     shard is a row group, so a dataset needs at least as many row groups as
     shards for every shard to get data. Globs (``*``, ``?``, ``[``) are
-    expanded on the local filesystem; for replicas pass the keys.
+    expanded on the local filesystem, or with ``fs.glob`` when ``fs`` has
+    replicas (directories, object stores; HTTP cannot list: pass the keys).
     """
 
     def __init__(
@@ -406,8 +412,8 @@ class ParquetStream:
             raise TypeError(f"columns must be a list of names, got the string {columns!r}")
         if columns is not None and not list(columns):
             raise ValueError("columns must name at least one column, got []")
-        self.paths = _expand(paths_or_glob)
         self.fs = fs if fs is not None else FileSystem()
+        self.paths = _expand(paths_or_glob, self.fs)
         self.columns = list(columns) if columns is not None else None
         self.batch_rows = batch_rows
         self.shuffle = bool(shuffle)

@@ -47,6 +47,8 @@ Replica: TypeAlias = "str | os.PathLike[str] | AbstractFileSystem | tuple[Abstra
 NATIVE_SCHEMES = frozenset(
     {"http", "https", "s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss"}
 )
+#: Native schemes whose stores list objects (HTTP has no listing API).
+LISTING_SCHEMES = NATIVE_SCHEMES - {"http", "https"}
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 READ_MODES = frozenset({"rb"})
@@ -307,14 +309,22 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
                 info = dict(fs.info(full, **kwargs))
                 info["name"] = key
                 return info
-            size = self._storage.size(key)
+            try:
+                size = self._storage.size(key)
+            except FileNotFoundError:
+                # An object store has no directories, only keys that share
+                # a prefix: a prefix with something under it is one.
+                if self._lists and (not key or self._list(key)):
+                    return {"name": key, "size": 0, "type": "directory"}
+                raise
             return {"name": key, "size": size, "type": "file"}
         # Replicas lag: the first one that has the path answers.
         for root in self.replicas:
             try:
-                found = self._local.info(os.path.join(root, key), **kwargs)
+                found = dict(self._local.info(os.path.join(root, key), **kwargs))
             except FileNotFoundError:
                 continue
+            found["name"] = key
             return found
         raise FileNotFoundError(2, f"no such file on any replica: {key!r}", key)
 
@@ -335,18 +345,58 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         if not self._first_replica_is_url:
             result: list[Any] = self._local.ls(self._local_path(path), detail=detail, **kwargs)
-            return result
+            if not self.replicas:
+                return result
+            return self._as_keys(result, os.path.abspath(self.replicas[0]))
         key = self._key(path)
         fallback = self._fsspec_target(key)
         if fallback is not None:
             fs, full = fallback
             listed: list[Any] = fs.ls(full, detail=detail, **kwargs)
-            return listed
-        raise NotImplementedError(
-            f"ls({path!r}): listing is not supported on remote replica "
-            f"{_redact_url(self.replicas[0])!r} (HTTP has no listing API); "
-            "pass the object names (a manifest) instead"
-        )
+            return self._as_keys(listed, full[: len(full) - len(key)])
+        if not self._lists:
+            raise NotImplementedError(
+                f"ls({path!r}): listing is not supported on remote replica "
+                f"{_redact_url(self.replicas[0])!r} (HTTP has no listing API); "
+                "pass the object names (a manifest) instead"
+            )
+        entries = self._list(key)
+        if not entries and key:
+            entries = [self.info(key)]  # a file lists as itself, as in fsspec
+        return entries if detail else [e["name"] for e in entries]
+
+    @staticmethod
+    def _as_keys(listed: list[Any], root: str) -> list[Any]:
+        """``ls`` results of a replica's own filesystem with each name made
+        a key relative to the replica ``root``, as every other call takes."""
+        base = root.rstrip("/") + "/"
+
+        def key(name: str) -> str:
+            return name[len(base) :] if name.startswith(base) else name.lstrip("/")
+
+        if listed and isinstance(listed[0], dict):
+            return [{**entry, "name": key(str(entry["name"]))} for entry in listed]
+        return [key(str(name)) for name in listed]
+
+    @property
+    def _lists(self) -> bool:
+        """Whether the replicas are object stores, which list their keys."""
+        scheme = self.replicas[0].split("://", 1)[0].lower() if self.replicas else ""
+        return scheme in LISTING_SCHEMES
+
+    def _list(self, key: str) -> list[dict[str, Any]]:
+        """fsspec entries for what lies directly under the prefix ``key``,
+        from the first replica that answers."""
+        objects, prefixes = self._storage.ls(key)
+        entries: list[dict[str, Any]] = [
+            {"name": name, "size": 0, "type": "directory"} for name in prefixes
+        ]
+        entries += [
+            {"name": name, "size": size, "type": "file", "mtime": float(mtime)}
+            for name, size, mtime in objects
+        ]
+        entries.sort(key=lambda e: str(e["name"]))
+        return entries
 
     def _fsspec_target(self, key: str) -> tuple[AbstractFileSystem, str] | None:
         """The fsspec filesystem and full path behind the first replica, when

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::chaos::ChaosSpec;
-use crate::error::{Error, Result};
+use crate::error::{Error, ReplicaFailure, Result};
 use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
 use crate::manifest::ManifestSource;
 use crate::plan::{build_plan_with, resolve_slice, PlanItem};
@@ -19,7 +19,7 @@ use crate::prefetch::{Stream, StreamConfig};
 use crate::route::{HedgeAfterMs, ReadTally, Router, RouterConfig, RouterStats, RoutingOptions};
 use crate::runtime;
 use crate::store::secrets::{self as remote, redacted_options, StorageOptions};
-use crate::store::{fallback, LocalStore, Store};
+use crate::store::{fallback, Listing, LocalStore, Store};
 
 /// Ranges per thread below which `read_many` does not bother to split.
 const MIN_RANGES_PER_THREAD: usize = 64;
@@ -175,6 +175,9 @@ pub struct Storage {
     store: Arc<dyn Store>,
     /// The same store as `store` when it is a router (always, from `new`).
     router: Option<Arc<Router>>,
+    /// Each replica's own store, under chaos and verification: listing
+    /// asks these directly (there are no bytes to verify or hedge).
+    replicas: Vec<Arc<dyn Store>>,
     config: StorageConfig,
     layers: ReplicaLayers,
 }
@@ -204,11 +207,13 @@ impl Storage {
         // Chaos and verification wrap each replica's store, under the
         // router: an injected fault or a checksum mismatch is that replica's
         // error, so the router fails over, hedges or ejects as for a real one.
+        let replicas = stores.clone();
         let (stores, layers) = wrap_replicas(stores, &config.chaos, config.manifest.as_ref())?;
         let router = Arc::new(Router::new(names, stores, router_config)?);
         Ok(Storage {
             store: Arc::clone(&router) as Arc<dyn Store>,
             router: Some(router),
+            replicas,
             config,
             layers,
         })
@@ -216,6 +221,7 @@ impl Storage {
 
     pub fn from_store(store: Arc<dyn Store>) -> Self {
         Storage {
+            replicas: vec![Arc::clone(&store)],
             store,
             router: None,
             config: StorageConfig::default(),
@@ -250,6 +256,38 @@ impl Storage {
 
     pub fn config(&self) -> &StorageConfig {
         &self.config
+    }
+
+    /// The objects and common prefixes directly under `prefix`, from the
+    /// first replica that answers (replicas hold the same keys; one that
+    /// lags or fails is passed over). A replica that cannot list (HTTP, local
+    /// directories: use `ls` there) makes this an `InvalidArgument` error.
+    pub fn list(&self, prefix: &str) -> Result<Listing> {
+        let mut failures = Vec::new();
+        let mut all_not_found = true;
+        for store in &self.replicas {
+            match runtime::block_on(store.list(prefix)) {
+                Ok(listing) => return Ok(listing),
+                Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                Err(e) => {
+                    all_not_found &= matches!(e, Error::NotFound { .. });
+                    failures.push(ReplicaFailure {
+                        replica: store.name().to_owned(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        // As for reads: "not found" only when every replica says so.
+        if all_not_found {
+            return Err(Error::NotFound {
+                path: prefix.to_owned(),
+            });
+        }
+        Err(Error::ReplicasUnavailable {
+            path: prefix.to_owned(),
+            failures,
+        })
     }
 
     pub fn size(&self, key: &str) -> Result<u64> {
@@ -752,6 +790,109 @@ mod tests {
         let results = storage.read_many(&mut requests, 1);
         drop(requests);
         (bufs, results)
+    }
+
+    /// A replica that lists `keys`, or fails every listing: "not found"
+    /// when `missing` (a bucket it lacks), else an HTTP 503.
+    #[derive(Debug)]
+    struct Lister {
+        name: &'static str,
+        keys: Option<Vec<&'static str>>,
+        missing: bool,
+    }
+
+    impl Store for Lister {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+            Box::pin(async move { Err(Error::NotFound { path: key.into() }) })
+        }
+        fn read_into<'a>(
+            &'a self,
+            k: &'a str,
+            _: u64,
+            _: &'a mut [u8],
+        ) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async move { Err(Error::NotFound { path: k.into() }) })
+        }
+        fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
+            Box::pin(async move {
+                let keys = self.keys.as_ref().ok_or_else(|| match self.missing {
+                    true => Error::NotFound { path: "bkt".into() },
+                    false => Error::Remote("HTTP 503".into()),
+                })?;
+                Ok(Listing {
+                    objects: keys
+                        .iter()
+                        .map(|k| crate::store::ListedObject {
+                            key: (*k).into(),
+                            size: 1,
+                            modified_unix_s: 0,
+                        })
+                        .collect(),
+                    prefixes: Vec::new(),
+                })
+            })
+        }
+    }
+
+    #[test]
+    fn listing_passes_over_a_failing_replica_and_names_each_when_all_fail() {
+        let lister = |name, keys, missing| -> Arc<dyn Store> {
+            Arc::new(Lister {
+                name,
+                keys,
+                missing,
+            })
+        };
+        let down = lister("down", None, false);
+        let up = lister("up", Some(vec!["a", "b"]), false);
+        let storage = Storage {
+            replicas: vec![Arc::clone(&down), up],
+            ..Storage::from_store(Arc::clone(&down))
+        };
+        let keys: Vec<String> = storage
+            .list("")
+            .unwrap()
+            .objects
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(keys, ["a", "b"]);
+        let alone = Storage::from_store(Arc::clone(&down));
+        let err = alone.list("train").unwrap_err().to_string();
+        assert!(
+            err.contains("\"train\"") && err.contains("down") && err.contains("503"),
+            "{err}"
+        );
+        // "Not found" (no such bucket) only when every replica says so.
+        let gone = lister("gone", None, true);
+        let storage = Storage {
+            replicas: vec![Arc::clone(&gone), Arc::clone(&gone)],
+            ..Storage::from_store(Arc::clone(&gone))
+        };
+        assert!(matches!(storage.list("t"), Err(Error::NotFound { .. })));
+        let storage = Storage {
+            replicas: vec![Arc::clone(&gone), down],
+            ..Storage::from_store(gone)
+        };
+        assert!(matches!(
+            storage.list("t"),
+            Err(Error::ReplicasUnavailable { .. })
+        ));
+    }
+
+    #[test]
+    fn local_replicas_say_they_cannot_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            replicas: vec![dir.path().display().to_string()],
+            ..Default::default()
+        };
+        let err = Storage::new(config).unwrap().list("").unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(err.to_string().contains("cannot list"), "{err}");
     }
 
     #[test]

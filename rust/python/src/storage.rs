@@ -183,6 +183,19 @@ impl PyStorage {
         py.detach(|| self.inner.size(key)).py()
     }
 
+    /// `((key, size, modified_unix_s) per object, prefix keys)` directly
+    /// under `prefix`.
+    #[allow(clippy::type_complexity)]
+    fn ls(&self, py: Python<'_>, prefix: &str) -> PyResult<(Vec<(String, u64, i64)>, Vec<String>)> {
+        let listing = py.detach(|| self.inner.list(prefix)).py()?;
+        let objects = listing
+            .objects
+            .into_iter()
+            .map(|o| (o.key, o.size, o.modified_unix_s))
+            .collect();
+        Ok((objects, listing.prefixes))
+    }
+
     #[pyo3(signature = (key, start = None, end = None))]
     fn cat_file<'py>(
         &self,

@@ -75,4 +75,33 @@ pub trait Store: Send + Sync + Debug + 'static {
     fn size_blocking(&self, _key: &str) -> Option<Result<u64>> {
         None
     }
+
+    /// The objects and the "directories" (common prefixes) directly under
+    /// `prefix`, a key relative to the replica root (`""`: the root). Object
+    /// stores list; a store that cannot says so (`InvalidArgument`).
+    fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
+        Box::pin(async move {
+            Err(crate::error::Error::invalid(format!(
+                "replica {:?} cannot list its objects",
+                self.name()
+            )))
+        })
+    }
+}
+
+/// What [`Store::list`] found under a prefix; keys relative to the replica
+/// root, sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub objects: Vec<ListedObject>,
+    /// Keys of the common prefixes, without the trailing `/`.
+    pub prefixes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: String,
+    pub size: u64,
+    /// Last modification, seconds since the Unix epoch.
+    pub modified_unix_s: i64,
 }

@@ -34,7 +34,7 @@ pub use super::secrets::{
     collect_secrets, display_url, is_native_scheme, is_secret_key, options_json, redact_error,
     redacted_options, Secrets, StorageOptions,
 };
-use super::{BoxFuture, Store};
+use super::{BoxFuture, ListedObject, Listing, Store};
 use crate::error::{Error, Result};
 
 /// Default per-request timeout. Long enough for a 1 GiB range on a slow link;
@@ -300,6 +300,61 @@ impl RemoteStore {
         Ok(())
     }
 
+    async fn list_prefix(&self, prefix: &str) -> Result<Listing> {
+        let prefix = prefix.trim_matches('/');
+        let full = match (self.prefix.is_empty(), prefix.is_empty()) {
+            (true, _) => prefix.to_owned(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{prefix}", self.prefix),
+        };
+        let path = if full.is_empty() {
+            None
+        } else {
+            Some(ObjectPath::parse(&full).map_err(|e| {
+                Error::invalid(format!(
+                    "prefix {prefix:?} is not a valid object path on {:?}: {e}",
+                    self.name
+                ))
+            })?)
+        };
+        let client = self.client()?;
+        let found = client
+            .list_with_delimiter(path.as_ref())
+            .await
+            .map_err(|e| self.error(prefix, e))?;
+        let mut listing = Listing {
+            objects: found
+                .objects
+                .iter()
+                .map(|meta| ListedObject {
+                    key: self.relative(&meta.location),
+                    size: meta.size,
+                    modified_unix_s: meta.last_modified.timestamp(),
+                })
+                .collect(),
+            prefixes: found
+                .common_prefixes
+                .iter()
+                .map(|p| self.relative(p))
+                .collect(),
+        };
+        listing.objects.sort_by(|a, b| a.key.cmp(&b.key));
+        listing.prefixes.sort();
+        Ok(listing)
+    }
+
+    /// `location` as a key relative to the replica root.
+    fn relative(&self, location: &ObjectPath) -> String {
+        let full = location.as_ref();
+        if self.prefix.is_empty() {
+            return full.to_owned();
+        }
+        full.strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .unwrap_or(full)
+            .to_owned()
+    }
+
     async fn head_size(&self, key: &str) -> Result<u64> {
         let path = self.path(key)?;
         let client = self.client()?;
@@ -315,6 +370,10 @@ impl Store for RemoteStore {
 
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(self.head_size(key))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
+        Box::pin(self.list_prefix(prefix))
     }
 
     fn read_into<'a>(
@@ -727,6 +786,17 @@ mod tests {
 
     fn opts(json: &str) -> StorageOptions {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn listed_keys_are_relative_to_the_replica_root() {
+        let store = RemoteStore::open("s3://b/data", &opts(r#"{"anon": true}"#)).unwrap();
+        let key = |p: &str| store.relative(&ObjectPath::from(p));
+        assert_eq!(key("data/x/y.bin"), "x/y.bin");
+        // A sibling whose name starts with the prefix is not inside it.
+        assert_eq!(key("database/x"), "database/x");
+        let root = RemoteStore::open("s3://b", &opts(r#"{"anon": true}"#)).unwrap();
+        assert_eq!(root.relative(&ObjectPath::from("x/y")), "x/y");
     }
 
     #[test]
