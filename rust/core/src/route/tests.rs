@@ -719,15 +719,11 @@ fn whole_object_reads_fail_over_eject_and_spend_the_budget() {
     assert_eq!(stats.read_errors, 200);
 }
 
-#[test]
-fn a_replica_that_never_answers_is_ejected_after_losing_hedges() {
-    // A gray failure: the primary accepts and never answers, never fails.
-    // After `eject_after_failures` lost hedge races it is out, and reads go
-    // straight to the others instead of each waiting the hedge delay.
-    let data = pattern(5, 2048);
-    let reps = Replicas::new(3, |_| Some(data.clone()));
-    let primary = Rendezvous::new(&reps.names(), None).unwrap().primary("obj");
-    let stores: Vec<Arc<dyn Store>> = reps
+/// The stores of `reps` with `key`'s primary stuck (a gray failure: it
+/// accepts and never answers, never fails), and that primary's index.
+fn stuck_primary(reps: &Replicas, key: &str) -> (usize, Vec<Arc<dyn Store>>) {
+    let primary = Rendezvous::new(&reps.names(), None).unwrap().primary(key);
+    let stores = reps
         .local()
         .into_iter()
         .enumerate()
@@ -736,6 +732,17 @@ fn a_replica_that_never_answers_is_ejected_after_losing_hedges() {
             Arc::new(SlowStore::new(s, Duration::from_secs(delay))) as Arc<dyn Store>
         })
         .collect();
+    (primary, stores)
+}
+
+#[test]
+fn a_replica_that_never_answers_is_ejected_after_losing_hedges() {
+    // A gray failure: the primary accepts and never answers, never fails.
+    // After `eject_after_failures` lost hedge races it is out, and reads go
+    // straight to the others instead of each waiting the hedge delay.
+    let data = pattern(5, 2048);
+    let reps = Replicas::new(3, |_| Some(data.clone()));
+    let (primary, stores) = stuck_primary(&reps, "obj");
     let config = RouterConfig::from_options(&RoutingOptions {
         hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
         eject_after_failures: Some(3),
@@ -765,16 +772,7 @@ fn a_hedge_refused_by_the_budget_is_asked_again_not_never() {
     // refill it (about half a second), not for its deadline.
     let data = pattern(9, 1024);
     let reps = Replicas::new(2, |_| Some(data.clone()));
-    let primary = Rendezvous::new(&reps.names(), None).unwrap().primary("obj");
-    let stores: Vec<Arc<dyn Store>> = reps
-        .local()
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let delay = if i == primary { 3600 } else { 0 };
-            Arc::new(SlowStore::new(s, Duration::from_secs(delay))) as Arc<dyn Store>
-        })
-        .collect();
+    let (primary, stores) = stuck_primary(&reps, "obj");
     let config = RouterConfig::from_options(&RoutingOptions {
         hedge_after_ms: Some(HedgeAfterMs::Ms(2.0)),
         eject_after_failures: Some(u32::MAX),
