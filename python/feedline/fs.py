@@ -362,7 +362,9 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             )
         entries = self._list(key)
         if not entries and key:
-            entries = [self.info(key)]  # a file lists as itself, as in fsspec
+            # A file lists as itself, as in fsspec. Its size straight away:
+            # `info` would list the (empty) prefix a second time first.
+            entries = [{"name": key, "size": self._storage.size(key), "type": "file"}]
         return entries if detail else [e["name"] for e in entries]
 
     @staticmethod
