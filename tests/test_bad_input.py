@@ -194,7 +194,7 @@ def test_cat_file_past_the_end_is_empty_like_a_slice(make_file: MakeFile) -> Non
 def test_zero_or_negative_sizes(make_file: MakeFile, name: str, value: int) -> None:
     path, _ = make_file()
     fs = feedline.FileSystem()
-    pattern = f"{name} must be at least 1, got {value}"
+    pattern = f"{name} must be a whole number of at least 1, got {value}"
     with pytest.raises(ValueError, match=pattern):
         fs.stream([path], **{name: value})
     with pytest.raises(ValueError, match=pattern):
@@ -206,7 +206,7 @@ def test_zero_or_negative_sizes(make_file: MakeFile, name: str, value: int) -> N
 @pytest.mark.parametrize("name", ["chunk_bytes", "depth"])
 def test_non_integer_sizes(make_file: MakeFile, name: str) -> None:
     path, _ = make_file()
-    with pytest.raises(TypeError, match=f"{name} must be an int, got '4'"):
+    with pytest.raises(TypeError, match=f"{name} must be a whole number of at least 1, got '4'"):
         feedline.FileSystem().stream([path], **{name: "4"})
 
 

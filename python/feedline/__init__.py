@@ -7,14 +7,17 @@ ahead into a bounded ring of zero-copy buffers.
 
 from feedline import chaos
 from feedline._core import (
+    Chaos,
     ChecksumMismatch,
     Chunk,
     ChunkStream,
+    Prefetch,
+    Replica,
     ReplicasUnavailable,
+    Routing,
     ShortReadError,
     __version__,
 )
-from feedline.chaos import Chaos
 from feedline.fs import FeedlineFile, FileSystem, open, write_manifest
 
 __all__ = [
@@ -24,7 +27,10 @@ __all__ = [
     "ChunkStream",
     "FeedlineFile",
     "FileSystem",
+    "Prefetch",
+    "Replica",
     "ReplicasUnavailable",
+    "Routing",
     "ShortReadError",
     "__version__",
     "chaos",

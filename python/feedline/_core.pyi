@@ -3,24 +3,31 @@
 from collections.abc import Callable, Iterable
 from os import PathLike
 from types import TracebackType
-from typing import Any, final
+from typing import Any, Literal, TypedDict, final
 
 from typing_extensions import Buffer
 
 __all__ = [
+    "Chaos",
     "ChaosSampler",
     "ChecksumMismatch",
     "Chunk",
     "ChunkStream",
     "FaultProxy",
     "LatencyHistogram",
+    "Prefetch",
     "Reader",
     "Rendezvous",
+    "Replica",
     "ReplicasUnavailable",
+    "Routing",
     "ShortReadError",
     "Storage",
     "__version__",
     "crc32c",
+    "nearest_option",
+    "option_names",
+    "rebuild_section",
     "write_manifest",
 ]
 
@@ -30,9 +37,158 @@ class ReplicasUnavailable(OSError): ...
 class ChecksumMismatch(OSError): ...
 class ShortReadError(OSError): ...
 
+# -- configuration sections (checked in Rust at construction) ---------------
+
+_Latency = dict[str, float | str]
+
+@final
+class Routing:
+    """How reads are routed over replicas: see docs/configuration.md."""
+
+    options: list[str]
+    def __new__(
+        cls,
+        *,
+        weights: list[float] | None = ...,
+        policy: Literal["affinity", "p2c"] = ...,
+        load_factor: float | None = ...,
+        hedge_after_ms: float | str | None = ...,
+        timeout_ms: float | None = ...,
+        deadline_ms: float = ...,
+        eject_after_failures: int = ...,
+        base_ejection_ms: float = ...,
+        max_ejection_ms: float | None = ...,
+        retry_budget_ratio: float = ...,
+        retry_budget_floor_per_s: float = ...,
+        backoff_base_ms: float = ...,
+        backoff_max_ms: float = ...,
+    ) -> Routing: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def replace(self, **changes: Any) -> Routing: ...
+    def __getattr__(self, name: str) -> Any: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[Any, tuple[Any]]: ...
+
+@final
+class Prefetch:
+    """How streams and file objects read ahead: see docs/configuration.md."""
+
+    options: list[str]
+    def __new__(
+        cls,
+        *,
+        chunk_bytes: int = ...,
+        depth: int = ...,
+        direct_bytes: int = ...,
+        memory_budget_bytes: int = ...,
+    ) -> Prefetch: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def replace(self, **changes: Any) -> Prefetch: ...
+    def __getattr__(self, name: str) -> Any: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[Any, tuple[Any]]: ...
+
+@final
+class Chaos:
+    """Faults injected into one replica's reads: see feedline.chaos."""
+
+    options: list[str]
+    def __new__(
+        cls,
+        *,
+        latency: Any = ...,
+        spike_probability: float = ...,
+        spike_ms: float = ...,
+        error_rate: float = ...,
+        stall_rate: float = ...,
+        outages: list[tuple[float, float]] | tuple[tuple[float, float], ...] = ...,
+        fail_after_requests: int | None = ...,
+        bandwidth_bytes_per_s: float | None = ...,
+        corrupt_rate: float = ...,
+        seed: int = ...,
+    ) -> Chaos: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def replace(self, **changes: Any) -> Chaos: ...
+    def __getattr__(self, name: str) -> Any: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[Any, tuple[Any]]: ...
+
+@final
+class Replica:
+    """One replica: a path or URL with its own storage options and weight."""
+
+    def __new__(
+        cls,
+        url: str | PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        weight: float | None = None,
+    ) -> Replica: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def weight(self) -> float | None: ...
+    @property
+    def storage_options(self) -> dict[str, Any]: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __reduce__(self) -> tuple[Any, tuple[Any]]: ...
+
+def option_names() -> list[str]: ...
+def rebuild_section(state: tuple[str, dict[str, Any]]) -> Routing | Prefetch | Chaos | Replica: ...
+def nearest_option(name: str, known: list[str]) -> str | None: ...
+
+# -- figures -------------------------------------------------------------------
+
+LatencyStats = TypedDict(
+    "LatencyStats",
+    {
+        "count": int,
+        "mean_ms": float,
+        "p50_ms": float,
+        "p90_ms": float,
+        "p99_ms": float,
+        "p99.9_ms": float,
+        "max_ms": float,
+    },
+)
+
+class ReplicaStats(TypedDict):
+    name: str
+    requests: int
+    bytes: int
+    errors: int
+    retries: int
+    hedges_sent: int
+    hedges_won: int
+    cancelled: int
+    ejections: int
+    readmissions: int
+    not_found: int
+    timeouts: int
+    checksum_mismatches: int
+    ejected: bool
+    in_flight: int
+    consecutive_failures: int
+    peak_ewma_ms: float
+    latency: LatencyStats
+
+class Stats(TypedDict):
+    reads: int
+    read_errors: int
+    bytes: int
+    extra_request_ratio: float
+    retry_budget_balance: float
+    latency: LatencyStats
+    replicas: list[ReplicaStats]
+
 @final
 class Storage:
-    def __new__(cls, config_json: str = "{}") -> Storage: ...
+    def __new__(cls, options: dict[str, Any] | None = None) -> Storage: ...
+    def config(self) -> dict[str, Any]: ...
     def size(self, key: str) -> int: ...
     def ls(self, prefix: str) -> tuple[list[tuple[str, int, int]], list[str]]: ...
     def cat_file(self, key: str, start: int | None = None, end: int | None = None) -> bytes: ...
@@ -43,12 +199,10 @@ class Storage:
         self,
         entries: Iterable[str | PathLike[str] | tuple[str, int, int]],
         key_of: Callable[[str], str],
-        chunk_bytes: int,
-        depth: int,
-        memory_budget_bytes: int | None = None,
+        prefetch: dict[str, int | None] | None = None,
     ) -> ChunkStream: ...
-    def open_reader(self, key: str, chunk_bytes: int, depth: int, direct_bytes: int) -> Reader: ...
-    def stats_json(self, reset: bool = False) -> str: ...
+    def open_reader(self, key: str) -> Reader: ...
+    def stats(self, reset: bool = False) -> Stats: ...
     def fault_stats(self) -> list[dict[str, Any]]: ...
 
 @final
@@ -60,7 +214,7 @@ class Rendezvous:
 
 @final
 class ChaosSampler:
-    def __new__(cls, spec_json: str) -> ChaosSampler: ...
+    def __new__(cls, chaos: Chaos) -> ChaosSampler: ...
     def next(self, nbytes: int) -> tuple[float, str, int | None]: ...
     def counts(self) -> dict[str, int]: ...
 

@@ -13,15 +13,15 @@ Only reads draw a fate; a ``size``/``info`` call sees outages only.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from feedline import _core
+from feedline._core import Chaos
 
 __all__ = [
     "Chaos",
@@ -34,31 +34,15 @@ __all__ = [
 ]
 
 
-def _number(owner: str, name: str, value: object) -> float:
+def _non_negative(owner: str, name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{owner}.{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{owner}.{name} must be finite, got {value!r}")
-    return v
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}")
 
 
-def _non_negative(owner: str, name: str, value: object) -> None:
-    if _number(owner, name, value) < 0:
-        raise ValueError(f"{owner}.{name} must be >= 0, got {value!r}")
-
-
-def _positive(owner: str, name: str, value: object) -> None:
-    if _number(owner, name, value) <= 0:
-        raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
-
-
-def _probability(owner: str, name: str, value: object) -> None:
-    v = _number(owner, name, value)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(
-            f"{owner}.{name} is a probability and must be within [0, 1], got {value!r}"
-        )
+# The latency distributions are plain values; ``Chaos`` (in Rust) checks them
+# with the rest of the spec, through their ``to_dict``.
 
 
 @dataclass(frozen=True)
@@ -66,9 +50,6 @@ class Fixed:
     """Every read takes ``ms`` milliseconds."""
 
     ms: float
-
-    def __post_init__(self) -> None:
-        _non_negative("Fixed", "ms", self.ms)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "fixed", "ms": self.ms}
@@ -81,14 +62,6 @@ class Uniform:
     low_ms: float
     high_ms: float
 
-    def __post_init__(self) -> None:
-        _non_negative("Uniform", "low_ms", self.low_ms)
-        _non_negative("Uniform", "high_ms", self.high_ms)
-        if self.low_ms > self.high_ms:
-            raise ValueError(
-                f"Uniform.low_ms ({self.low_ms!r}) must not exceed high_ms ({self.high_ms!r})"
-            )
-
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "uniform", "low_ms": self.low_ms, "high_ms": self.high_ms}
 
@@ -99,10 +72,6 @@ class Normal:
 
     mean_ms: float
     stdev_ms: float
-
-    def __post_init__(self) -> None:
-        _non_negative("Normal", "mean_ms", self.mean_ms)
-        _non_negative("Normal", "stdev_ms", self.stdev_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "normal", "mean_ms": self.mean_ms, "stdev_ms": self.stdev_ms}
@@ -116,10 +85,6 @@ class LogNormal:
     median_ms: float
     sigma: float
 
-    def __post_init__(self) -> None:
-        _positive("LogNormal", "median_ms", self.median_ms)
-        _non_negative("LogNormal", "sigma", self.sigma)
-
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "lognormal", "median_ms": self.median_ms, "sigma": self.sigma}
 
@@ -132,109 +97,11 @@ class Pareto:
     scale_ms: float
     shape: float
 
-    def __post_init__(self) -> None:
-        _positive("Pareto", "scale_ms", self.scale_ms)
-        _positive("Pareto", "shape", self.shape)
-
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "pareto", "scale_ms": self.scale_ms, "shape": self.shape}
 
 
 Latency = Fixed | Uniform | Normal | LogNormal | Pareto
-
-
-@dataclass(frozen=True)
-class Chaos:
-    """Faults injected into one replica's reads.
-
-    * ``latency``: base latency of every read (a distribution above).
-    * ``spike_probability``, ``spike_ms``: a read is delayed by an extra
-      ``spike_ms`` with this probability.
-    * ``error_rate``: a read fails with a retryable ``OSError`` naming the
-      replica and "injected" (after its latency, like a server's error reply).
-    * ``stall_rate``: a read never completes until cancelled (by a hedge, a
-      timeout, or a closed stream).
-    * ``outages``: ``(start_s, end_s)`` windows, measured from when the
-      filesystem was built, in which every request is refused at once.
-    * ``fail_after_requests``: reads from this number on are refused (the
-      replica dies after serving that many).
-    * ``bandwidth_bytes_per_s``: the replica's link; a read's bytes take
-      ``nbytes / bandwidth`` seconds, queued behind earlier reads.
-    * ``corrupt_rate``: a successful read has one byte flipped.
-    * ``seed``: the same seed gives the same faults to the same requests.
-    """
-
-    latency: Latency | None = None
-    spike_probability: float = 0.0
-    spike_ms: float = 0.0
-    error_rate: float = 0.0
-    stall_rate: float = 0.0
-    outages: tuple[tuple[float, float], ...] = field(default=())
-    fail_after_requests: int | None = None
-    bandwidth_bytes_per_s: float | None = None
-    corrupt_rate: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.latency is not None and not isinstance(
-            self.latency, Fixed | Uniform | Normal | LogNormal | Pareto
-        ):
-            raise TypeError(
-                "Chaos.latency must be Fixed, Uniform, Normal, LogNormal or Pareto, "
-                f"got {self.latency!r}"
-            )
-        for name in ("spike_probability", "error_rate", "stall_rate", "corrupt_rate"):
-            _probability("Chaos", name, getattr(self, name))
-        _non_negative("Chaos", "spike_ms", self.spike_ms)
-        if isinstance(self.outages, str | bytes) or not hasattr(self.outages, "__iter__"):
-            raise TypeError(f"Chaos.outages must be (start_s, end_s) pairs, got {self.outages!r}")
-        windows = []
-        for window in self.outages:
-            if not isinstance(window, tuple | list) or len(window) != 2:
-                raise ValueError(f"Chaos.outages entry must be (start_s, end_s), got {window!r}")
-            start_s = _number("Chaos", "outages start_s", window[0])
-            end_s = _number("Chaos", "outages end_s", window[1])
-            if not 0 <= start_s < end_s:
-                raise ValueError(
-                    f"Chaos.outages entry {tuple(window)!r} must satisfy 0 <= start_s < end_s"
-                )
-            windows.append((start_s, end_s))
-        # Lists are accepted for convenience and frozen into tuples.
-        object.__setattr__(self, "outages", tuple(windows))
-        if self.fail_after_requests is not None and (
-            isinstance(self.fail_after_requests, bool)
-            or not isinstance(self.fail_after_requests, int)
-            or self.fail_after_requests < 0
-        ):
-            raise ValueError(
-                f"Chaos.fail_after_requests must be an int >= 0, got {self.fail_after_requests!r}"
-            )
-        if self.bandwidth_bytes_per_s is not None:
-            _positive("Chaos", "bandwidth_bytes_per_s", self.bandwidth_bytes_per_s)
-        if (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, int)
-            or not 0 <= self.seed < 1 << 64
-        ):
-            raise ValueError(f"Chaos.seed must be an int in [0, 2**64), got {self.seed!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "latency": None if self.latency is None else self.latency.to_dict(),
-            "spike_probability": self.spike_probability,
-            "spike_ms": self.spike_ms,
-            "error_rate": self.error_rate,
-            "stall_rate": self.stall_rate,
-            "outages": [list(w) for w in self.outages],
-            "fail_after_requests": self.fail_after_requests,
-            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
-            "corrupt_rate": self.corrupt_rate,
-            "seed": self.seed,
-        }
-
-    def to_json(self) -> str:
-        """The JSON the Rust core's ``ChaosSpec`` reads."""
-        return json.dumps(self.to_dict())
 
 
 class ChaosFileSystem(AbstractFileSystem):  # type: ignore[misc]
@@ -262,7 +129,7 @@ class ChaosFileSystem(AbstractFileSystem):  # type: ignore[misc]
         self.fs = fs
         self.chaos = chaos
         self.stall_s = float(stall_s)
-        self._sampler = _core.ChaosSampler(chaos.to_json())
+        self._sampler = _core.ChaosSampler(chaos)
 
     def fault_counts(self) -> dict[str, int]:
         """How many of each fault were injected so far."""

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
-import sys
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -18,30 +16,24 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from feedline import _core, _fsspec
-from feedline.chaos import Chaos
-from feedline.routing import ROUTING_OPTIONS, check_replicas, routing_config
+from feedline._core import Chaos, Prefetch
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 MiB = 1 << 20
 
-#: Chunk size of a stream or a file's readahead.
-DEFAULT_CHUNK_BYTES = 4 * MiB
-#: Fetches in flight per stream.
-DEFAULT_DEPTH = 8
-#: A ``readinto``/``read`` at least this large bypasses readahead and reads
-#: straight into the caller's buffer, in parallel.
-DEFAULT_DIRECT_BYTES = 16 * MiB
-
 #: Manifest block: divides the default chunk, so streams verify in place.
 DEFAULT_MANIFEST_BLOCK_BYTES = 1 * MiB
 
 PlanEntry = str | tuple[str, int, int]
 #: A replica: a local directory, a URL (``http://``, ``s3://``, ``gs://``,
-#: ``az://``, or any fsspec protocol), or an fsspec filesystem instance
+#: ``az://``, or any fsspec protocol), a :class:`feedline.Replica` (a URL with
+#: its own storage options and weight), or an fsspec filesystem instance
 #: (optionally with a root path inside it).
-Replica: TypeAlias = "str | os.PathLike[str] | AbstractFileSystem | tuple[AbstractFileSystem, str]"
+Replica: TypeAlias = (
+    "str | os.PathLike[str] | _core.Replica | AbstractFileSystem | tuple[AbstractFileSystem, str]"
+)
 
 #: URL schemes with a native (Rust, object_store) backend.
 NATIVE_SCHEMES = frozenset(
@@ -61,43 +53,58 @@ def _positive_int(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be at least 1, got {value}")
-    if value > sys.maxsize:
-        # Past what the core can even count; the memory budget check in Rust
-        # covers everything smaller.
-        raise ValueError(f"{name}={value} is larger than any memory budget")
     return value
 
 
-def _chaos_config(
+#: Keyword arguments that fsspec's own ``AbstractFileSystem`` takes: passed
+#: on to it. Every other keyword argument is a feedline option.
+FSSPEC_OPTIONS = frozenset(
+    {
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_paths",
+        "skip_instance_cache",
+        "asynchronous",
+        "loop",
+    }
+)
+
+#: Every option ``FileSystem`` and ``feedline.open`` take, flat or as a
+#: section (``routing=feedline.Routing(...)``); the names come from the core.
+OPTION_NAMES = frozenset(_core.option_names())
+
+
+def _check_option_names(options: Mapping[str, Any]) -> None:
+    """Unknown keyword arguments are a TypeError naming the nearest known
+    option: a typo must not silently turn a feature off."""
+    known = sorted(OPTION_NAMES | FSSPEC_OPTIONS)
+    for name in options:
+        if name not in OPTION_NAMES:
+            near = _core.nearest_option(name, known)
+            hint = f"; did you mean {near!r}?" if near else ""
+            raise TypeError(f"FileSystem got an unknown option {name!r}{hint}")
+
+
+def _chaos_by_index(
     replicas: list[str], chaos: Mapping[int | str | os.PathLike[str], Chaos]
-) -> dict[str, Any]:
-    """``{replica index or root: Chaos}`` -> ``{"index": spec}``."""
+) -> dict[str, Chaos]:
+    """``{replica index or root: Chaos}`` -> ``{"index": Chaos}`` (the core
+    checks the specs and the indices)."""
     if not isinstance(chaos, Mapping):
         raise TypeError(f"chaos must map a replica index or root to a Chaos, got {chaos!r}")
-    count = max(1, len(replicas))
     roots = {os.path.abspath(r): i for i, r in enumerate(replicas)}
-    out: dict[str, Any] = {}
+    out: dict[str, Chaos] = {}
     for key, spec in chaos.items():
         if not isinstance(spec, Chaos):
-            raise TypeError(f"chaos[{key!r}] must be a feedline.chaos.Chaos, got {spec!r}")
-        if isinstance(key, bool):
+            raise TypeError(f"chaos[{key!r}] must be a feedline.Chaos, got {spec!r}")
+        if isinstance(key, bool) or not isinstance(key, int | str | os.PathLike):
             raise TypeError(f"chaos key must be a replica index or root, got {key!r}")
-        if isinstance(key, int):
-            if not 0 <= key < count:
-                raise ValueError(
-                    f"chaos names replica {key}, but there are {count} (indices 0..{count - 1})"
-                )
-            index = key
-        elif isinstance(key, str | os.PathLike):
-            found = roots.get(os.path.abspath(os.fspath(key)))
-            if found is None:
-                raise ValueError(f"chaos names replica root {key!r}, which is not in {replicas!r}")
-            index = found
-        else:
-            raise TypeError(f"chaos key must be a replica index or root, got {key!r}")
+        index = key if isinstance(key, int) else roots.get(os.path.abspath(os.fspath(key)))
+        if index is None:
+            raise ValueError(f"chaos names replica root {key!r}, which is not in {replicas!r}")
         if str(index) in out:
             raise ValueError(f"chaos names replica {index} twice (as {key!r})")
-        out[str(index)] = spec.to_dict()
+        out[str(index)] = spec
     return out
 
 
@@ -148,49 +155,29 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         self,
         replicas: Sequence[Replica] | None = None,
         *,
-        storage_options: dict[str, Any] | None = None,
-        concurrency: int | None = None,
-        weights: Sequence[float] | None = None,
-        policy: str | None = None,
-        load_factor: float | None = None,
-        hedge_after_ms: float | str | None = None,
-        timeout_ms: float | None = None,
-        deadline_ms: float | None = None,
-        eject_after_failures: int | None = None,
-        base_ejection_ms: float | None = None,
-        max_ejection_ms: float | None = None,
-        retry_budget_ratio: float | None = None,
-        retry_budget_floor_per_s: float | None = None,
-        backoff_base_ms: float | None = None,
-        backoff_max_ms: float | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        depth: int = DEFAULT_DEPTH,
-        direct_bytes: int = DEFAULT_DIRECT_BYTES,
+        chaos: Mapping[int | str | os.PathLike[str], Chaos] | None = None,
         target_protocol: str | None = None,
         target_options: dict[str, Any] | None = None,
         fo: str | None = None,
-        chaos: Mapping[int | str | os.PathLike[str], Chaos] | None = None,
-        manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
-        **kwargs: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        """``options`` are feedline's (``hedge_after_ms=20``, ``depth=4``,
+        ``routing=feedline.Routing(...)``, ...: see docs/configuration.md)
+        and fsspec's own (``skip_instance_cache``, ...)."""
+        super().__init__(**{k: options.pop(k) for k in list(options) if k in FSSPEC_OPTIONS})
+        _check_option_names(options)
         if target_protocol not in (None, "file", "local"):
             raise ValueError(
                 f"feedline:: cannot chain onto protocol {target_protocol!r} yet; local paths only"
             )
         del target_options
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
         # What the filesystem is rebuilt from when pickled (spawn/forkserver
         # workers): configuration, never threads, handles or connections.
         self._init_config: dict[str, Any] = {
             "replicas": list(replicas) if replicas is not None else None,
-            "storage_options": dict(storage_options) if storage_options else None,
-            "concurrency": concurrency,
-            "chunk_bytes": chunk_bytes,
-            "depth": depth,
-            "direct_bytes": direct_bytes,
+            "chaos": chaos,
             "fo": fo,
+            **options,
         }
         # In a chained URL ("feedline::/data/x") fsspec hands the inner path
         # over as `fo` and asks this filesystem for "".
@@ -202,48 +189,25 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             cwd = os.getcwd().rstrip(os.sep) + os.sep
             if self._fo.startswith(cwd):
                 self._fo = self._fo[len(cwd) :]
-        self.chunk_bytes = _positive_int("chunk_bytes", chunk_bytes)
-        self.depth = _positive_int("depth", depth)
-        self.direct_bytes = _positive_int("direct_bytes", direct_bytes)
-        self._storage_options: dict[str, Any] = dict(storage_options or {})
-        roots: Any = replicas
-        if replicas is not None and not isinstance(replicas, str | bytes | os.PathLike):
-            roots = [_replica_root(r) for r in replicas]
-        self.replicas = check_replicas(roots)
-        config: dict[str, Any] = {"replicas": self.replicas}
-        routing = {
-            "weights": weights,
-            "policy": policy,
-            "load_factor": load_factor,
-            "hedge_after_ms": hedge_after_ms,
-            "timeout_ms": timeout_ms,
-            "deadline_ms": deadline_ms,
-            "eject_after_failures": eject_after_failures,
-            "base_ejection_ms": base_ejection_ms,
-            "max_ejection_ms": max_ejection_ms,
-            "retry_budget_ratio": retry_budget_ratio,
-            "retry_budget_floor_per_s": retry_budget_floor_per_s,
-            "backoff_base_ms": backoff_base_ms,
-            "backoff_max_ms": backoff_max_ms,
-        }
-        self._init_config.update(routing, chaos=chaos, manifest=manifest)
-        config.update(routing_config(self.replicas, **routing))
+        entries = _replica_entries(replicas)
+        self.replicas = [e.url if isinstance(e, _core.Replica) else e for e in entries]
+        config: dict[str, Any] = {**options, "replicas": entries}
         if chaos:
-            config["chaos"] = _chaos_config(self.replicas, chaos)
-        if manifest is not None:
-            config["manifest"] = _manifest_config(manifest)
-        if self._storage_options:
-            try:
-                json.dumps(self._storage_options)
-            except TypeError as e:
-                raise TypeError(
-                    f"storage_options must be JSON-like (str, number, bool, dict): {e}"
-                ) from None
-            config["storage_options"] = self._storage_options
-        if concurrency is not None:
-            config["concurrency"] = _positive_int("concurrency", concurrency)
-        self._storage = _core.Storage(json.dumps(config))
+            config["chaos"] = _chaos_by_index(self.replicas, chaos)
+        if "manifest" in config:
+            config["manifest"] = _manifest_config(config["manifest"])
+        self._storage = _core.Storage(config)
+        self._storage_options: dict[str, Any] = dict(options.get("storage_options") or {})
+        #: How streams and file objects read ahead (defaults filled in).
+        self.prefetch = Prefetch(**self._storage.config()["prefetch"])
         self._local = LocalFileSystem()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The configuration in force, every default filled in, credentials
+        redacted (what the bench's report prints)."""
+        config: dict[str, Any] = self._storage.config()
+        return config
 
     def fault_stats(self) -> list[dict[str, Any]]:
         """Per replica: ``injected`` fault counts (``None`` without chaos),
@@ -330,7 +294,7 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     # -- routing figures ------------------------------------------------------
 
-    def stats(self, reset: bool = False) -> dict[str, Any]:
+    def stats(self, reset: bool = False) -> _core.Stats:
         """Read figures: ``reads``, ``read_errors``, ``bytes``,
         ``extra_request_ratio`` (retries + hedges per read), ``latency``
         (end to end, ms percentiles) and ``replicas``: per replica
@@ -339,8 +303,7 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         (``p50_ms``, ``p90_ms``, ``p99_ms``, ``p99.9_ms``, ``max_ms``), ...
         ``reset=True`` clears them after reading (the adaptive hedge delay
         keeps the latencies from before the reset until new ones come in)."""
-        stats: dict[str, Any] = json.loads(self._storage.stats_json(reset))
-        return stats
+        return self._storage.stats(reset)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         if not self._first_replica_is_url:
@@ -461,14 +424,12 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         )
         # The plan is read in Rust (a Python loop over 100,000 entries costs
         # more than streaming them); `_key` runs once per distinct path.
-        return self._storage.stream(
-            entries,
-            self._key,
-            # `is None`, not `or`: an explicit 0 is an error, not "default".
-            _positive_int("chunk_bytes", self.chunk_bytes if chunk_bytes is None else chunk_bytes),
-            _positive_int("depth", self.depth if depth is None else depth),
-            memory_budget_bytes,
-        )
+        overrides = {
+            "chunk_bytes": chunk_bytes,
+            "depth": depth,
+            "memory_budget_bytes": memory_budget_bytes,
+        }
+        return self._storage.stream(entries, self._key, overrides)
 
     def _open(
         self,
@@ -498,6 +459,21 @@ def _rebuild(config: dict[str, Any]) -> FileSystem:
     return FileSystem(replicas, **config)
 
 
+def _replica_entries(replicas: Sequence[Replica] | None) -> list[str | _core.Replica]:
+    """What the core opens for each replica: a root string, or a
+    :class:`feedline.Replica` with its own options."""
+    if replicas is None:
+        return []
+    if isinstance(replicas, str | bytes | os.PathLike):
+        raise TypeError(f"replicas must be a list of roots, got the single value {replicas!r}")
+    if isinstance(replicas, Mapping) or not isinstance(replicas, Iterable):
+        raise TypeError(f"replicas must be a list of roots, got {replicas!r}")
+    entries = [r if isinstance(r, _core.Replica) else _replica_root(r) for r in replicas]
+    if not entries:
+        raise ValueError("replicas must name at least one root, got []")
+    return entries
+
+
 def _replica_root(replica: Replica) -> str:
     """The root string the core opens for one replica."""
     if isinstance(replica, AbstractFileSystem):
@@ -515,7 +491,8 @@ def _replica_root(replica: Replica) -> str:
             raise TypeError(f"replica must be a str path or URL, got {replica!r}")
         return root
     raise TypeError(
-        f"a replica is a path, a URL, an fsspec filesystem or (filesystem, root); got {replica!r}"
+        "a replica is a path, a URL, a feedline.Replica, an fsspec filesystem or "
+        f"(filesystem, root); got {replica!r}"
     )
 
 
@@ -537,9 +514,7 @@ class FeedlineFile(io.RawIOBase):
         super().__init__()
         self.fs = fs
         self.path = path
-        self._reader = fs._storage.open_reader(
-            fs._key(path), fs.chunk_bytes, fs.depth, fs.direct_bytes
-        )
+        self._reader = fs._storage.open_reader(fs._key(path))
         self.size = self._reader.size
         self.mode = "rb"
 
@@ -613,18 +588,7 @@ def open(
     unchanged, so checkpoint writes keep working."""
     path = os.fspath(urlpath)
     if mode in READ_MODES or mode in TEXT_READ_MODES:
-        fs_kwargs = {
-            k: kwargs.pop(k)
-            for k in (
-                "chunk_bytes",
-                "depth",
-                "direct_bytes",
-                "storage_options",
-                "concurrency",
-                *ROUTING_OPTIONS,
-            )
-            if k in kwargs
-        }
+        fs_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_NAMES or k == "chaos"}
         fs = FileSystem(replicas=replicas, **fs_kwargs)
         return OpenFile(fs, FileSystem._strip_protocol(path), mode=mode, **kwargs)
     if mode in WRITE_MODES:

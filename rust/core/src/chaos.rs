@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::store::{BoxFuture, Store};
@@ -30,7 +30,7 @@ use crate::store::{BoxFuture, Store};
 pub const MAX_LATENCY_MS: f64 = 60_000.0;
 
 /// Per-request latency distribution, in milliseconds.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Latency {
     Fixed { ms: f64 },
@@ -111,7 +111,7 @@ fn standard_normal(u1: f64, u2: f64) -> f64 {
 
 /// What to inject. Every field defaults to "no fault"; see the Python
 /// `feedline.chaos.Chaos` for the user-facing documentation.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChaosSpec {
     /// Base latency of every read.
@@ -159,9 +159,9 @@ impl ChaosSpec {
                 )));
             }
         }
-        if !(self.spike_ms.is_finite() && self.spike_ms >= 0.0) {
+        if !(self.spike_ms.is_finite() && (0.0..=MAX_LATENCY_MS).contains(&self.spike_ms)) {
             return Err(Error::invalid(format!(
-                "chaos spike_ms must be a finite number >= 0, got {}",
+                "chaos spike_ms must be a number from 0 to {MAX_LATENCY_MS}, got {}",
                 self.spike_ms
             )));
         }
@@ -171,14 +171,16 @@ impl ChaosSpec {
         for &(start_s, end_s) in &self.outages {
             if !(start_s.is_finite() && end_s.is_finite() && 0.0 <= start_s && start_s < end_s) {
                 return Err(Error::invalid(format!(
-                    "chaos outage ({start_s}, {end_s}) must satisfy 0 <= start_s < end_s"
+                    "chaos outages entry ({start_s}, {end_s}) must satisfy 0 <= start_s < end_s"
                 )));
             }
         }
         if let Some(bw) = self.bandwidth_bytes_per_s {
-            if !(bw.is_finite() && bw > 0.0) {
+            // Below a byte a second one read would outlast any deadline
+            // (and its duration would overflow).
+            if !(bw.is_finite() && bw >= 1.0) {
                 return Err(Error::invalid(format!(
-                    "chaos bandwidth_bytes_per_s must be a finite number > 0, got {bw}"
+                    "chaos bandwidth_bytes_per_s must be a finite number of at least 1, got {bw}"
                 )));
             }
         }

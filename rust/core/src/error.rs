@@ -26,6 +26,9 @@ pub enum Error {
     /// Bad argument from the caller (range, size, name, configuration).
     #[error("{0}")]
     InvalidArgument(String),
+    /// An option of the wrong type (a string where a number goes).
+    #[error("{0}")]
+    InvalidType(String),
     /// The object ended before the requested range did (it shrank, or a server
     /// sent fewer bytes than asked for). Never delivered as truncated data.
     #[error(
@@ -104,7 +107,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            Error::InvalidArgument(_) | Error::Cancelled(_) | Error::Closed(_)
+            Error::InvalidArgument(_)
+                | Error::InvalidType(_)
+                | Error::Cancelled(_)
+                | Error::Closed(_)
         )
     }
 }

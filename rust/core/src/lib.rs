@@ -7,6 +7,7 @@
 //! No Python here: `cargo test` covers it all.
 
 pub mod chaos;
+pub mod config;
 pub mod counter;
 pub mod error;
 pub mod layers;

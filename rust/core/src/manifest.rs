@@ -41,7 +41,7 @@ pub const DEFAULT_BLOCK_BYTES: u64 = 1 << 20;
 
 /// Where a manifest comes from: a path to its JSON file, or the JSON object
 /// itself (Python passes a dict through as an object).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ManifestSource {
     Path(String),

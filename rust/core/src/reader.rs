@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::PrefetchOptions;
 use crate::error::{Error, Result};
 use crate::plan::{split_range, ReadRange};
 use crate::prefetch::{Chunk, Next, Stream, StreamConfig};
@@ -23,13 +24,15 @@ pub struct ReaderConfig {
     pub direct_bytes: usize,
 }
 
-impl Default for ReaderConfig {
-    fn default() -> Self {
-        ReaderConfig {
-            chunk_bytes: 4 << 20,
-            depth: 4,
-            direct_bytes: 16 << 20,
-        }
+impl TryFrom<&PrefetchOptions> for ReaderConfig {
+    type Error = Error;
+    fn try_from(o: &PrefetchOptions) -> Result<Self> {
+        let stream = o.stream_config()?;
+        Ok(ReaderConfig {
+            chunk_bytes: stream.chunk_bytes,
+            depth: stream.depth,
+            direct_bytes: usize::try_from(o.direct_bytes).unwrap_or(usize::MAX),
+        })
     }
 }
 
@@ -209,7 +212,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), bytes).unwrap();
         let storage = Storage::new(StorageConfig {
-            replicas: vec![dir.path().display().to_string()],
+            replicas: vec![dir.path().display().to_string().into()],
             ..Default::default()
         })
         .unwrap();

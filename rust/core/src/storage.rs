@@ -4,22 +4,18 @@
 //! the Python API needs: one range into a buffer, many ranges in parallel,
 //! and a prefetching stream.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
-use serde::Deserialize;
-
-use crate::chaos::ChaosSpec;
+pub use crate::config::StorageConfig;
 use crate::error::{Error, ReplicaFailure, Result};
 use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
-use crate::manifest::ManifestSource;
 use crate::plan::{build_plan_with, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
-use crate::route::{HedgeAfterMs, ReadTally, Router, RouterConfig, RouterStats, RoutingOptions};
+use crate::route::{ReadTally, Router, RouterStats};
 use crate::runtime;
-use crate::store::secrets::{self as remote, redacted_options, StorageOptions};
+use crate::store::secrets::{self as remote, StorageOptions};
 use crate::store::{fallback, Listing, LocalStore, Store};
+use futures::StreamExt;
 
 /// Ranges per thread below which `read_many` does not bother to split.
 const MIN_RANGES_PER_THREAD: usize = 64;
@@ -37,66 +33,6 @@ pub const COALESCE_GAP_BYTES: u64 = 4 << 10;
 /// Largest merged request, so merging never serialises a big read.
 pub const MAX_COALESCED_BYTES: u64 = 4 << 20;
 
-/// The configuration a `FileSystem` is built from. Python builds and
-/// validates it, then hands it over as JSON; unknown keys are refused.
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// Replica roots: local directories or URLs (`http://`, `s3://`, ...).
-    /// Empty: the local filesystem, paths as given.
-    pub replicas: Vec<String>,
-    /// Async reads in flight for `cat_ranges` on remote stores.
-    pub concurrency: Option<usize>,
-    /// fsspec-style options for URL replicas (credentials, endpoint, ...).
-    /// Never shown: `Debug` redacts credential values.
-    pub storage_options: StorageOptions,
-    // -- replica routing (see `route::config` for meanings and defaults) --
-    /// Relative share of keys per replica (default: equal).
-    pub weights: Option<Vec<f64>>,
-    /// "affinity" (default) or "p2c".
-    pub policy: Option<String>,
-    /// Bounded-load factor (> 1); unset: off.
-    pub load_factor: Option<f64>,
-    /// Milliseconds, or "p95"-style: the replica's own latency percentile.
-    pub hedge_after_ms: Option<HedgeAfterMs>,
-    pub timeout_ms: Option<f64>,
-    pub deadline_ms: Option<f64>,
-    pub eject_after_failures: Option<u32>,
-    pub base_ejection_ms: Option<f64>,
-    pub max_ejection_ms: Option<f64>,
-    pub retry_budget_ratio: Option<f64>,
-    pub retry_budget_floor_per_s: Option<f64>,
-    pub backoff_base_ms: Option<f64>,
-    pub backoff_max_ms: Option<f64>,
-    /// Faults to inject, by replica index (see [`crate::chaos`]).
-    pub chaos: BTreeMap<usize, ChaosSpec>,
-    /// Per-block CRC32C manifest; with it every read is verified.
-    pub manifest: Option<ManifestSource>,
-}
-
-impl std::fmt::Debug for StorageConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let replicas: Vec<String> = self
-            .replicas
-            .iter()
-            .map(|r| match url::Url::parse(r) {
-                Ok(u) if r.contains("://") => remote::display_url(&u),
-                _ => r.clone(),
-            })
-            .collect();
-        f.debug_struct("StorageConfig")
-            .field("replicas", &replicas)
-            .field("concurrency", &self.concurrency)
-            .field("storage_options", &redacted_options(&self.storage_options))
-            .field("weights", &self.weights)
-            .field("policy", &self.policy)
-            .field("hedge_after_ms", &self.hedge_after_ms)
-            .field("timeout_ms", &self.timeout_ms)
-            .field("deadline_ms", &self.deadline_ms)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The URL scheme of a replica root (`"s3"` for `s3://b/x`), or None for a
 /// plain local path.
 pub fn replica_scheme(root: &str) -> Option<&str> {
@@ -110,47 +46,21 @@ pub fn replica_scheme(root: &str) -> Option<&str> {
 /// Opens one replica root: a local directory, a URL with a native backend
 /// (HTTP(S), S3, GCS, Azure), or any other protocol through the registered
 /// fallback (fsspec, from the Python bindings).
-pub fn open_replica(root: &str, config: &StorageConfig) -> Result<Arc<dyn Store>> {
+pub fn open_replica(root: &str, options: &StorageOptions) -> Result<Arc<dyn Store>> {
     match replica_scheme(root) {
         None => Ok(Arc::new(LocalStore::rooted(root)?)),
         Some("file") => Ok(Arc::new(LocalStore::rooted(&root["file://".len()..])?)),
         #[cfg(not(loom))]
         Some(s) if remote::is_native_scheme(&s.to_ascii_lowercase()) => Ok(Arc::new(
-            crate::store::RemoteStore::open(root, &config.storage_options)?,
+            crate::store::RemoteStore::open(root, options)?,
         )),
         Some(scheme) => match fallback::opener() {
-            Some(open) => open(root, &config.storage_options),
+            Some(open) => open(root, options),
             None => Err(Error::invalid(format!(
                 "unknown protocol {scheme:?} in replica {:?}: native ones are http, https, s3, gs, az (others need fsspec, through the Python package)",
-                remote::collect_secrets(None, &config.storage_options).redact(root)
+                remote::collect_secrets(None, options).redact(root)
             ))),
         },
-    }
-}
-
-impl StorageConfig {
-    pub fn from_json(json: &str) -> Result<Self> {
-        serde_json::from_str(json)
-            .map_err(|e| Error::invalid(format!("bad storage configuration: {e}")))
-    }
-
-    /// The router's settings, validated.
-    pub fn router_config(&self) -> Result<RouterConfig> {
-        RouterConfig::from_options(&RoutingOptions {
-            weights: self.weights.clone(),
-            policy: self.policy.clone(),
-            load_factor: self.load_factor,
-            hedge_after_ms: self.hedge_after_ms.clone(),
-            timeout_ms: self.timeout_ms,
-            deadline_ms: self.deadline_ms,
-            eject_after_failures: self.eject_after_failures,
-            base_ejection_ms: self.base_ejection_ms,
-            max_ejection_ms: self.max_ejection_ms,
-            retry_budget_ratio: self.retry_budget_ratio,
-            retry_budget_floor_per_s: self.retry_budget_floor_per_s,
-            backoff_base_ms: self.backoff_base_ms,
-            backoff_max_ms: self.backoff_max_ms,
-        })
     }
 }
 
@@ -187,18 +97,17 @@ impl Storage {
     /// read goes through the router. No replicas: the local filesystem,
     /// paths as given (still through a one-replica router, for stats).
     pub fn new(config: StorageConfig) -> Result<Self> {
+        config.check()?;
         let router_config = config.router_config()?;
         let (names, stores): (Vec<String>, Vec<Arc<dyn Store>>) = if config.replicas.is_empty() {
-            if config.weights.is_some() {
-                return Err(Error::invalid("weights given without replicas"));
-            }
             let local: Arc<dyn Store> = Arc::new(LocalStore::unrooted());
             (vec![local.name().to_owned()], vec![local])
         } else {
             let stores = config
                 .replicas
                 .iter()
-                .map(|root| open_replica(root, &config))
+                .enumerate()
+                .map(|(i, r)| open_replica(&r.url, &config.replica_options(i)))
                 .collect::<Result<Vec<_>>>()?;
             // Names from the stores: URLs without credentials.
             let names = stores.iter().map(|s| s.name().to_owned()).collect();
@@ -887,7 +796,7 @@ mod tests {
     fn local_replicas_say_they_cannot_list() {
         let dir = tempfile::tempdir().unwrap();
         let config = StorageConfig {
-            replicas: vec![dir.path().display().to_string()],
+            replicas: vec![dir.path().display().to_string().into()],
             ..Default::default()
         };
         let err = Storage::new(config).unwrap().list("").unwrap_err();

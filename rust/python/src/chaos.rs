@@ -1,10 +1,11 @@
 //! `_core.ChaosSampler`: the Rust chaos decision function, for the Python
 //! fsspec wrapper that applies the same faults to baseline filesystems.
 
-use feedline_core::chaos::{ChaosSampler, ChaosSpec, Fault};
+use feedline_core::chaos::{ChaosSampler, Fault};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::config::PyChaos;
 use crate::errors::IntoPyResult;
 
 #[pyclass(name = "ChaosSampler", module = "feedline._core", frozen)]
@@ -15,10 +16,9 @@ pub struct PyChaosSampler {
 #[pymethods]
 impl PyChaosSampler {
     #[new]
-    fn new(spec_json: &str) -> PyResult<Self> {
-        let spec = ChaosSpec::from_json(spec_json).py()?;
+    fn new(chaos: &PyChaos) -> PyResult<Self> {
         Ok(PyChaosSampler {
-            inner: ChaosSampler::new(spec).py()?,
+            inner: ChaosSampler::new(chaos.inner.clone()).py()?,
         })
     }
 

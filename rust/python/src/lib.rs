@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 mod chaos;
 mod checksum;
+mod config;
 mod errors;
 mod fsspec_store;
 mod manifest;
@@ -20,6 +21,7 @@ mod stream;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
+    config::register(m)?;
     storage::register(m)?;
     stream::register(m)?;
     reader::register(m)?;

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use feedline_core::plan::PlanItem;
-use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig, WholeRead};
 use pyo3::exceptions::PyTypeError;
@@ -169,14 +168,21 @@ fn describe(item: &Bound<'_, PyAny>) -> String {
 
 #[pymethods]
 impl PyStorage {
+    /// From the configuration's options, flat or in sections (see
+    /// `feedline_core::config::StorageConfig::from_value`).
     #[new]
-    #[pyo3(signature = (config_json = "{}"))]
-    fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
-        let config = StorageConfig::from_json(config_json).py()?;
+    #[pyo3(signature = (options = None))]
+    fn new(py: Python<'_>, options: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let config = StorageConfig::from_value(crate::config::kwargs_value(options)?).py()?;
         let storage = py.detach(|| Storage::new(config)).py()?;
         Ok(PyStorage {
             inner: Arc::new(storage),
         })
+    }
+
+    /// The configuration in force, defaults filled in, credentials redacted.
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        crate::config::serialized(py, self.inner.config())
     }
 
     fn size(&self, py: Python<'_>, key: &str) -> PyResult<u64> {
@@ -314,46 +320,39 @@ impl PyStorage {
     /// Starts a prefetching stream over a plan: each entry a path (the
     /// whole object) or a `(path, offset, length)` tuple. `key_of` maps a
     /// path to its store key; it is called once per distinct path.
-    #[pyo3(signature = (entries, key_of, chunk_bytes, depth, memory_budget_bytes = None))]
+    /// `prefetch` overrides the filesystem's prefetch options for this
+    /// stream (`None` values keep them).
+    #[pyo3(signature = (entries, key_of, prefetch = None))]
     fn stream(
         &self,
         py: Python<'_>,
         entries: &Bound<'_, PyAny>,
         key_of: &Bound<'_, PyAny>,
-        chunk_bytes: usize,
-        depth: usize,
-        memory_budget_bytes: Option<usize>,
+        prefetch: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyChunkStream> {
+        let options = self
+            .inner
+            .config()
+            .prefetch
+            .with(crate::config::kwargs_value(prefetch)?)
+            .py()?;
+        let config = options.stream_config().py()?;
         let items = plan_items(entries, key_of)?;
-        let mut config = StreamConfig::new(chunk_bytes, depth);
-        if let Some(budget) = memory_budget_bytes {
-            config.memory_budget_bytes = budget;
-        }
         let stream = py.detach(|| self.inner.stream(&items, &config)).py()?;
         Ok(PyChunkStream::new(stream))
     }
 
-    /// Per-replica and end-to-end read figures as JSON; `reset` clears
-    /// them after reading.
+    /// Per-replica and end-to-end read figures (see `RouterStats`); `reset`
+    /// clears them after reading. `None` for a bare store.
     #[pyo3(signature = (reset = false))]
-    fn stats_json(&self, py: Python<'_>, reset: bool) -> String {
-        py.detach(|| self.inner.stats_json(reset))
+    fn stats<'py>(&self, py: Python<'py>, reset: bool) -> PyResult<Bound<'py, PyAny>> {
+        let stats = py.detach(|| self.inner.stats(reset));
+        crate::config::serialized(py, &stats)
     }
 
-    #[pyo3(signature = (key, chunk_bytes, depth, direct_bytes))]
-    fn open_reader(
-        &self,
-        py: Python<'_>,
-        key: &str,
-        chunk_bytes: usize,
-        depth: usize,
-        direct_bytes: usize,
-    ) -> PyResult<PyReader> {
-        let config = ReaderConfig {
-            chunk_bytes,
-            depth,
-            direct_bytes,
-        };
+    fn open_reader(&self, py: Python<'_>, key: &str) -> PyResult<PyReader> {
+        let prefetch = &self.inner.config().prefetch;
+        let config = ReaderConfig::try_from(prefetch).py()?;
         let reader = py
             .detach(|| Reader::open(Arc::clone(&self.inner), key, config))
             .py()?;

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::config::MAX_DURATION_MS;
 
 use crate::error::{Error, Result};
 
@@ -36,19 +39,46 @@ impl Policy {
             "affinity" => Ok(Policy::Affinity),
             "p2c" => Ok(Policy::P2c),
             other => Err(Error::invalid(format!(
-                "unknown policy {other:?}; use \"affinity\" or \"p2c\""
+                "unknown policy '{other}'; use 'affinity' or 'p2c'"
             ))),
         }
     }
 }
 
 /// `hedge_after_ms` as given: a number of milliseconds or `"p95"`-style.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum HedgeAfterMs {
     Ms(f64),
     Adaptive(String),
 }
+
+impl<'de> Deserialize<'de> for HedgeAfterMs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct HedgeVisitor;
+        impl Visitor<'_> for HedgeVisitor {
+            type Value = HedgeAfterMs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(HEDGE_EXPECTED)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<HedgeAfterMs, E> {
+                Ok(HedgeAfterMs::Ms(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<HedgeAfterMs, E> {
+                Ok(HedgeAfterMs::Ms(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<HedgeAfterMs, E> {
+                Ok(HedgeAfterMs::Ms(v as f64))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<HedgeAfterMs, E> {
+                Ok(HedgeAfterMs::Adaptive(v.to_owned()))
+            }
+        }
+        d.deserialize_any(HedgeVisitor)
+    }
+}
+
+const HEDGE_EXPECTED: &str = "a number of milliseconds above 0 or a percentile like 'p95'";
 
 /// When to send a hedge.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,26 +92,45 @@ impl HedgeAfter {
     pub fn parse(value: &HedgeAfterMs) -> Result<Self> {
         match value {
             HedgeAfterMs::Ms(ms) => Ok(HedgeAfter::Fixed(positive_ms("hedge_after_ms", *ms)?)),
-            HedgeAfterMs::Adaptive(s) => {
-                let p = s
-                    .strip_prefix('p')
-                    .and_then(|p| p.parse::<f64>().ok())
-                    .filter(|p| *p > 0.0 && *p < 100.0)
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            "hedge_after_ms must be a number of milliseconds above 0 or a percentile like \"p95\", got {s:?}"
-                        ))
-                    })?;
-                Ok(HedgeAfter::Percentile(p))
-            }
+            HedgeAfterMs::Adaptive(s) => parse_percentile(s)
+                .map(HedgeAfter::Percentile)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "hedge_after_ms must be {HEDGE_EXPECTED}, got {}",
+                        crate::config::py_repr(&serde_json::Value::String(s.clone()))
+                    ))
+                }),
         }
     }
 }
 
+/// `"p95"`, `"p99.9"`: a `p`, digits, optionally a point and digits, and a
+/// value strictly between 0 and 100. Nothing else `f64::parse` would take
+/// (`"p1e1"`, `"pinf"`, `"p+5"`).
+fn parse_percentile(s: &str) -> Option<f64> {
+    let digits = s.strip_prefix('p')?;
+    let (whole, frac) = digits.split_once('.').unwrap_or((digits, "0"));
+    let plain = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    if !plain(whole) || !plain(frac) {
+        return None;
+    }
+    let p: f64 = digits.parse().ok()?;
+    (p > 0.0 && p < 100.0).then_some(p)
+}
+
 fn positive_ms(name: &str, ms: f64) -> Result<Duration> {
-    if !ms.is_finite() || ms <= 0.0 {
+    if !ms.is_finite() || ms <= 0.0 || ms > MAX_DURATION_MS {
         return Err(Error::invalid(format!(
-            "{name} must be a number of milliseconds above 0, got {ms}"
+            "{name} must be a number of milliseconds above 0 and at most {MAX_DURATION_MS:e}, got {ms}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(ms / 1000.0))
+}
+
+fn non_negative_ms(name: &str, ms: f64) -> Result<Duration> {
+    if !ms.is_finite() || !(0.0..=MAX_DURATION_MS).contains(&ms) {
+        return Err(Error::invalid(format!(
+            "{name} must be a number of milliseconds from 0 to {MAX_DURATION_MS:e}, got {ms}"
         )));
     }
     Ok(Duration::from_secs_f64(ms / 1000.0))
@@ -96,22 +145,54 @@ fn non_negative(name: &str, v: f64) -> Result<f64> {
     Ok(v)
 }
 
-/// The routing options of a `StorageConfig`, as given (all optional).
-#[derive(Debug, Clone, Default)]
+/// The routing section as users write it (`FileSystem(hedge_after_ms=...)`,
+/// `feedline.Routing(...)`, a scenario's `[feedline]` table). `Default` holds
+/// every default; unset options without one mean "off".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RoutingOptions {
+    /// Relative share of keys per replica (default: equal).
     pub weights: Option<Vec<f64>>,
-    pub policy: Option<String>,
+    /// How to pick among a key's healthy replicas: "affinity" or "p2c".
+    pub policy: String,
+    /// Bounded-load factor (> 1); unset: off.
     pub load_factor: Option<f64>,
+    /// Milliseconds, or "p95"-style: the replica's own latency percentile.
     pub hedge_after_ms: Option<HedgeAfterMs>,
+    /// Limit on one attempt; unset: only the deadline applies.
     pub timeout_ms: Option<f64>,
-    pub deadline_ms: Option<f64>,
-    pub eject_after_failures: Option<u32>,
-    pub base_ejection_ms: Option<f64>,
+    /// Limit on a whole read, retries and hedges included.
+    pub deadline_ms: f64,
+    /// Failures in a row that eject a replica.
+    #[serde(deserialize_with = "crate::config::at_least_one")]
+    pub eject_after_failures: u32,
+    pub base_ejection_ms: f64,
+    /// Longest ejection; unset: the larger of 30 s and `base_ejection_ms`.
     pub max_ejection_ms: Option<f64>,
-    pub retry_budget_ratio: Option<f64>,
-    pub retry_budget_floor_per_s: Option<f64>,
-    pub backoff_base_ms: Option<f64>,
-    pub backoff_max_ms: Option<f64>,
+    pub retry_budget_ratio: f64,
+    pub retry_budget_floor_per_s: f64,
+    pub backoff_base_ms: f64,
+    pub backoff_max_ms: f64,
+}
+
+impl Default for RoutingOptions {
+    fn default() -> Self {
+        RoutingOptions {
+            weights: None,
+            policy: "affinity".into(),
+            load_factor: None,
+            hedge_after_ms: None,
+            timeout_ms: None,
+            deadline_ms: DEFAULT_DEADLINE_MS,
+            eject_after_failures: DEFAULT_EJECT_AFTER_FAILURES,
+            base_ejection_ms: DEFAULT_BASE_EJECTION_MS,
+            max_ejection_ms: None,
+            retry_budget_ratio: DEFAULT_RETRY_BUDGET_RATIO,
+            retry_budget_floor_per_s: DEFAULT_RETRY_BUDGET_FLOOR_PER_S,
+            backoff_base_ms: DEFAULT_BACKOFF_BASE_MS,
+            backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+        }
+    }
 }
 
 /// Validated router settings.
@@ -143,10 +224,7 @@ impl Default for RouterConfig {
 
 impl RouterConfig {
     pub fn from_options(o: &RoutingOptions) -> Result<Self> {
-        let policy = match &o.policy {
-            None => Policy::default(),
-            Some(p) => Policy::parse(p)?,
-        };
+        let policy = Policy::parse(&o.policy)?;
         let load_factor = match o.load_factor {
             None => None,
             Some(f) if f.is_finite() && f > 1.0 => Some(f),
@@ -156,6 +234,16 @@ impl RouterConfig {
                 )))
             }
         };
+        if let Some(w) = o
+            .weights
+            .iter()
+            .flatten()
+            .find(|w| !(w.is_finite() && **w > 0.0))
+        {
+            return Err(Error::invalid(format!(
+                "weights must be finite numbers above 0, got {w}"
+            )));
+        }
         let hedge_after = o
             .hedge_after_ms
             .as_ref()
@@ -165,23 +253,17 @@ impl RouterConfig {
             .timeout_ms
             .map(|ms| positive_ms("timeout_ms", ms))
             .transpose()?;
-        let deadline = positive_ms("deadline_ms", o.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS))?;
-        let eject_after_failures = o
-            .eject_after_failures
-            .unwrap_or(DEFAULT_EJECT_AFTER_FAILURES);
-        if eject_after_failures == 0 {
+        let deadline = positive_ms("deadline_ms", o.deadline_ms)?;
+        if o.eject_after_failures == 0 {
             return Err(Error::invalid(
                 "eject_after_failures must be at least 1, got 0",
             ));
         }
-        let base_ejection = positive_ms(
-            "base_ejection_ms",
-            o.base_ejection_ms.unwrap_or(DEFAULT_BASE_EJECTION_MS),
-        )?;
+        let base_ejection = positive_ms("base_ejection_ms", o.base_ejection_ms)?;
         let max_ejection = positive_ms(
             "max_ejection_ms",
             o.max_ejection_ms
-                .unwrap_or(DEFAULT_MAX_EJECTION_MS.max(base_ejection.as_secs_f64() * 1000.0)),
+                .unwrap_or(DEFAULT_MAX_EJECTION_MS.max(o.base_ejection_ms)),
         )?;
         if max_ejection < base_ejection {
             return Err(Error::invalid(format!(
@@ -190,27 +272,6 @@ impl RouterConfig {
                 base_ejection.as_secs_f64() * 1000.0
             )));
         }
-        let retry_budget_ratio = non_negative(
-            "retry_budget_ratio",
-            o.retry_budget_ratio.unwrap_or(DEFAULT_RETRY_BUDGET_RATIO),
-        )?;
-        let retry_budget_floor_per_s = non_negative(
-            "retry_budget_floor_per_s",
-            o.retry_budget_floor_per_s
-                .unwrap_or(DEFAULT_RETRY_BUDGET_FLOOR_PER_S),
-        )?;
-        let backoff_base = Duration::from_secs_f64(
-            non_negative(
-                "backoff_base_ms",
-                o.backoff_base_ms.unwrap_or(DEFAULT_BACKOFF_BASE_MS),
-            )? / 1000.0,
-        );
-        let backoff_max = Duration::from_secs_f64(
-            non_negative(
-                "backoff_max_ms",
-                o.backoff_max_ms.unwrap_or(DEFAULT_BACKOFF_MAX_MS),
-            )? / 1000.0,
-        );
         Ok(RouterConfig {
             weights: o.weights.clone(),
             policy,
@@ -218,14 +279,24 @@ impl RouterConfig {
             hedge_after,
             timeout,
             deadline,
-            eject_after_failures,
+            eject_after_failures: o.eject_after_failures,
             base_ejection,
             max_ejection,
-            retry_budget_ratio,
-            retry_budget_floor_per_s,
-            backoff_base,
-            backoff_max,
+            retry_budget_ratio: non_negative("retry_budget_ratio", o.retry_budget_ratio)?,
+            retry_budget_floor_per_s: non_negative(
+                "retry_budget_floor_per_s",
+                o.retry_budget_floor_per_s,
+            )?,
+            backoff_base: non_negative_ms("backoff_base_ms", o.backoff_base_ms)?,
+            backoff_max: non_negative_ms("backoff_max_ms", o.backoff_max_ms)?,
         })
+    }
+}
+
+impl TryFrom<&RoutingOptions> for RouterConfig {
+    type Error = Error;
+    fn try_from(o: &RoutingOptions) -> Result<Self> {
+        RouterConfig::from_options(o)
     }
 }
 
@@ -236,7 +307,7 @@ mod tests {
     #[test]
     fn parses_and_refuses_with_the_value_named() {
         let ok = RouterConfig::from_options(&RoutingOptions {
-            policy: Some("p2c".into()),
+            policy: "p2c".into(),
             hedge_after_ms: Some(HedgeAfterMs::Adaptive("p99.9".into())),
             ..Default::default()
         })
@@ -249,10 +320,10 @@ mod tests {
         };
         bad(
             RoutingOptions {
-                policy: Some("random".into()),
+                policy: "random".into(),
                 ..Default::default()
             },
-            "\"random\"",
+            "'random'",
         );
         for ms in [0.0, -1.0, f64::NAN] {
             bad(
@@ -268,7 +339,7 @@ mod tests {
                 hedge_after_ms: Some(HedgeAfterMs::Adaptive("fast".into())),
                 ..Default::default()
             },
-            "\"fast\"",
+            "'fast'",
         );
         bad(
             RoutingOptions {
@@ -279,14 +350,14 @@ mod tests {
         );
         bad(
             RoutingOptions {
-                eject_after_failures: Some(0),
+                eject_after_failures: 0,
                 ..Default::default()
             },
             "eject_after_failures",
         );
         bad(
             RoutingOptions {
-                deadline_ms: Some(-5.0),
+                deadline_ms: -5.0,
                 ..Default::default()
             },
             "deadline_ms",

@@ -257,9 +257,9 @@ fn ejects_after_consecutive_failures_and_readmits_through_a_probe() {
     let reps = Replicas::new(3, |_| Some(data.clone()));
     let (switches, stores) = switchable(&reps);
     let config = RouterConfig::from_options(&RoutingOptions {
-        eject_after_failures: Some(3),
-        base_ejection_ms: Some(100.0),
-        backoff_base_ms: Some(0.0),
+        eject_after_failures: 3,
+        base_ejection_ms: 100.0,
+        backoff_base_ms: 0.0,
         ..Default::default()
     })
     .unwrap();
@@ -301,9 +301,9 @@ fn never_ejects_the_last_healthy_replica() {
     let reps = Replicas::new(2, |_| Some(vec![7; 64]));
     let (switches, stores) = switchable(&reps);
     let config = RouterConfig::from_options(&RoutingOptions {
-        eject_after_failures: Some(1),
-        backoff_base_ms: Some(0.0),
-        retry_budget_floor_per_s: Some(1000.0),
+        eject_after_failures: 1,
+        backoff_base_ms: 0.0,
+        retry_budget_floor_per_s: 1000.0,
         ..Default::default()
     })
     .unwrap();
@@ -334,7 +334,7 @@ fn all_slow_fails_within_the_deadline_naming_each_replica() {
         .collect();
     let config = RouterConfig::from_options(&RoutingOptions {
         timeout_ms: Some(50.0),
-        deadline_ms: Some(300.0),
+        deadline_ms: 300.0,
         ..Default::default()
     })
     .unwrap();
@@ -372,7 +372,7 @@ fn spiky_pair(a: &[u8], b: &[u8]) -> (Replicas, Router) {
         .collect();
     let config = RouterConfig::from_options(&RoutingOptions {
         hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
-        retry_budget_floor_per_s: Some(1000.0),
+        retry_budget_floor_per_s: 1000.0,
         ..Default::default()
     })
     .unwrap();
@@ -424,7 +424,7 @@ fn adaptive_hedging_waits_for_samples_then_uses_the_percentile() {
         .collect();
     let config = RouterConfig::from_options(&RoutingOptions {
         hedge_after_ms: Some(HedgeAfterMs::Adaptive("p90".into())),
-        retry_budget_floor_per_s: Some(1000.0),
+        retry_budget_floor_per_s: 1000.0,
         ..Default::default()
     })
     .unwrap();
@@ -456,10 +456,10 @@ fn the_retry_budget_stops_a_retry_storm() {
     let (switches, stores) = switchable(&reps);
     let config = RouterConfig::from_options(&RoutingOptions {
         // Never eject: every read fails on every replica.
-        eject_after_failures: Some(u32::MAX),
-        retry_budget_ratio: Some(0.1),
-        retry_budget_floor_per_s: Some(0.0),
-        backoff_base_ms: Some(0.0),
+        eject_after_failures: u32::MAX,
+        retry_budget_ratio: 0.1,
+        retry_budget_floor_per_s: 0.0,
+        backoff_base_ms: 0.0,
         ..Default::default()
     })
     .unwrap();
@@ -487,7 +487,7 @@ fn p2c_prefers_the_faster_replica_and_affinity_sticks() {
         Duration::from_millis(5),
     ));
     let p2c = RouterConfig::from_options(&RoutingOptions {
-        policy: Some("p2c".into()),
+        policy: "p2c".into(),
         ..Default::default()
     })
     .unwrap();
@@ -576,9 +576,9 @@ fn tallied_reads_fail_over_eject_and_count_exactly_like_untallied_ones() {
     let reps = Replicas::new(3, |_| Some(data.clone()));
     let (switches, stores) = switchable(&reps);
     let config = RouterConfig::from_options(&RoutingOptions {
-        eject_after_failures: Some(3),
-        base_ejection_ms: Some(60_000.0),
-        backoff_base_ms: Some(0.0),
+        eject_after_failures: 3,
+        base_ejection_ms: 60_000.0,
+        backoff_base_ms: 0.0,
         ..Default::default()
     })
     .unwrap();
@@ -689,11 +689,11 @@ fn whole_object_reads_fail_over_eject_and_spend_the_budget() {
     let reps = Replicas::new(3, |_| Some(data.clone()));
     let (switches, stores) = switchable(&reps);
     let config = RouterConfig::from_options(&RoutingOptions {
-        eject_after_failures: Some(3),
-        backoff_base_ms: Some(0.0),
-        retry_budget_ratio: Some(0.1),
+        eject_after_failures: 3,
+        backoff_base_ms: 0.0,
+        retry_budget_ratio: 0.1,
         // An idle balance of a few tokens (floor x TTL) for the failovers.
-        retry_budget_floor_per_s: Some(1.0),
+        retry_budget_floor_per_s: 1.0,
         ..Default::default()
     })
     .unwrap();
@@ -745,8 +745,8 @@ fn a_replica_that_never_answers_is_ejected_after_losing_hedges() {
     let (primary, stores) = stuck_primary(&reps, "obj");
     let config = RouterConfig::from_options(&RoutingOptions {
         hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
-        eject_after_failures: Some(3),
-        base_ejection_ms: Some(60_000.0),
+        eject_after_failures: 3,
+        base_ejection_ms: 60_000.0,
         ..Default::default()
     })
     .unwrap();
@@ -775,10 +775,10 @@ fn a_hedge_refused_by_the_budget_is_asked_again_not_never() {
     let (primary, stores) = stuck_primary(&reps, "obj");
     let config = RouterConfig::from_options(&RoutingOptions {
         hedge_after_ms: Some(HedgeAfterMs::Ms(2.0)),
-        eject_after_failures: Some(u32::MAX),
-        retry_budget_ratio: Some(0.001),
-        retry_budget_floor_per_s: Some(2.0),
-        deadline_ms: Some(20_000.0),
+        eject_after_failures: u32::MAX,
+        retry_budget_ratio: 0.001,
+        retry_budget_floor_per_s: 2.0,
+        deadline_ms: 20_000.0,
         ..Default::default()
     })
     .unwrap();

@@ -132,6 +132,15 @@ pub fn display_url(url: &Url) -> String {
     shown.to_string().trim_end_matches('/').to_owned()
 }
 
+/// A replica root as shown to users: a URL without credentials or query,
+/// a local path as it is.
+pub fn display_root(root: &str) -> String {
+    match Url::parse(root) {
+        Ok(u) if root.contains("://") => display_url(&u),
+        _ => strip_userinfo(root),
+    }
+}
+
 /// The URL schemes served natively.
 pub fn is_native_scheme(scheme: &str) -> bool {
     matches!(
