@@ -124,9 +124,30 @@ def test_fault_on_a_replica_that_does_not_exist(tmp_path: Path) -> None:
 def test_chaos_values_out_of_range(tmp_path: Path) -> None:
     text = "[[faults.replica]]\nindex = 0\nspike_probability = 1.5\nspike_ms = 10\n"
     with pytest.raises(
-        sc.ScenarioError, match=r"spike_probability: expected a number <= 1, got 1.5"
+        sc.ScenarioError, match=r"spike_probability is a probability .* \[0, 1\], got 1.5"
     ):
         sc.load(write(tmp_path, text))
+    # Values that used to pass the check and then panic or overflow when run.
+    text = "[[faults.replica]]\nindex = 0\nspike_probability = 0.5\nspike_ms = 1e300\n"
+    with pytest.raises(sc.ScenarioError, match=r"spike_ms must be a number from 0 to 60000"):
+        sc.load(write(tmp_path, text))
+
+
+def test_faults_and_feedline_tables_take_the_core_options(tmp_path: Path) -> None:
+    text = "[[faults.replica]]\nindex = 0\neror_rate = 0.1\n"
+    with pytest.raises(sc.ScenarioError, match=r"'eror_rate' in chaos; did you mean 'error_rate'"):
+        sc.load(write(tmp_path, text))
+    text = '[feedline]\nhedge_after_ms = "p95"\ndepth = 4\ntimeout_ms = 250\n'
+    scenario = sc.load(write(tmp_path, text))
+    assert scenario.feedline == {"hedge_after_ms": "p95", "depth": 4, "timeout_ms": 250}
+    for bad, needle in [
+        ("hedge_afer_ms = 20", "did you mean 'hedge_after_ms'"),
+        ('hedge_after_ms = "p1e1"', "got 'p1e1'"),
+        ("deadline_ms = 1e23", "deadline_ms must be"),
+        ('replicas = ["/x"]', "replicas: is set by the bench"),
+    ]:
+        with pytest.raises(sc.ScenarioError, match=rf"\[feedline\].*{needle}"):
+            sc.load(write(tmp_path, f"[feedline]\n{bad}\n"))
 
 
 def test_sla_on_unknown_metric(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from feedline.bench import scenario as sc
 from feedline.bench.dataset import generate
 from feedline.bench.metrics import Recorder
 from feedline.bench.replicas import nginx_support
-from feedline.bench.systems import build_chaos, fault_plan, make_system
+from feedline.bench.systems import fault_plan, make_system
 from feedline.bench.workload import RunLimits, plan_batches
 from feedline.cli import main
 from feedline_helpers import interrupt_bench
@@ -205,7 +205,7 @@ def test_an_error_in_the_loop_shuts_the_workers_down(tmp_path: Path) -> None:
     scenario = sc.loads(SMALL)
     data = generate(scenario, str(tmp_path))
     plan = fault_plan(scenario)
-    system = make_system("torch-dataloader", scenario, data, build_chaos(plan))
+    system = make_system("torch-dataloader", scenario, data, plan.per_replica)
     steps = 0
 
     def compute() -> float:

@@ -216,10 +216,10 @@ replica = 0
 until = "8s"
 """
     plan = fault_plan(sc.loads(text))
-    assert plan.per_replica[2]["outages"] == [(2.0, 5.0)]
-    assert plan.per_replica[0]["outages"] == [(7.0, 8.0)]
-    assert plan.per_replica[1]["spike_probability"] == 0.1
-    assert "outages" not in plan.per_replica[1]
+    assert plan.per_replica[2].outages == [[2.0, 5.0]]
+    assert plan.per_replica[0].outages == [[7.0, 8.0]]
+    assert plan.per_replica[1].spike_probability == 0.1
+    assert plan.per_replica[1].outages == []
     assert [w[:2] for w in plan.windows] == [(2.0, 5.0), (7.0, 8.0)]
 
 

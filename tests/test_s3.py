@@ -118,3 +118,30 @@ def test_parquet_stream_expands_a_glob_in_the_bucket(
     assert got.equals(pa.concat_tables(tables))
     with pytest.raises(FileNotFoundError, match="no file matches"):
         ParquetStream("pq/none-*.parquet", fs=fs)
+
+
+def test_each_replica_takes_its_own_endpoint(s3_server: S3Server, bucket: Any) -> None:
+    """Two replicas with one bucket URL on different endpoints: each opens
+    with its own options over the shared ones (here the first endpoint is
+    dead, so every read must fail over to the second, and the stats say so)."""
+    del bucket
+    good = s3_server.options()
+    dead = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"}}
+    url = f"s3://{BUCKET}/data"
+    fs = feedline.FileSystem(
+        # Weighted so that every key asks the dead endpoint first.
+        [
+            feedline.Replica(url, storage_options=dead, weight=1000),
+            feedline.Replica(url, storage_options={}, weight=0.001),
+        ],
+        storage_options=good,
+        deadline_ms=10_000,
+    )
+    keys = list(OBJECTS)
+    assert [fs.cat_file(k) for k in keys] == list(OBJECTS.values())
+    first, second = fs.stats()["replicas"]
+    assert first["errors"] > 0 and first["bytes"] == 0
+    assert second["bytes"] == sum(len(v) for v in OBJECTS.values())
+    # Only the replica's own options: the shared ones point nowhere.
+    alone = feedline.FileSystem([feedline.Replica(url, storage_options=good)], storage_options=dead)
+    assert alone.cat_file("train/a.bin") == OBJECTS["train/a.bin"]

@@ -69,7 +69,6 @@ DEFAULT_MAX_GAP_BYTES = 64 * 1024
 DEFAULT_MAX_BLOCK_BYTES = 64 * MiB
 DEFAULT_BATCH_ROWS = 65536
 DEFAULT_SHUFFLE_BUFFER_ROWS = 1 << 18
-DEFAULT_DEPTH = 2
 STATE_VERSION = 1
 
 _PARQUET_MAGIC = b"PAR1"
@@ -388,7 +387,7 @@ class ParquetStream:
         unify_schemas: bool = False,
         *,
         shuffle_buffer_rows: int = DEFAULT_SHUFFLE_BUFFER_ROWS,
-        depth: int = DEFAULT_DEPTH,
+        depth: int | None = None,
         max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
         use_threads: bool = True,
@@ -399,7 +398,7 @@ class ParquetStream:
         for name, value in (
             ("batch_rows", batch_rows),
             ("shuffle_buffer_rows", shuffle_buffer_rows),
-            ("depth", depth),
+            ("depth", 1 if depth is None else depth),
             ("max_block_bytes", max_block_bytes),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -424,7 +423,8 @@ class ParquetStream:
         self.on_error = on_error
         self.unify_schemas = bool(unify_schemas)
         self.shuffle_buffer_rows = shuffle_buffer_rows
-        self.depth = depth
+        # Row groups in flight; by default the filesystem's prefetch depth.
+        self.depth = self.fs.prefetch.depth if depth is None else depth
         self.max_gap_bytes = max(0, int(max_gap_bytes))
         self.max_block_bytes = max_block_bytes
         self.use_threads = bool(use_threads)

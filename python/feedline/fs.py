@@ -82,7 +82,7 @@ def _check_option_names(options: Mapping[str, Any]) -> None:
         if name not in OPTION_NAMES:
             near = _core.nearest_option(name, known)
             hint = f"; did you mean {near!r}?" if near else ""
-            raise TypeError(f"FileSystem got an unknown option {name!r}{hint}")
+            raise TypeError(f"unknown option {name!r}{hint}")
 
 
 def _chaos_by_index(
@@ -576,6 +576,10 @@ class FeedlineFile(io.RawIOBase):
         return f"<FeedlineFile {self.path!r} size={self.size}>"
 
 
+#: What ``fsspec.core.OpenFile`` itself takes besides the filesystem and path.
+_OPEN_FILE_OPTIONS = frozenset({"compression", "encoding", "errors", "newline"})
+
+
 def open(
     urlpath: str | os.PathLike[str],
     mode: str = "rb",
@@ -589,6 +593,7 @@ def open(
     path = os.fspath(urlpath)
     if mode in READ_MODES or mode in TEXT_READ_MODES:
         fs_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_NAMES or k == "chaos"}
+        _check_option_names({k: v for k, v in kwargs.items() if k not in _OPEN_FILE_OPTIONS})
         fs = FileSystem(replicas=replicas, **fs_kwargs)
         return OpenFile(fs, FileSystem._strip_protocol(path), mode=mode, **kwargs)
     if mode in WRITE_MODES:

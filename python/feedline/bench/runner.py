@@ -22,7 +22,6 @@ from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError, check_
 from feedline.bench.systems import (
     FOREVER_S,
     SystemUnavailable,
-    build_chaos,
     fault_plan,
     make_system,
 )
@@ -104,7 +103,7 @@ def run_system(
     """One system, one run. Returns its result dict (status ok/partial/skipped)."""
     batches = plan_batches(scenario, data)
     plan = fault_plan(scenario)
-    chaos = build_chaos(plan)
+    chaos = plan.per_replica
     # Fault-plan notes concern every system: the report carries them once.
     base: dict[str, Any] = {"system": name, "notes": []}
     try:
@@ -224,9 +223,7 @@ def _aggregate(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def _run_notes(scenario: Scenario) -> list[str]:
-    plan = fault_plan(scenario)
-    build_chaos(plan)
-    return plan.notes
+    return fault_plan(scenario).notes
 
 
 def scenario_summary(s: Scenario) -> dict[str, Any]:

@@ -19,6 +19,9 @@ from typing import Any
 
 import tomllib
 
+from feedline import _core
+from feedline._core import Chaos
+
 #: Every system the harness knows; availability is checked at run time.
 KNOWN_SYSTEMS = (
     "feedline",
@@ -113,18 +116,11 @@ class Replicas:
 
 @dataclass(frozen=True)
 class ReplicaFault:
-    """A chaos spec for one replica, in ``feedline.chaos.Chaos``'s words."""
+    """One ``[[faults.replica]]`` table: the replica and its faults, as the
+    same :class:`feedline.Chaos` that ``FileSystem(chaos=...)`` takes."""
 
     index: int
-    latency: Distribution | None = None
-    spike_probability: float = 0.0
-    spike_ms: float = 0.0
-    error_rate: float = 0.0
-    stall_rate: float = 0.0
-    fail_after_requests: int | None = None
-    bandwidth_bytes_per_s: int | None = None
-    corrupt_rate: float = 0.0
-    outages: tuple[tuple[float, float], ...] = ()
+    chaos: Chaos
 
 
 @dataclass(frozen=True)
@@ -160,13 +156,6 @@ class Load:
 
 
 @dataclass(frozen=True)
-class FeedlineOptions:
-    hedge_after_ms: float | str | None = None
-    policy: str | None = None
-    eject_after_failures: int | None = None
-
-
-@dataclass(frozen=True)
 class TorchDataLoaderOptions:
     """``[torch_dataloader]``: the ``torch-dataloader`` system's DataLoader."""
 
@@ -199,7 +188,8 @@ class Scenario:
     workload: Workload = field(default_factory=Workload)
     load: Load = field(default_factory=Load)
     sla: Mapping[str, float] = field(default_factory=dict)
-    feedline: FeedlineOptions = field(default_factory=FeedlineOptions)
+    #: ``[feedline]``: FileSystem options (routing, prefetch), as given.
+    feedline: Mapping[str, Any] = field(default_factory=dict)
     torch_dataloader: TorchDataLoaderOptions = field(default_factory=TorchDataLoaderOptions)
 
     def root_requirements(self) -> list[str]:
@@ -486,51 +476,28 @@ def _parse_faults(
         sub = ctx.sub(f"[faults.replica] #{i + 1}")
         if not isinstance(rf, dict):
             raise sub.fail(None, f"expected a table, got {rf!r}")
-        _check_keys(
-            sub,
-            rf,
-            (
-                "index",
-                "latency",
-                "spike_probability",
-                "spike_ms",
-                "error_rate",
-                "stall_rate",
-                "fail_after_requests",
-                "bandwidth_bytes_per_s",
-                "corrupt_rate",
-                "outages",
-            ),
-        )
         index = _replica_index(sub, rf, "index", replicas, required=True)
         if index in seen:
             raise sub.fail("index", f"replica {index} already has a [[faults.replica]] entry")
         seen.add(index)
+        options = {k: v for k, v in rf.items() if k != "index"}
         outages: list[tuple[float, float]] = []
         for j, o in enumerate(rf.get("outages", [])):
             if not isinstance(o, list) or len(o) != 2:
                 raise sub.fail("outages", f"entry {j}: expected [start, end], got {o!r}")
             start = parse_duration_s(sub, f"outages[{j}][0]", o[0], allow_zero=True)
             end = parse_duration_s(sub, f"outages[{j}][1]", o[1])
-            if end <= start:
-                raise sub.fail("outages", f"entry {j}: end {o[1]!r} must come after start {o[0]!r}")
             outages.append((start, end))
-        faults.append(
-            ReplicaFault(
-                index=index,
-                latency=_distribution(sub, rf, "latency", LATENCY_DISTRIBUTIONS),
-                spike_probability=_num(sub, rf, "spike_probability", 0.0, minimum=0, maximum=1),
-                spike_ms=_num(sub, rf, "spike_ms", 0.0, minimum=0),
-                error_rate=_num(sub, rf, "error_rate", 0.0, minimum=0, maximum=1),
-                stall_rate=_num(sub, rf, "stall_rate", 0.0, minimum=0, maximum=1),
-                fail_after_requests=_int(sub, rf, "fail_after_requests", None, minimum=0),
-                bandwidth_bytes_per_s=_int(sub, rf, "bandwidth_bytes_per_s", None),
-                corrupt_rate=_num(sub, rf, "corrupt_rate", 0.0, minimum=0, maximum=1),
-                outages=tuple(outages),
-            )
-        )
-        if faults[-1].spike_probability > 0 and faults[-1].spike_ms <= 0:
-            raise sub.fail("spike_ms", "must be > 0 when spike_probability is set")
+        if outages:
+            options["outages"] = outages
+        latency = _distribution(sub, rf, "latency", LATENCY_DISTRIBUTIONS)
+        if latency is not None:
+            options["latency"] = {"kind": latency.kind, **latency.params}
+        try:
+            chaos = Chaos(**options)
+        except (TypeError, ValueError) as e:
+            raise sub.fail(None, str(e)) from None
+        faults.append(ReplicaFault(index=index, chaos=chaos))
     events: list[Event] = []
     raw_events = t.get("event", [])
     if not isinstance(raw_events, list):
@@ -639,22 +606,20 @@ def _parse_sla(ctx: _Ctx, t: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _parse_feedline(ctx: _Ctx, t: Mapping[str, Any]) -> FeedlineOptions:
-    _check_keys(ctx, t, ("hedge_after_ms", "policy", "eject_after_failures"))
-    hedge: float | str | None = None
-    if "hedge_after_ms" in t:
-        v = t["hedge_after_ms"]
-        if isinstance(v, str):
-            if not re.fullmatch(r"p\d+(\.\d+)?", v):
-                raise ctx.fail("hedge_after_ms", f'expected a number > 0 or "p95"-like, got {v!r}')
-            hedge = v
-        else:
-            hedge = _num(ctx, t, "hedge_after_ms", None, positive=True)
-    return FeedlineOptions(
-        hedge_after_ms=hedge,
-        policy=_str(ctx, t, "policy", None, ("affinity", "p2c")),
-        eject_after_failures=_int(ctx, t, "eject_after_failures", None),
-    )
+#: Options the bench sets itself for every run, so a scenario cannot.
+_BENCH_OWNED = ("replicas", "chaos", "manifest", "storage_options")
+
+
+def _parse_feedline(ctx: _Ctx, t: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``[feedline]``: any ``FileSystem`` option, checked by the core."""
+    for key in _BENCH_OWNED:
+        if key in t:
+            raise ctx.fail(key, "is set by the bench from the scenario's other tables")
+    try:
+        _core.check_options(dict(t))
+    except (TypeError, ValueError) as e:
+        raise ctx.fail(None, str(e)) from None
+    return dict(t)
 
 
 def _parse_torch_dataloader(ctx: _Ctx, t: Mapping[str, Any]) -> TorchDataLoaderOptions:

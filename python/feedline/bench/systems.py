@@ -34,8 +34,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from feedline._core import Chaos
 from feedline.bench.dataset import Materialized
-from feedline.bench.scenario import Distribution, ReplicaFault, Scenario
+from feedline.bench.scenario import Scenario
 
 #: How long a killed replica stays down when no ``resume`` event follows.
 FOREVER_S = 10.0 * 24 * 3600
@@ -74,9 +75,9 @@ def accepts(func: Callable[..., Any], name: str) -> bool:
 
 @dataclass
 class FaultPlan:
-    """Per-replica chaos keyword arguments and the fault windows to shade."""
+    """Per-replica chaos and the fault windows to shade."""
 
-    per_replica: dict[int, dict[str, Any]] = field(default_factory=dict)
+    per_replica: dict[int, Chaos] = field(default_factory=dict)
     windows: list[tuple[float, float, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -92,15 +93,15 @@ def fault_plan(scenario: Scenario, run_s: float | None = None) -> FaultPlan:
 
 
 def _fault_plan(scenario: Scenario, run_s: float | None, *, events_as_outages: bool) -> FaultPlan:
-    """Turns ``[[faults.replica]]`` and timed events into chaos specs.
+    """The scenario's ``[[faults.replica]]`` chaos, with timed events added.
 
     On local directories a ``kill`` or ``stop`` is an outage window from its
     ``at`` until a later ``resume`` of that replica (or ``until``, or the end).
     """
     plan = FaultPlan()
-    by_index: dict[int, ReplicaFault] = {f.index: f for f in scenario.faults}
+    by_index: dict[int, Chaos] = {f.index: f.chaos for f in scenario.faults}
     outages: dict[int, list[tuple[float, float]]] = {
-        i: list(f.outages) for i, f in by_index.items()
+        i: [(float(a), float(b)) for a, b in c.outages] for i, c in by_index.items()
     }
     end_default = run_s if run_s is not None else FOREVER_S
     events = sorted(scenario.events, key=lambda e: e.at_s)
@@ -121,60 +122,14 @@ def _fault_plan(scenario: Scenario, run_s: float | None, *, events_as_outages: b
         elif ev.action in ("loss", "delay"):
             plan.windows.append((ev.at_s, ev.until_s or end_default, ev.action))
     for f in scenario.faults:
-        for start, end in f.outages:
+        for start, end in f.chaos.outages:
             plan.windows.append((start, min(end, end_default), f"replica {f.index} outage"))
     for index in sorted(set(by_index) | set(outages)):
-        kw: dict[str, Any] = {"seed": scenario.seed * 1000 + index}
-        fault = by_index.get(index)
-        if fault is not None:
-            if fault.latency is not None:
-                kw["latency"] = fault.latency
-            for name in (
-                "spike_probability",
-                "spike_ms",
-                "error_rate",
-                "stall_rate",
-                "corrupt_rate",
-            ):
-                value = getattr(fault, name)
-                if value:
-                    kw[name] = value
-            if fault.fail_after_requests is not None:
-                kw["fail_after_requests"] = fault.fail_after_requests
-            if fault.bandwidth_bytes_per_s is not None:
-                kw["bandwidth_bytes_per_s"] = fault.bandwidth_bytes_per_s
-        if outages.get(index):
-            kw["outages"] = sorted(outages[index])
-        plan.per_replica[index] = kw
+        chaos = by_index.get(index, Chaos())
+        plan.per_replica[index] = chaos.replace(
+            seed=scenario.seed * 1000 + index, outages=sorted(outages.get(index, []))
+        )
     return plan
-
-
-def _latency(mod: Any, dist: Distribution) -> Any:
-    names = {
-        "fixed": "Fixed",
-        "uniform": "Uniform",
-        "normal": "Normal",
-        "lognormal": "LogNormal",
-        "pareto": "Pareto",
-    }
-    cls = getattr(mod, names[dist.kind])
-    return cls(*dist.params.values())
-
-
-def build_chaos(plan: FaultPlan) -> dict[int, Any]:
-    """``{replica_index: feedline.chaos.Chaos}``."""
-    if plan.empty:
-        return {}
-    mod = chaos_module()
-    out: dict[int, Any] = {}
-    for index, kw in plan.per_replica.items():
-        kw = dict(kw)
-        if "latency" in kw:
-            kw["latency"] = _latency(mod, kw["latency"])
-        if "outages" in kw:
-            kw["outages"] = tuple(tuple(o) for o in kw["outages"])
-        out[index] = mod.Chaos(**kw)
-    return out
 
 
 # -- the systems ----------------------------------------------------------------
@@ -257,19 +212,7 @@ class FeedlineSystem(System):
         import feedline
 
         init = feedline.FileSystem.__init__
-        kwargs: dict[str, Any] = {}
-        opts = scenario.feedline
-        for name, value in (
-            ("hedge_after_ms", opts.hedge_after_ms),
-            ("policy", opts.policy),
-            ("eject_after_failures", opts.eject_after_failures),
-        ):
-            if value is None:
-                continue
-            if accepts(init, name):
-                kwargs[name] = value
-            else:
-                self.notes.append(f"{name} ignored: this build's FileSystem has no such option")
+        kwargs: dict[str, Any] = dict(scenario.feedline)
         if self.chaos:
             if accepts(init, "chaos"):
                 kwargs["chaos"] = dict(self.chaos)

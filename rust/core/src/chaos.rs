@@ -165,6 +165,12 @@ impl ChaosSpec {
                 self.spike_ms
             )));
         }
+        if self.spike_probability > 0.0 && self.spike_ms <= 0.0 {
+            return Err(Error::invalid(format!(
+                "chaos spike_ms must be above 0 when spike_probability is set (got spike_probability={} and spike_ms={})",
+                self.spike_probability, self.spike_ms
+            )));
+        }
         if let Some(latency) = &self.latency {
             latency.validate()?;
         }

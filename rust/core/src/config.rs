@@ -313,9 +313,11 @@ impl StorageConfig {
                 n - 1
             )));
         }
-        let mut seen: Vec<(String, &str)> = Vec::new();
+        // The same URL with other options is another replica (one bucket
+        // name on two endpoints); the same URL and options is a mistake.
+        let mut seen: Vec<((String, &StorageOptions), &str)> = Vec::new();
         for r in &self.replicas {
-            let same = same_place(&r.url);
+            let same = (same_place(&r.url), &r.storage_options);
             if let Some((_, first)) = seen.iter().find(|(s, _)| *s == same) {
                 return Err(Error::invalid(format!(
                     "replica {:?} is listed twice (same as {:?})",

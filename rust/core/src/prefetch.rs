@@ -72,7 +72,7 @@ impl StreamConfig {
         let arena = (self.slots as u128) * (self.chunk_bytes as u128);
         if arena > self.memory_budget_bytes as u128 {
             return Err(Error::invalid(format!(
-                "chunk_bytes={} × slots={} (depth={}) needs {} bytes, over the memory budget of {} bytes",
+                "chunk_bytes={} × slots={} (depth={}) needs {} bytes, over the memory budget of {} bytes (memory_budget_bytes)",
                 self.chunk_bytes, self.slots, self.depth, arena, self.memory_budget_bytes
             )));
         }

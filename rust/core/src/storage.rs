@@ -109,8 +109,16 @@ impl Storage {
                 .enumerate()
                 .map(|(i, r)| open_replica(&r.url, &config.replica_options(i)))
                 .collect::<Result<Vec<_>>>()?;
-            // Names from the stores: URLs without credentials.
-            let names = stores.iter().map(|s| s.name().to_owned()).collect();
+            // Names from the stores: URLs without credentials. One URL on
+            // two endpoints is two replicas: the later ones get their index.
+            let mut names: Vec<String> = Vec::with_capacity(stores.len());
+            for (i, store) in stores.iter().enumerate() {
+                let name = store.name().to_owned();
+                match names.contains(&name) {
+                    true => names.push(format!("{name}#{i}")),
+                    false => names.push(name),
+                }
+            }
             (names, stores)
         };
         // Chaos and verification wrap each replica's store, under the

@@ -4,7 +4,7 @@
 //! check lives in `feedline_core::config`; this module only converts.
 
 use feedline_core::chaos::ChaosSpec;
-use feedline_core::config::{self, PrefetchOptions, ReplicaSpec};
+use feedline_core::config::{self, PrefetchOptions, ReplicaSpec, StorageConfig};
 use feedline_core::route::RoutingOptions;
 use pyo3::exceptions::{PyAttributeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -226,7 +226,7 @@ macro_rules! section_class {
                 match tree.get(name) {
                     Some(v) => to_py(py, v),
                     None => Err(PyAttributeError::new_err(format!(
-                        "{} has no option {name:?}",
+                        "{} has no option '{name}'",
                         $py_name
                     ))),
                 }
@@ -399,6 +399,18 @@ fn rebuild_section<'py>(
     })
 }
 
+/// Checks FileSystem options (flat or in sections) without opening
+/// anything; returns the configuration they make, defaults filled in.
+#[pyfunction]
+#[pyo3(signature = (options = None))]
+fn check_options<'py>(
+    py: Python<'py>,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let config = StorageConfig::from_value(kwargs_value(options)?).py()?;
+    serialized(py, &config)
+}
+
 /// Every option name `FileSystem` takes (top level and flat section
 /// options): what Python may pass on, and what a typo is compared against.
 #[pyfunction]
@@ -420,6 +432,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyReplica>()?;
     m.add_function(wrap_pyfunction!(rebuild_section, m)?)?;
     m.add_function(wrap_pyfunction!(option_names, m)?)?;
+    m.add_function(wrap_pyfunction!(check_options, m)?)?;
     m.add_function(wrap_pyfunction!(nearest_option, m)?)?;
     Ok(())
 }
