@@ -7,6 +7,7 @@ import json
 import threading
 from pathlib import Path
 
+import feedline
 import pytest
 from feedline.bench import runner
 from feedline.bench import scenario as sc
@@ -109,6 +110,12 @@ def test_cli_end_to_end_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFix
     rep = json.loads(out.read_text())
     assert rep["schema_version"] == 1
     assert set(rep) == TOP_KEYS
+    # The options and faults as the core read them, defaults filled in.
+    assert rep["scenario"]["feedline"]["routing"] == feedline.Routing().to_dict()
+    assert (
+        rep["scenario"]["faults"]["1"]
+        == feedline.Chaos(spike_probability=0.1, spike_ms=5).to_dict()
+    )
     assert rep["partial"] is False and rep["repeat"] == 1
     by_name = {s["system"]: s for s in rep["systems"]}
     assert list(by_name) == list(sc.loads(SMALL).systems)

@@ -17,6 +17,7 @@ from typing import Any
 import feedline
 from feedline.bench import dataset as _dataset
 from feedline.bench.metrics import Recorder
+from feedline import _core
 from feedline.bench.replicas import ReplicaSet, nginx_support, open_replicas
 from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError, check_systems_fit_load
 from feedline.bench.systems import (
@@ -226,6 +227,11 @@ def _run_notes(scenario: Scenario) -> list[str]:
     return fault_plan(scenario).notes
 
 
+def _feedline_options(s: Scenario) -> dict[str, Any]:
+    config = _core.check_options(dict(s.feedline))
+    return {"routing": config["routing"], "prefetch": config["prefetch"]}
+
+
 def scenario_summary(s: Scenario) -> dict[str, Any]:
     ds = s.dataset
     return {
@@ -258,6 +264,9 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
             "duration_s": s.load.duration_s,
         },
         "sla": dict(s.sla),
+        # The feedline options and faults as the core reads them, defaults in.
+        "feedline": _feedline_options(s),
+        "faults": {str(f.index): f.chaos.to_dict() for f in s.faults},
         "torch_dataloader": {
             "workers": s.torch_dataloader.workers,
             "prefetch_factor": s.torch_dataloader.prefetch_factor_for(s.workload.prefetch_batches),
