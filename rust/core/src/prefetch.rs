@@ -221,15 +221,16 @@ impl Stream {
         } else {
             self.held_since = None;
         }
-        match self.ring.consume(self.next_seq, Some(timeout)) {
-            Ok(slot) => {
+        // A read that timed out is that read's error, not "nothing yet".
+        match self.ring.consume_within(self.next_seq, timeout) {
+            Ok(Some(slot)) => {
                 self.next_seq += 1;
                 Ok(Next::Chunk(Chunk {
                     range: range.clone(),
                     slot,
                 }))
             }
-            Err(Error::Timeout { .. }) => Ok(Next::Pending),
+            Ok(None) => Ok(Next::Pending),
             Err(e) => {
                 // A failed range ends the stream: the consumer must not
                 // silently skip bytes. Later ranges are not delivered.
@@ -564,6 +565,50 @@ mod tests {
         assert!(matches!(err, Error::NotFound { .. }), "{err}");
         assert_eq!(got, want, "every chunk before the failed one, in order");
         assert!(stream.is_done() && stream.is_closed());
+    }
+
+    /// Every read fails the way a replica's per-attempt timeout does.
+    #[derive(Debug)]
+    struct TimingOut;
+
+    impl Store for TimingOut {
+        fn name(&self) -> &str {
+            "timing-out"
+        }
+        fn size<'a>(&'a self, _key: &'a str) -> crate::store::BoxFuture<'a, Result<u64>> {
+            Box::pin(async { Ok(10) })
+        }
+        fn read_into<'a>(
+            &'a self,
+            key: &'a str,
+            _offset: u64,
+            _buf: &'a mut [u8],
+        ) -> crate::store::BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                Err(Error::Timeout {
+                    what: format!("read of {key:?}"),
+                    elapsed_ms: 5,
+                })
+            })
+        }
+    }
+
+    #[test]
+    fn a_read_that_timed_out_ends_the_stream_with_its_timeout() {
+        let plan = vec![ReadRange {
+            key: "k".into(),
+            offset: 0,
+            len: 10,
+        }];
+        let mut stream =
+            Stream::start(Arc::new(TimingOut), plan, &StreamConfig::new(64, 2)).unwrap();
+        // Not mistaken for "nothing arrived yet": the read's own error.
+        let err = collect(&mut stream).unwrap_err();
+        assert!(
+            matches!(&err, Error::Timeout { what, .. } if what.contains("\"k\"")),
+            "{err}"
+        );
+        assert!(stream.is_closed());
     }
 
     #[test]

@@ -537,9 +537,10 @@ impl Router {
             self.fold_tally(tally);
         }
         match result {
-            Ok(()) if !guard.sampled => {
-                health.on_success();
-            }
+            // A size answered says nothing about serving bytes: it must not
+            // clear the streak of a replica whose reads keep failing (one
+            // that ignores Range answers HEAD well).
+            Ok(()) if !guard.sampled => {}
             Ok(()) => {
                 health.record_latency(elapsed);
                 health.observe_latency(elapsed, now);
