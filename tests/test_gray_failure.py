@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import feedline
+import pytest
 from feedline import FileSystem
 
 KEYS = 12
