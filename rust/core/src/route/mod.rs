@@ -439,8 +439,9 @@ impl Router {
     /// replicas' p95 (see [`config::DEFAULT_HEDGE_AFTER`]); a percentile
     /// with too few samples yet waits [`config::HEDGE_FALLBACK_MS`].
     fn hedge_delay(&self, r: usize) -> Option<Duration> {
-        if self.replicas.len() < 2 {
-            // Nobody to hedge to: no timer per read.
+        if self.replicas.len() < 2 && self.config.hedge_after.is_none() {
+            // Nobody else to hedge to, and no hedging within the replica
+            // asked for: no timer per read.
             return None;
         }
         match self
@@ -732,6 +733,11 @@ impl Router {
                         self.replicas[h].health.release_probe();
                     }
                 }
+                None if self.hedges_within(r) => {
+                    if self.budget.try_withdraw_hedge() {
+                        return Some((r, false));
+                    }
+                }
                 None => return None,
             }
             // No token now (a busy spell spent the hedges' share): ask
@@ -744,6 +750,21 @@ impl Router {
             }
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Whether a hedge of an attempt on `r` may go to `r` itself: one
+    /// endpoint (or the only one not ejected) is the common case, and a
+    /// per-request spike there is what a second request on a fresh
+    /// connection avoids. Only with `hedge_after_ms` given: by default a
+    /// lone replica is not asked twice for the same bytes.
+    fn hedges_within(&self, r: usize) -> bool {
+        self.config.hedge_after.is_some()
+            && !self.replicas[r].health.is_ejected()
+            && self
+                .replicas
+                .iter()
+                .enumerate()
+                .all(|(i, o)| i == r || o.health.is_ejected())
     }
 
     /// An attempt, hedged to the next healthy replica if it is still
@@ -785,6 +806,8 @@ impl Router {
         };
         read.tried |= bit(h);
         let failures = &mut read.failures;
+        // A hedge within the replica goes on a connection of its own: the
+        // primary's is busy, so the client's pool opens or takes another.
         let hedge_won = {
             let hedge_attempt = Attempt {
                 replica: h,
@@ -828,7 +851,9 @@ impl Router {
                     .counters
                     .hedges_won
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.primary_lost_hedge(r, a.probe);
+                if h != r {
+                    self.primary_lost_hedge(r, a.probe);
+                }
                 Outcome::Done
             }
             Ok(false) => Outcome::Done,

@@ -793,3 +793,36 @@ fn a_hedge_refused_by_the_budget_is_asked_again_not_never() {
     let won: u64 = stats.replicas.iter().map(|r| r.hedges_won).sum();
     assert_eq!(won, 23, "every read was served by a hedge: {stats:?}");
 }
+
+#[test]
+fn a_lone_replica_hedges_within_itself_and_the_loser_is_cancelled() {
+    // One endpoint, 1 ms per read with a 40 ms spike on every fourth read
+    // it serves: the hedge (a second request to the same replica) is a
+    // later read of the store, not a spike, and wins.
+    let data = pattern(5, 4096);
+    let reps = Replicas::new(1, |_| Some(data.clone()));
+    let mut slow = SlowStore::new(reps.local().remove(0), Duration::from_millis(1));
+    slow.spike = Duration::from_millis(40);
+    slow.spike_every = 4;
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), vec![Arc::new(slow) as Arc<dyn Store>], config).unwrap();
+    let mut buf = vec![0u8; 1000];
+    for i in 0..24u64 {
+        runtime::block_on(router.read_into("obj", i, &mut buf)).unwrap();
+        assert_eq!(buf[..], data[i as usize..i as usize + 1000]);
+    }
+    let s = router.stats(false);
+    let r = &s.replicas[0];
+    assert_eq!(s.read_errors, 0);
+    assert!(r.hedges_sent >= 1 && r.hedges_won >= 1, "{r:?}");
+    assert_eq!(
+        r.cancelled, r.hedges_won,
+        "each winning hedge cancelled its primary"
+    );
+    assert!(!r.ejected && r.consecutive_failures == 0, "{r:?}");
+    assert!(r.hedges_sent <= 24 / 2, "the budget bounds hedges: {r:?}");
+}
