@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import feedline
+from feedline import _core
 from feedline.bench import dataset as _dataset
 from feedline.bench.metrics import Recorder
-from feedline import _core
 from feedline.bench.replicas import ReplicaSet, nginx_support, open_replicas
 from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError, check_systems_fit_load
 from feedline.bench.systems import (

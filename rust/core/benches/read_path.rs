@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use feedline_core::route::{Router, RouterConfig};
-use feedline_core::store::{LocalStore, Store};
+use feedline_core::store::{LocalStore, ReadSession, Store};
 
 const FILE_BYTES: usize = 64 << 20;
 const READ_BYTES: usize = 4096;
@@ -122,13 +122,8 @@ fn reads(c: &mut Criterion) {
                     threads,
                     iters,
                     &offsets,
-                    || router.tally(),
-                    |tally, off, buf| {
-                        router
-                            .read_into_blocking_tallied("f", off, buf, tally)
-                            .unwrap()
-                            .unwrap()
-                    },
+                    || ReadSession::new(&router),
+                    |session, off, buf| session.read_into_blocking("f", off, buf).unwrap().unwrap(),
                 )
             })
         });

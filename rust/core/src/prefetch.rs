@@ -12,9 +12,8 @@ use tokio::sync::Semaphore;
 use crate::error::{Error, Result};
 use crate::plan::ReadRange;
 use crate::ring::{Ring, SlotReader, SlotWriter};
-use crate::route::{ReadTally, Router};
 use crate::runtime;
-use crate::store::Store;
+use crate::store::{ReadSession, Store};
 
 /// Default cap on one stream's arena. Larger asks are refused with an error
 /// naming the sizes rather than letting a typo allocate the machine.
@@ -141,29 +140,11 @@ impl std::fmt::Debug for Stream {
 }
 
 impl Stream {
+    /// Starts the driver thread. Its inline reads go through one
+    /// [`ReadSession`]: their bookkeeping is folded in per batch and
+    /// whenever the driver is about to wait.
     pub fn start(
         store: Arc<dyn Store>,
-        plan: Vec<ReadRange>,
-        config: &StreamConfig,
-    ) -> Result<Self> {
-        Self::start_with(store, None, plan, config)
-    }
-
-    /// `start` over a router: the driver's inline reads keep their latency
-    /// samples in a tally (see [`crate::route::tally`]), flushed in
-    /// batches and whenever the driver is about to wait.
-    pub fn start_routed(
-        router: Arc<Router>,
-        plan: Vec<ReadRange>,
-        config: &StreamConfig,
-    ) -> Result<Self> {
-        let store = Arc::clone(&router) as Arc<dyn Store>;
-        Self::start_with(store, Some(router), plan, config)
-    }
-
-    fn start_with(
-        store: Arc<dyn Store>,
-        router: Option<Arc<Router>>,
         plan: Vec<ReadRange>,
         config: &StreamConfig,
     ) -> Result<Self> {
@@ -184,7 +165,6 @@ impl Stream {
             ring: Arc::clone(&ring),
             plan: Arc::clone(&plan),
             store,
-            router,
             in_flight: Arc::clone(&in_flight),
             stop: Arc::clone(&stop),
         };
@@ -241,15 +221,16 @@ impl Stream {
         } else {
             self.held_since = None;
         }
-        match self.ring.consume(self.next_seq, Some(timeout)) {
-            Ok(slot) => {
+        // A read that timed out is that read's error, not "nothing yet".
+        match self.ring.consume_within(self.next_seq, timeout) {
+            Ok(Some(slot)) => {
                 self.next_seq += 1;
                 Ok(Next::Chunk(Chunk {
                     range: range.clone(),
                     slot,
                 }))
             }
-            Err(Error::Timeout { .. }) => Ok(Next::Pending),
+            Ok(None) => Ok(Next::Pending),
             Err(e) => {
                 // A failed range ends the stream: the consumer must not
                 // silently skip bytes. Later ranges are not delivered.
@@ -324,8 +305,6 @@ struct Driver {
     ring: Arc<Ring>,
     plan: Arc<[ReadRange]>,
     store: Arc<dyn Store>,
-    /// The same store as `store` when it is a router.
-    router: Option<Arc<Router>>,
     in_flight: Arc<Semaphore>,
     stop: Arc<AtomicBool>,
 }
@@ -338,22 +317,16 @@ impl Driver {
     fn run(self) {
         let handle = runtime::handle();
         let mut tasks = VecDeque::new();
-        let router = self.router.clone();
-        let mut tally = router.as_deref().map(Router::tally);
+        let store = Arc::clone(&self.store);
+        let mut session = ReadSession::new(store.as_ref());
         for seq in 0..self.plan.len() as u64 {
-            let Some(mut writer) = self.claim(seq, &mut tally) else {
+            let Some(mut writer) = self.claim(seq, &mut session) else {
                 break;
             };
             let range = &self.plan[seq as usize];
             if range.len <= INLINE_READ_BYTES {
                 let buf = &mut writer.buf_mut()[..range.len];
-                let done = match (router.as_deref(), tally.as_mut()) {
-                    (Some(router), Some(tally)) => {
-                        router.read_into_blocking_tallied(&range.key, range.offset, buf, tally)
-                    }
-                    _ => self.store.read_into_blocking(&range.key, range.offset, buf),
-                };
-                if let Some(result) = done {
+                if let Some(result) = session.read_into_blocking(&range.key, range.offset, buf) {
                     match result {
                         Ok(()) => writer.publish(range.len),
                         Err(e) => writer.fail(e),
@@ -361,9 +334,7 @@ impl Driver {
                     continue;
                 }
             }
-            if let Some(tally) = tally.as_mut() {
-                tally.flush();
-            }
+            session.flush();
             let permit = match handle.block_on(Arc::clone(&self.in_flight).acquire_owned()) {
                 Ok(p) => p,
                 Err(_) => break,
@@ -398,17 +369,15 @@ impl Driver {
     }
 
     /// Claims the slot for `seq`, waking every `STOP_POLL` to honour a stop.
-    /// Before waiting, folds in the tally's samples: `stats()` must not lag
-    /// for as long as the consumer holds the ring full.
-    fn claim(&self, seq: u64, tally: &mut Option<ReadTally<'_>>) -> Option<SlotWriter> {
+    /// Before waiting, folds in the session's samples: `stats()` must not
+    /// lag for as long as the consumer holds the ring full.
+    fn claim(&self, seq: u64, session: &mut ReadSession<'_>) -> Option<SlotWriter> {
         if !self.stopped() {
             if let Some(writer) = self.ring.try_claim(seq) {
                 return Some(writer);
             }
         }
-        if let Some(tally) = tally.as_mut() {
-            tally.flush();
-        }
+        session.flush();
         loop {
             if self.stopped() {
                 return None;
@@ -596,6 +565,50 @@ mod tests {
         assert!(matches!(err, Error::NotFound { .. }), "{err}");
         assert_eq!(got, want, "every chunk before the failed one, in order");
         assert!(stream.is_done() && stream.is_closed());
+    }
+
+    /// Every read fails the way a replica's per-attempt timeout does.
+    #[derive(Debug)]
+    struct TimingOut;
+
+    impl Store for TimingOut {
+        fn name(&self) -> &str {
+            "timing-out"
+        }
+        fn size<'a>(&'a self, _key: &'a str) -> crate::store::BoxFuture<'a, Result<u64>> {
+            Box::pin(async { Ok(10) })
+        }
+        fn read_into<'a>(
+            &'a self,
+            key: &'a str,
+            _offset: u64,
+            _buf: &'a mut [u8],
+        ) -> crate::store::BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                Err(Error::Timeout {
+                    what: format!("read of {key:?}"),
+                    elapsed_ms: 5,
+                })
+            })
+        }
+    }
+
+    #[test]
+    fn a_read_that_timed_out_ends_the_stream_with_its_timeout() {
+        let plan = vec![ReadRange {
+            key: "k".into(),
+            offset: 0,
+            len: 10,
+        }];
+        let mut stream =
+            Stream::start(Arc::new(TimingOut), plan, &StreamConfig::new(64, 2)).unwrap();
+        // Not mistaken for "nothing arrived yet": the read's own error.
+        let err = collect(&mut stream).unwrap_err();
+        assert!(
+            matches!(&err, Error::Timeout { what, .. } if what.contains("\"k\"")),
+            "{err}"
+        );
+        assert!(stream.is_closed());
     }
 
     #[test]

@@ -142,7 +142,7 @@ impl Reader {
             &mut plan,
         );
         let config = StreamConfig::new(self.config.chunk_bytes, self.config.depth);
-        let stream = Stream::start(Arc::clone(self.storage.store()), plan, &config)?;
+        let stream = Stream::start(self.storage.store(), plan, &config)?;
         self.readahead = Some(Readahead {
             stream,
             chunk: None,

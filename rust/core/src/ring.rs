@@ -646,6 +646,23 @@ impl Ring {
         Some(self.reader(idx, seq))
     }
 
+    /// `consume` that tells a wait that ran out (`Ok(None)`) from a read
+    /// that failed with a timeout of its own (`Err(Timeout)`).
+    pub fn consume_within(&self, seq: u64, timeout: Duration) -> Result<Option<SlotReader>> {
+        let idx = self.state.index(seq);
+        if self.state.try_transition(idx, seq, PUBLISHED, CONSUMING) != Progress::Ready {
+            match self
+                .state
+                .transition(idx, seq, PUBLISHED, CONSUMING, Some(timeout), "consume")
+            {
+                Ok(_) => {}
+                Err(Error::Timeout { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        self.reader(idx, seq).map(Some)
+    }
+
     /// Waits for `seq` to be published and takes it. Delivery is in plan
     /// order because the caller asks for `seq` in order.
     pub fn consume(&self, seq: u64, timeout: Option<Duration>) -> Result<SlotReader> {

@@ -11,10 +11,10 @@ use crate::error::{Error, ReplicaFailure, Result};
 use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
 use crate::plan::{build_plan_with, resolve_slice, PlanItem};
 use crate::prefetch::{Stream, StreamConfig};
-use crate::route::{ReadTally, Router, RouterStats};
+use crate::route::{Router, RouterConfig, RouterStats};
 use crate::runtime;
 use crate::store::secrets::{self as remote, StorageOptions};
-use crate::store::{fallback, Listing, LocalStore, Store};
+use crate::store::{fallback, Listing, LocalStore, ReadSession, Store};
 use futures::StreamExt;
 
 /// Ranges per thread below which `read_many` does not bother to split.
@@ -82,9 +82,9 @@ pub struct RangeRequest<'a> {
 
 #[derive(Debug)]
 pub struct Storage {
-    store: Arc<dyn Store>,
-    /// The same store as `store` when it is a router (always, from `new`).
-    router: Option<Arc<Router>>,
+    /// Every read goes through the router: failover, hedging and the
+    /// figures, whatever the number of replicas.
+    router: Arc<Router>,
     /// Each replica's own store, under chaos and verification: listing
     /// asks these directly (there are no bytes to verify or hedge).
     replicas: Vec<Arc<dyn Store>>,
@@ -128,28 +128,33 @@ impl Storage {
         let (stores, layers) = wrap_replicas(stores, &config.chaos, config.manifest.as_ref())?;
         let router = Arc::new(Router::new(names, stores, router_config)?);
         Ok(Storage {
-            store: Arc::clone(&router) as Arc<dyn Store>,
-            router: Some(router),
+            router,
             replicas,
             config,
             layers,
         })
     }
 
+    /// A `Storage` over one store, routed with the default settings.
     pub fn from_store(store: Arc<dyn Store>) -> Self {
+        let router = Router::new(
+            vec![store.name().to_owned()],
+            vec![Arc::clone(&store)],
+            RouterConfig::default(),
+        )
+        .expect("one named replica with default settings is a valid router");
         Storage {
-            replicas: vec![Arc::clone(&store)],
-            store,
-            router: None,
+            replicas: vec![store],
+            router: Arc::new(router),
             config: StorageConfig::default(),
             layers: ReplicaLayers::default(),
         }
     }
 
     /// Per-replica and end-to-end figures; `reset` clears them after
-    /// reading. Empty replica list for a `Storage` built from a bare store.
+    /// reading.
     pub fn stats(&self, reset: bool) -> Option<RouterStats> {
-        self.router.as_ref().map(|r| r.stats(reset))
+        Some(self.router.stats(reset))
     }
 
     /// `stats` as JSON (`null` for a bare store).
@@ -158,8 +163,8 @@ impl Storage {
         serde_json::to_string(&self.stats(reset)).unwrap_or_else(|_| "null".into())
     }
 
-    pub fn router(&self) -> Option<&Arc<Router>> {
-        self.router.as_ref()
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
     }
 
     /// What chaos injected into and verification checked on each replica.
@@ -167,8 +172,9 @@ impl Storage {
         self.layers.fault_stats()
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// The store every read goes through (the router).
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.router) as Arc<dyn Store>
     }
 
     pub fn config(&self) -> &StorageConfig {
@@ -208,9 +214,9 @@ impl Storage {
     }
 
     pub fn size(&self, key: &str) -> Result<u64> {
-        match self.store.size_blocking(key) {
+        match self.router.size_blocking(key) {
             Some(r) => r,
-            None => runtime::block_on(self.store.size(key)),
+            None => runtime::block_on(self.router.size(key)),
         }
     }
 
@@ -229,7 +235,7 @@ impl Storage {
         if let Some(size) = self.manifest_size(key) {
             return Ok(WholeRead::Sized(size));
         }
-        match self.store.size_blocking(key) {
+        match self.router.size_blocking(key) {
             Some(size) => Ok(WholeRead::Sized(size?)),
             None => Ok(WholeRead::OneRequest),
         }
@@ -239,7 +245,7 @@ impl Storage {
     /// [`Store::read_object`]); routed, hedged and retried like any read.
     pub fn read_object(&self, key: &str) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        runtime::block_on(self.store.read_object(key, &mut out))?;
+        runtime::block_on(self.router.read_object(key, &mut out))?;
         Ok(out)
     }
 
@@ -250,7 +256,7 @@ impl Storage {
             .concurrency
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
-        let store = self.store.as_ref();
+        let store = self.router.as_ref();
         runtime::block_on(
             futures::stream::iter(keys)
                 .map(|key| async move {
@@ -364,7 +370,7 @@ impl Storage {
         let Some(first) = distinct.first() else {
             return Vec::new();
         };
-        if let Some(r) = self.store.size_blocking(first) {
+        if let Some(r) = self.router.size_blocking(first) {
             let mut out = Vec::with_capacity(distinct.len());
             out.push(r.map_err(|e| e.to_string()));
             for key in &distinct[1..] {
@@ -377,7 +383,7 @@ impl Storage {
             .concurrency
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
-        let store = self.store.as_ref();
+        let store = self.router.as_ref();
         let mut found: Vec<(usize, Result<u64, String>)> = runtime::block_on(
             futures::stream::iter(distinct.iter().enumerate())
                 .map(
@@ -393,9 +399,9 @@ impl Storage {
     /// Fills `buf` from `offset` of `key`, on the calling thread where the
     /// store allows it.
     pub fn read_into(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self.store.read_into_blocking(key, offset, buf) {
+        match self.router.read_into_blocking(key, offset, buf) {
             Some(r) => r,
-            None => runtime::block_on(self.store.read_into(key, offset, buf)),
+            None => runtime::block_on(self.router.read_into(key, offset, buf)),
         }
     }
 
@@ -429,7 +435,7 @@ impl Storage {
         }
         let blocking = {
             let first = &mut requests[0];
-            self.store
+            self.router
                 .read_into_blocking(first.key, first.offset, first.buf)
         };
         match blocking {
@@ -449,25 +455,19 @@ impl Storage {
     ) -> Vec<Result<()>> {
         let n = requests.len();
         let threads = threads.clamp(1, n.max(1));
-        let store = &self.store;
-        let router = self.router.as_deref();
-        // Each thread reads through its own tally (see `route::tally`): the
+        let store: &dyn Store = self.router.as_ref();
+        // Each thread reads in its own session (see `store::session`): the
         // latency bookkeeping of its reads is folded in per batch.
-        let read_one =
-            |r: &mut RangeRequest<'_>, tally: &mut Option<ReadTally<'_>>| -> Result<()> {
-                let done = match (router, tally.as_mut()) {
-                    (Some(router), Some(tally)) => {
-                        router.read_into_blocking_tallied(r.key, r.offset, r.buf, tally)
-                    }
-                    _ => store.read_into_blocking(r.key, r.offset, r.buf),
-                };
-                done.unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
-            };
+        let read_one = |r: &mut RangeRequest<'_>, session: &mut ReadSession<'_>| -> Result<()> {
+            session
+                .read_into_blocking(r.key, r.offset, r.buf)
+                .unwrap_or_else(|| runtime::block_on(store.read_into(r.key, r.offset, r.buf)))
+        };
         if threads == 1 {
-            let mut tally = router.map(Router::tally);
+            let mut session = ReadSession::new(store);
             return requests
                 .iter_mut()
-                .map(|r| read_one(r, &mut tally))
+                .map(|r| read_one(r, &mut session))
                 .collect();
         }
         // Threads take batches from a shared queue instead of a fixed share
@@ -479,7 +479,7 @@ impl Storage {
         let batch = (BATCH_BYTES / (total_bytes / n).max(1)).clamp(1, 64);
         let queue = std::sync::Mutex::new(requests.iter_mut().enumerate());
         let work = || {
-            let mut tally = router.map(Router::tally);
+            let mut session = ReadSession::new(store);
             let mut done = Vec::new();
             loop {
                 let taken: Vec<_> = queue
@@ -492,7 +492,7 @@ impl Storage {
                     return done;
                 }
                 for (i, r) in taken {
-                    done.push((i, read_one(r, &mut tally)));
+                    done.push((i, read_one(r, &mut session)));
                 }
             }
         };
@@ -524,7 +524,7 @@ impl Storage {
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
         let n = requests.len();
-        let store = self.store.as_ref();
+        let store = self.router.as_ref();
         let groups = coalesce(requests);
         let done: Vec<Vec<(usize, Result<()>)>> = runtime::block_on(
             futures::stream::iter(groups)
@@ -547,15 +547,12 @@ impl Storage {
         config.validate()?;
         let known = |key: &str| self.manifest_size(key);
         let plan = runtime::block_on(build_plan_with(
-            self.store.as_ref(),
+            self.router.as_ref(),
             items,
             config.chunk_bytes,
             &known,
         ))?;
-        match &self.router {
-            Some(router) => Stream::start_routed(Arc::clone(router), plan, config),
-            None => Stream::start(Arc::clone(&self.store), plan, config),
-        }
+        Stream::start(self.store(), plan, config)
     }
 }
 

@@ -12,6 +12,7 @@ use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::config::HEDGE_RESERVE_SHARE;
 use crate::counter::StripedCounter;
 
 /// How long a deposit counts (the decay time constant of the balance).
@@ -70,12 +71,25 @@ impl RetryBudget {
         self.pending.add(1);
     }
 
-    /// Takes one token for a retry or hedge, if there is one.
+    /// Takes one token for a retry, if there is one.
     pub fn try_withdraw(&self) -> bool {
+        self.withdraw_above(0.0)
+    }
+
+    /// Takes one token for a hedge, if one is left above the failover
+    /// reserve ([`HEDGE_RESERVE_SHARE`] of the idle balance, at least one
+    /// token): hedges are optional, failover is not, so a run of hedges
+    /// must never leave a failing read without the token it needs.
+    pub fn try_withdraw_hedge(&self) -> bool {
+        let reserve = (self.floor_per_s * TTL.as_secs_f64() * HEDGE_RESERVE_SHARE).max(1.0);
+        self.withdraw_above(reserve)
+    }
+
+    fn withdraw_above(&self, reserve: f64) -> bool {
         let now = Instant::now();
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.settle(&mut s, now);
-        if s.balance >= 1.0 {
+        if s.balance >= 1.0 + reserve {
             s.balance -= 1.0;
             true
         } else {

@@ -18,8 +18,27 @@ pub const DEFAULT_RETRY_BUDGET_FLOOR_PER_S: f64 = 10.0;
 pub const DEFAULT_BACKOFF_BASE_MS: f64 = 1.0;
 pub const DEFAULT_BACKOFF_MAX_MS: f64 = 50.0;
 /// Samples a replica's histogram needs before an adaptive hedge delay is
-/// trusted; until then that replica is not hedged.
+/// trusted; until then the delay is [`HEDGE_FALLBACK_MS`].
 pub const MIN_HEDGE_SAMPLES: u64 = 20;
+/// Hedging when `hedge_after_ms` is not given: at the replicas' own p95.
+/// A fixed delay below the replicas' normal latency hedges most reads and
+/// drains the retry budget; the p95 hedges about one read in twenty, and a
+/// replica that accepts connections and never answers costs one p95 (or
+/// the fallback) per read until it is ejected. (Reads that a store serves
+/// on the calling thread, local page-cache `pread`s, are not hedged unless
+/// `hedge_after_ms` is given.)
+pub const DEFAULT_HEDGE_AFTER: HedgeAfter = HedgeAfter::Percentile(95.0);
+/// The hedge delay of a percentile with fewer than [`MIN_HEDGE_SAMPLES`]
+/// samples: above a healthy object store's usual first-byte latency, far
+/// below any deadline.
+pub const HEDGE_FALLBACK_MS: f64 = 100.0;
+/// Share of the retry budget's idle balance (`floor × TTL`) that hedges
+/// leave for failover: hedges stop there, retries may go on to zero.
+pub const HEDGE_RESERVE_SHARE: f64 = 0.25;
+
+pub fn hedge_fallback() -> Duration {
+    Duration::from_secs_f64(HEDGE_FALLBACK_MS / 1000.0)
+}
 
 /// How the router picks among the healthy replicas of a preference list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

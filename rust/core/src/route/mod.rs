@@ -12,7 +12,6 @@ pub mod budget;
 pub mod config;
 pub mod health;
 pub mod hrw;
-pub mod tally;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,13 +22,13 @@ use crate::counter::StripedCounter;
 use crate::error::{Error, ReplicaFailure, Result};
 use crate::metrics::{LatencySummary, LatencyWindow};
 use crate::runtime;
-use crate::store::{BoxFuture, Store};
+use crate::store::session::{self, AttemptSample};
+use crate::store::{BoxFuture, Store, Tally};
 
 pub use budget::RetryBudget;
 pub use config::{HedgeAfter, HedgeAfterMs, Policy, RouterConfig, RoutingOptions};
 pub use health::{Availability, ReplicaHealth, ReplicaStats};
 pub use hrw::{PreferenceList, Rendezvous, MAX_REPLICAS};
-pub use tally::ReadTally;
 
 /// How long an adaptive hedge delay is reused before the histogram is read
 /// again (a percentile walk costs microseconds; reads cost less).
@@ -106,12 +105,14 @@ enum Outcome {
     Fatal(Error),
 }
 
-/// Where one read's bytes go: a range into the caller's buffer, or a whole
-/// object whose size comes with the data (see [`Store::read_object`]). Both
-/// go through the same choice, timeouts, hedging, failover and budget.
+/// What one read asks and where the answer goes: a range into the caller's
+/// buffer, a whole object whose size comes with the data (see
+/// [`Store::read_object`]), or the object's size. All go through the same
+/// choice, timeouts, hedging, failover and budget.
 pub enum Target<'b> {
     Range { offset: u64, buf: &'b mut [u8] },
     Object(&'b mut Vec<u8>),
+    Size(u64),
 }
 
 impl Target<'_> {
@@ -120,6 +121,29 @@ impl Target<'_> {
         match self {
             Target::Range { buf, .. } => buf.len(),
             Target::Object(out) => out.len(),
+            Target::Size(_) => 0,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Target::Size(size) => *size,
+            _ => self.len() as u64,
+        }
+    }
+
+    /// Whether the read counts as one in the figures and latency samples: a
+    /// size (a HEAD, a `stat`) is far quicker than a read, and would pull
+    /// the percentiles that adaptive hedging waits for down.
+    fn sampled(&self) -> bool {
+        !matches!(self, Target::Size(_))
+    }
+
+    /// How a timeout names the request.
+    fn what(&self) -> &'static str {
+        match self {
+            Target::Size(_) => "size of",
+            _ => "read of",
         }
     }
 
@@ -128,6 +152,46 @@ impl Target<'_> {
         match self {
             Target::Range { offset, buf } => store.read_into(key, *offset, buf),
             Target::Object(out) => store.read_object(key, out),
+            Target::Size(size) => Box::pin(async move {
+                *size = store.size(key).await?;
+                Ok(())
+            }),
+        }
+    }
+
+    /// The same through the store's blocking path; `None` if it has none.
+    fn read_blocking(&mut self, store: &dyn Store, key: &str) -> Option<Result<()>> {
+        match self {
+            Target::Range { offset, buf } => store.read_into_blocking(key, *offset, buf),
+            Target::Object(_) => None,
+            Target::Size(size) => Some(store.size_blocking(key)?.map(|s| *size = s)),
+        }
+    }
+
+    /// A target of the same shape for a hedge, its bytes in `bytes`.
+    fn scratch<'s>(&self, bytes: &'s mut Vec<u8>) -> Target<'s> {
+        match self {
+            Target::Range { offset, buf } => {
+                bytes.resize(buf.len(), 0);
+                Target::Range {
+                    offset: *offset,
+                    buf: bytes,
+                }
+            }
+            Target::Object(_) => Target::Object(bytes),
+            Target::Size(_) => Target::Size(0),
+        }
+    }
+
+    /// Takes the answer a hedge left in its `scratch` target.
+    fn take_answer(&mut self, from: &mut Target<'_>) {
+        match (self, from) {
+            (Target::Range { buf, .. }, Target::Range { buf: src, .. }) => buf.copy_from_slice(src),
+            // The hedge's object replaces whatever the primary left.
+            (Target::Object(out), Target::Object(src)) => std::mem::swap(*out, *src),
+            (Target::Size(size), Target::Size(src)) => *size = *src,
+            // A scratch target has its read's shape: nothing else occurs.
+            _ => {}
         }
     }
 }
@@ -139,6 +203,8 @@ struct AttemptGuard<'r> {
     health: &'r ReplicaHealth,
     start: Instant,
     probe: bool,
+    /// Whether its latency is a sample (see [`Target::sampled`]).
+    sampled: bool,
     finished: bool,
 }
 
@@ -368,8 +434,21 @@ impl Router {
         }
     }
 
+    /// How long the attempt on `r` runs before a hedge is sent; `None`:
+    /// no hedge. Without `hedge_after_ms` the router hedges at the
+    /// replicas' p95 (see [`config::DEFAULT_HEDGE_AFTER`]); a percentile
+    /// with too few samples yet waits [`config::HEDGE_FALLBACK_MS`].
     fn hedge_delay(&self, r: usize) -> Option<Duration> {
-        match self.config.hedge_after? {
+        if self.replicas.len() < 2 && self.config.hedge_after.is_none() {
+            // Nobody else to hedge to, and no hedging within the replica
+            // asked for: no timer per read.
+            return None;
+        }
+        match self
+            .config
+            .hedge_after
+            .unwrap_or(config::DEFAULT_HEDGE_AFTER)
+        {
             HedgeAfter::Fixed(d) => Some(d),
             HedgeAfter::Percentile(p) => {
                 let replica = &self.replicas[r];
@@ -394,11 +473,14 @@ impl Router {
                             .unwrap_or_else(|e| e.into_inner())
                             .percentile(p, config::MIN_HEDGE_SAMPLES);
                         let delay = match (own, all) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
+                            (Some(a), Some(b)) => a.min(b),
+                            (Some(a), None) | (None, Some(a)) => a,
+                            // Too few samples to trust: a silent replica
+                            // must still cost one bounded delay.
+                            (None, None) => config::hedge_fallback(),
                         };
-                        *cached = Some((now, delay));
-                        delay
+                        *cached = Some((now, Some(delay)));
+                        Some(delay)
                     }
                 }
             }
@@ -407,17 +489,11 @@ impl Router {
 
     // -- recording -----------------------------------------------------------
 
-    fn start_attempt(
-        &self,
-        r: usize,
-        probe: bool,
-        kind: AttemptKind,
-        start: Instant,
-    ) -> AttemptGuard<'_> {
+    fn start_attempt(&self, a: Attempt, start: Instant, sampled: bool) -> AttemptGuard<'_> {
         use std::sync::atomic::Ordering::Relaxed;
-        let health = &self.replicas[r].health;
+        let health = &self.replicas[a.replica].health;
         health.start_attempt();
-        match kind {
+        match a.kind {
             AttemptKind::First => {}
             AttemptKind::Retry => {
                 health.counters.retries.fetch_add(1, Relaxed);
@@ -429,7 +505,8 @@ impl Router {
         AttemptGuard {
             health,
             start,
-            probe,
+            probe: a.probe,
+            sampled,
             finished: false,
         }
     }
@@ -444,7 +521,7 @@ impl Router {
         guard: &mut AttemptGuard<'_>,
         result: &Result<()>,
         bytes: usize,
-        tally: Option<&mut ReadTally<'_>>,
+        tally: Option<&mut Tally>,
     ) -> Instant {
         use std::sync::atomic::Ordering::Relaxed;
         guard.finished = true;
@@ -452,15 +529,19 @@ impl Router {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(guard.start);
         if let Some(tally) = tally {
-            if result.is_ok() && !health.is_peak(elapsed) {
-                tally.defer_attempt(r, elapsed, now);
+            if result.is_ok() && guard.sampled && !health.is_peak(elapsed) {
+                self.defer_attempt(tally, r, elapsed, now);
                 health.counters.bytes.add(bytes as u64);
                 health.on_success();
                 return now;
             }
-            tally.flush();
+            self.fold_tally(tally);
         }
         match result {
+            // A size answered says nothing about serving bytes: it must not
+            // clear the streak of a replica whose reads keep failing (one
+            // that ignores Range answers HEAD well).
+            Ok(()) if !guard.sampled => {}
             Ok(()) => {
                 health.record_latency(elapsed);
                 health.observe_latency(elapsed, now);
@@ -483,8 +564,10 @@ impl Router {
                     }
                     _ => 0,
                 };
-                health.record_latency(elapsed);
-                health.observe_latency(elapsed, now);
+                if guard.sampled {
+                    health.record_latency(elapsed);
+                    health.observe_latency(elapsed, now);
+                }
                 let streak = health.on_failure();
                 if guard.probe {
                     // A failed probe: out again, for longer.
@@ -529,70 +612,92 @@ impl Router {
         }
     }
 
-    fn attempt_timeout(&self, key: &str, r: usize, start: Instant) -> Error {
+    fn attempt_timeout(&self, key: &str, target: &Target<'_>, r: usize, start: Instant) -> Error {
         Error::Timeout {
             what: format!(
-                "read of {key:?} from replica {:?}",
+                "{} {key:?} from replica {:?}",
+                target.what(),
                 self.replicas[r].health.name
             ),
             elapsed_ms: start.elapsed().as_millis() as u64,
         }
     }
 
-    /// One attempt on replica `r`, limited by the per-try timeout and the
-    /// read's deadline.
-    #[allow(clippy::too_many_arguments)]
+    /// One attempt, limited by the per-try timeout and the read's deadline.
     async fn attempt(
         &self,
-        r: usize,
-        probe: bool,
-        kind: AttemptKind,
+        a: Attempt,
         key: &str,
         target: &mut Target<'_>,
         deadline: Instant,
     ) -> Result<()> {
-        let mut guard = self.start_attempt(r, probe, kind, Instant::now());
+        let mut guard = self.start_attempt(a, Instant::now(), target.sampled());
         let limit = match self.config.timeout {
             Some(t) => deadline.min(guard.start + t),
             None => deadline,
         };
-        let result = match tokio::time::timeout_at(
-            limit.into(),
-            target.read(self.replicas[r].store.as_ref(), key),
-        )
-        .await
-        {
+        let store = self.replicas[a.replica].store.as_ref();
+        let result = match tokio::time::timeout_at(limit.into(), target.read(store, key)).await {
             Ok(result) => result,
-            Err(_) => Err(self.attempt_timeout(key, r, guard.start)),
+            Err(_) => Err(self.attempt_timeout(key, target, a.replica, guard.start)),
         };
         let len = target.len();
-        self.finish_attempt(r, &mut guard, &result, len, None);
+        self.finish_attempt(a.replica, &mut guard, &result, len, None);
         result
     }
 
-    /// An attempt through the store's blocking path, started at `start`;
-    /// the result and when it ended, or `None` if the store has none.
-    #[allow(clippy::too_many_arguments)]
-    fn attempt_blocking(
-        &self,
-        r: usize,
-        probe: bool,
-        kind: AttemptKind,
-        key: &str,
-        offset: u64,
-        buf: &mut [u8],
-        start: Instant,
-        tally: Option<&mut ReadTally<'_>>,
-    ) -> Option<(Result<()>, Instant)> {
-        let mut guard = self.start_attempt(r, probe, kind, start);
-        let Some(result) = self.replicas[r].store.read_into_blocking(key, offset, buf) else {
+    /// An attempt through the store's blocking path; `None` if the store
+    /// has none (nothing was sent). The first try is timed from the read's
+    /// start, and the read's end is this attempt's: one clock read less
+    /// per page-cache read.
+    fn attempt_blocking(&self, a: Attempt, read: &mut Read<'_, '_>) -> Option<Result<()>> {
+        let start = if a.kind == AttemptKind::First {
+            read.start
+        } else {
+            Instant::now()
+        };
+        let mut guard = self.start_attempt(a, start, read.target.sampled());
+        let store = self.replicas[a.replica].store.as_ref();
+        let Some(result) = read.target.read_blocking(store, read.key) else {
             // Not sent: undo the count (the guard still frees the probe).
             guard.finished = true;
             guard.health.counters.requests.sub(1);
             return None;
         };
-        let end = self.finish_attempt(r, &mut guard, &result, buf.len(), tally);
-        Some((result, end))
+        let len = read.target.len();
+        let end = self.finish_attempt(
+            a.replica,
+            &mut guard,
+            &result,
+            len,
+            read.tally.as_deref_mut(),
+        );
+        read.end = Some(end);
+        Some(result)
+    }
+
+    /// A try on the calling thread. `None` only for a first try whose
+    /// replica has no blocking path: the read then goes async, from the
+    /// start. A later try on such a replica runs its async attempt to the
+    /// end on this thread when the caller is outside the executor.
+    fn try_blocking(&self, a: Attempt, read: &mut Read<'_, '_>) -> Option<Result<()>> {
+        let result = match self.attempt_blocking(a, read) {
+            Some(result) => result,
+            None if a.kind == AttemptKind::First => return None,
+            None if tokio::runtime::Handle::try_current().is_err() => {
+                runtime::block_on(self.attempt(a, read.key, &mut *read.target, read.deadline))
+            }
+            None => Err(Error::Remote(format!(
+                "replica {:?} has no blocking read path",
+                self.replicas[a.replica].health.name
+            ))),
+        };
+        if a.kind == AttemptKind::First {
+            // The async path deposits up front; here only once the read
+            // is known to stay on this path.
+            self.budget.deposit();
+        }
+        Some(result)
     }
 
     // -- reading ---------------------------------------------------------------
@@ -609,82 +714,107 @@ impl Router {
         }
     }
 
-    /// An attempt on `r`, hedged to the next healthy replica if it is still
-    /// running after the hedge delay. The first complete response wins and
-    /// the other attempt is dropped (cancelled). The primary writes into
-    /// `target`, the hedge into its own scratch buffer, moved into `target`
-    /// only once the primary is gone, so a result is never a mix of the two.
-    #[allow(clippy::too_many_arguments)]
-    async fn attempt_hedged(
+    /// A hedge for the attempt on `r`: the next healthy replica not yet
+    /// tried, once a token is spared (hedges leave the failover reserve of
+    /// the budget alone). `None` when nobody is left to hedge to.
+    async fn hedge_choice(
         &self,
         r: usize,
-        probe: bool,
-        kind: AttemptKind,
-        key: &str,
-        target: &mut Target<'_>,
         prefs: &PreferenceList,
-        tried: &mut Tried,
+        tried: Tried,
         deadline: Instant,
-        failures: &mut Vec<(usize, Error)>,
-    ) -> Outcome {
-        let Some(delay) = self.hedge_delay(r) else {
-            let result = self.attempt(r, probe, kind, key, target, deadline).await;
-            return Self::settle(r, result, failures);
-        };
-        // The hedge's own buffer: a range's length, or an empty object.
-        let (mut scratch, hedge_offset) = match target {
-            Target::Range { offset, buf } => (vec![0u8; buf.len()], Some(*offset)),
-            Target::Object(_) => (Vec::new(), None),
-        };
-        let mut primary = Box::pin(self.attempt(r, probe, kind, key, target, deadline));
-        let mut fire_at = deadline.min(Instant::now() + delay);
-        let (h, hedge_probe) = loop {
-            tokio::select! {
-                biased;
-                result = &mut primary => return Self::settle(r, result, failures),
-                _ = tokio::time::sleep_until(fire_at.into()) => {}
-            }
-            match self.choose(prefs, *tried | bit(r), false) {
-                Some(choice) if self.budget.try_withdraw() => break choice,
+        delay: Duration,
+    ) -> Option<(usize, bool)> {
+        loop {
+            match self.choose(prefs, tried | bit(r), false) {
+                Some(choice) if self.budget.try_withdraw_hedge() => return Some(choice),
                 Some((h, probe)) => {
                     if probe {
                         self.replicas[h].health.release_probe();
                     }
                 }
-                // Nobody to hedge to: the primary is the only hope.
-                None => {
-                    let result = primary.await;
-                    return Self::settle(r, result, failures);
+                None if self.hedges_within(r) => {
+                    if self.budget.try_withdraw_hedge() {
+                        return Some((r, false));
+                    }
                 }
+                None => return None,
             }
-            // No token now (a busy spell spent the budget): ask again one
-            // hedge delay later rather than never. The floor refills the
-            // budget, so a primary that will not answer (a stopped server)
-            // is hedged within about a second instead of holding the read
-            // until its deadline.
-            if Instant::now() >= deadline {
-                let result = primary.await;
-                return Self::settle(r, result, failures);
+            // No token now (a busy spell spent the hedges' share): ask
+            // again one hedge delay later rather than never. The floor
+            // refills the budget, so a primary that will not answer (a
+            // stopped server) is hedged within about a second instead of
+            // holding the read until its deadline.
+            if Instant::now() + delay >= deadline {
+                return None;
             }
-            fire_at = deadline.min(Instant::now() + delay);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Whether a hedge of an attempt on `r` may go to `r` itself: one
+    /// endpoint (or the only one not ejected) is the common case, and a
+    /// per-request spike there is what a second request on a fresh
+    /// connection avoids. Only with `hedge_after_ms` given: by default a
+    /// lone replica is not asked twice for the same bytes.
+    fn hedges_within(&self, r: usize) -> bool {
+        self.config.hedge_after.is_some()
+            && !self.replicas[r].health.is_ejected()
+            && self
+                .replicas
+                .iter()
+                .enumerate()
+                .all(|(i, o)| i == r || o.health.is_ejected())
+    }
+
+    /// An attempt, hedged to the next healthy replica if it is still
+    /// running after the hedge delay. The first complete answer wins and
+    /// the other attempt is dropped (cancelled). The primary writes into
+    /// the read's target, the hedge into its own scratch target, moved over
+    /// only once the primary is gone, so a result is never a mix of the two.
+    async fn attempt_hedged(&self, a: Attempt, read: &mut Read<'_, '_>) -> Outcome {
+        let r = a.replica;
+        let Some(delay) = self.hedge_delay(r) else {
+            let result = self
+                .attempt(a, read.key, &mut *read.target, read.deadline)
+                .await;
+            return Self::settle(r, result, &mut read.failures);
         };
-        *tried |= bit(h);
+        let mut scratch = Vec::new();
+        let mut hedge_target = read.target.scratch(&mut scratch);
+        let (key, deadline) = (read.key, read.deadline);
+        let mut primary = Box::pin(self.attempt(a, key, &mut *read.target, deadline));
+        let fire_at = deadline.min(Instant::now() + delay);
+        tokio::select! {
+            biased;
+            result = &mut primary => return Self::settle(r, result, &mut read.failures),
+            _ = tokio::time::sleep_until(fire_at.into()) => {}
+        }
+        let choice = {
+            let hedge = self.hedge_choice(r, &read.prefs, read.tried, deadline, delay);
+            tokio::pin!(hedge);
+            tokio::select! {
+                biased;
+                result = &mut primary => return Self::settle(r, result, &mut read.failures),
+                choice = &mut hedge => choice,
+            }
+        };
+        let Some((h, hedge_probe)) = choice else {
+            // Nobody to hedge to: the primary is the only hope.
+            let result = primary.await;
+            return Self::settle(r, result, &mut read.failures);
+        };
+        read.tried |= bit(h);
+        let failures = &mut read.failures;
+        // A hedge within the replica goes on a connection of its own: the
+        // primary's is busy, so the client's pool opens or takes another.
         let hedge_won = {
-            let mut hedge_target = match hedge_offset {
-                Some(offset) => Target::Range {
-                    offset,
-                    buf: &mut scratch,
-                },
-                None => Target::Object(&mut scratch),
+            let hedge_attempt = Attempt {
+                replica: h,
+                probe: hedge_probe,
+                kind: AttemptKind::Hedge,
             };
-            let mut hedge = Box::pin(self.attempt(
-                h,
-                hedge_probe,
-                AttemptKind::Hedge,
-                key,
-                &mut hedge_target,
-                deadline,
-            ));
+            let mut hedge = Box::pin(self.attempt(hedge_attempt, key, &mut hedge_target, deadline));
             let (mut primary_done, mut hedge_done) = (false, false);
             loop {
                 tokio::select! {
@@ -710,22 +840,20 @@ impl Router {
             }
             // `hedge` is dropped here: a losing hedge is cancelled.
         };
-        // The primary is dropped before its buffer is touched: a losing
-        // primary is cancelled and cannot write into `buf` any more.
+        // The primary is dropped before its target is touched: a losing
+        // primary is cancelled and cannot write into it any more.
         drop(primary);
         match hedge_won {
             Ok(true) => {
-                match target {
-                    Target::Range { buf, .. } => buf.copy_from_slice(&scratch),
-                    // The hedge's object replaces whatever the primary left.
-                    Target::Object(out) => std::mem::swap(*out, &mut scratch),
-                }
+                read.target.take_answer(&mut hedge_target);
                 self.replicas[h]
                     .health
                     .counters
                     .hedges_won
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.primary_lost_hedge(r, probe);
+                if h != r {
+                    self.primary_lost_hedge(r, a.probe);
+                }
                 Outcome::Done
             }
             Ok(false) => Outcome::Done,
@@ -739,13 +867,23 @@ impl Router {
         !matches!(failures.last(), Some((_, Error::NotFound { .. })))
     }
 
-    /// A new read's failover state; see [`Failover`].
-    fn failover<'k>(&self, key: &'k str) -> Failover<'k> {
+    /// A new read of `key` into `target`; see [`Read`].
+    fn read<'a, 'b>(
+        &self,
+        key: &'a str,
+        target: &'a mut Target<'b>,
+        blocking: bool,
+        tally: Option<&'a mut Tally>,
+    ) -> Read<'a, 'b> {
         let start = Instant::now();
-        Failover {
+        Read {
             key,
+            target,
+            blocking,
+            tally,
             prefs: self.placement.preference_list(key),
             start,
+            end: None,
             deadline: start + self.config.deadline,
             failures: Vec::new(),
             tried: 0,
@@ -756,7 +894,7 @@ impl Router {
     /// Before each try: how long to back off first, or why to stop (every
     /// replica tried, the deadline, the retry budget). After a failure that
     /// costs a token, takes one.
-    fn before_try(&self, f: &Failover<'_>) -> std::result::Result<Duration, Option<GiveUp>> {
+    fn before_try(&self, f: &Read<'_, '_>) -> std::result::Result<Duration, Option<GiveUp>> {
         let everyone: Tried = if self.replicas.len() == 64 {
             u64::MAX
         } else {
@@ -786,143 +924,104 @@ impl Router {
 
     /// The replica for the next try (after any backoff, so health is
     /// current), marked as tried; `None` when none is left.
-    fn next_try(&self, f: &mut Failover<'_>) -> Option<(usize, bool, AttemptKind)> {
-        let (r, probe) = self.choose(&f.prefs, f.tried, true)?;
-        f.tried |= bit(r);
+    fn next_try(&self, f: &mut Read<'_, '_>) -> Option<Attempt> {
+        let (replica, probe) = self.choose(&f.prefs, f.tried, true)?;
+        f.tried |= bit(replica);
         let kind = if f.tries == 0 {
             AttemptKind::First
         } else {
             AttemptKind::Retry
         };
         f.tries += 1;
-        Some((r, probe, kind))
+        Some(Attempt {
+            replica,
+            probe,
+            kind,
+        })
     }
 
     /// The end of a read that no replica served.
-    fn read_given_up(&self, f: Failover<'_>, stop: Option<GiveUp>) -> Result<()> {
-        let err = self.give_up(f.key, f.failures, f.tried, stop);
-        self.read_failed(f.start, err)
+    fn read_given_up(&self, f: &mut Read<'_, '_>, stop: Option<GiveUp>) -> Result<()> {
+        let err = self.give_up(f.key, std::mem::take(&mut f.failures), f.tried, stop);
+        self.read_failed(f, err)
     }
 
-    async fn read_routed(&self, key: &str, target: &mut Target<'_>) -> Result<()> {
-        let mut f = self.failover(key);
-        self.budget.deposit();
+    /// The one read engine: choice, timeouts, hedging, failover and the
+    /// budget for every kind of read, async or on the calling thread (see
+    /// [`Read::blocking`]). `None` only in blocking mode, when the first
+    /// replica chosen has no blocking path (nothing was sent).
+    async fn run(&self, read: &mut Read<'_, '_>) -> Option<Result<()>> {
+        if !read.blocking {
+            self.budget.deposit();
+        }
         loop {
-            match self.before_try(&f) {
-                Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
-                Ok(_) => {}
-                Err(stop) => return self.read_given_up(f, stop),
+            match self.before_try(read) {
+                Ok(wait) if wait.is_zero() => {}
+                Ok(wait) if read.blocking => std::thread::sleep(wait),
+                Ok(wait) => tokio::time::sleep(wait).await,
+                Err(stop) => return Some(self.read_given_up(read, stop)),
             }
-            let Some((r, probe, kind)) = self.next_try(&mut f) else {
-                return self.read_given_up(f, None);
+            let Some(a) = self.next_try(read) else {
+                return Some(self.read_given_up(read, None));
             };
-            match self
-                .attempt_hedged(
-                    r,
-                    probe,
-                    kind,
-                    key,
-                    target,
-                    &f.prefs,
-                    &mut f.tried,
-                    f.deadline,
-                    &mut f.failures,
-                )
-                .await
-            {
-                Outcome::Done => {
-                    return self.read_done(f.start, Instant::now(), target.len(), None)
-                }
-                Outcome::Fatal(e) => return self.read_failed(f.start, e),
+            let outcome = if read.blocking {
+                let result = self.try_blocking(a, read)?;
+                Self::settle(a.replica, result, &mut read.failures)
+            } else {
+                self.attempt_hedged(a, read).await
+            };
+            match outcome {
+                Outcome::Done => return Some(self.read_done(read)),
+                Outcome::Fatal(e) => return Some(self.read_failed(read, e)),
                 Outcome::Failed => {}
             }
         }
     }
 
-    /// The failover loop without an executor: no hedges or timeouts (the
-    /// caller checked), backoff by sleeping the calling thread. `None` if
-    /// the first chosen store has no blocking path (nothing was read).
-    fn read_routed_blocking(
+    /// A read on the executor.
+    async fn route(&self, key: &str, target: &mut Target<'_>) -> Result<()> {
+        let mut read = self.read(key, target, false, None);
+        self.run(&mut read)
+            .await
+            .unwrap_or_else(|| Err(Error::Remote(format!("no replica read {key:?}"))))
+    }
+
+    /// The same engine on the calling thread: in blocking mode nothing in
+    /// it waits on the executor (no timers, no hedges; backoff sleeps the
+    /// thread), so one poll runs it to the end.
+    fn route_blocking(
         &self,
         key: &str,
-        offset: u64,
-        buf: &mut [u8],
-        mut tally: Option<&mut ReadTally<'_>>,
+        target: &mut Target<'_>,
+        tally: Option<&mut Tally>,
     ) -> Option<Result<()>> {
-        let mut f = self.failover(key);
-        loop {
-            match self.before_try(&f) {
-                Ok(wait) if !wait.is_zero() => std::thread::sleep(wait),
-                Ok(_) => {}
-                Err(stop) => return Some(self.read_given_up(f, stop)),
-            }
-            let Some((r, probe, kind)) = self.next_try(&mut f) else {
-                return Some(self.read_given_up(f, None));
-            };
-            let first = kind == AttemptKind::First;
-            let attempt_start = if first { f.start } else { Instant::now() };
-            let attempt = self.attempt_blocking(
-                r,
-                probe,
-                kind,
-                key,
-                offset,
-                buf,
-                attempt_start,
-                tally.as_deref_mut(),
-            );
-            let (result, end) = match attempt {
-                Some(done) => done,
-                // Nothing read yet: the async path takes over.
-                None if first => return None,
-                None if tokio::runtime::Handle::try_current().is_err() => {
-                    let mut target = Target::Range {
-                        offset,
-                        buf: &mut *buf,
-                    };
-                    let result = runtime::block_on(self.attempt(
-                        r,
-                        probe,
-                        kind,
-                        key,
-                        &mut target,
-                        f.deadline,
-                    ));
-                    (result, Instant::now())
-                }
-                None => (
-                    Err(Error::Remote(format!(
-                        "replica {:?} has no blocking read path",
-                        self.replicas[r].health.name
-                    ))),
-                    Instant::now(),
-                ),
-            };
-            if first {
-                // The async path deposits up front; here only once the read
-                // is known to stay on this path.
-                self.budget.deposit();
-            }
-            match Self::settle(r, result, &mut f.failures) {
-                Outcome::Done => return Some(self.read_done(f.start, end, buf.len(), tally)),
-                Outcome::Fatal(e) => return Some(self.read_failed(f.start, e)),
-                Outcome::Failed => {}
-            }
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let mut read = self.read(key, target, true, tally);
+        let run = std::pin::pin!(self.run(&mut read));
+        match run.poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(done) => done,
+            // Unreachable by construction; if it ever were, the async path
+            // still serves the read.
+            Poll::Pending => None,
         }
     }
 
-    fn read_done(
-        &self,
-        start: Instant,
-        end: Instant,
-        bytes: usize,
-        tally: Option<&mut ReadTally<'_>>,
-    ) -> Result<()> {
+    fn read_done(&self, read: &mut Read<'_, '_>) -> Result<()> {
+        if !read.target.sampled() {
+            return Ok(());
+        }
         self.counters.reads.add(1);
-        self.counters.bytes.add(bytes as u64);
-        let elapsed = end.saturating_duration_since(start);
-        match tally {
-            Some(tally) => tally.defer_read(elapsed),
+        self.counters.bytes.add(read.target.len() as u64);
+        let end = read.end.unwrap_or_else(Instant::now);
+        let elapsed = end.saturating_duration_since(read.start);
+        match read.tally.as_deref_mut() {
+            Some(tally) => {
+                if tally.reads.len() >= session::TALLY_BATCH {
+                    self.fold_tally(tally);
+                }
+                tally.reads.push(elapsed);
+            }
             None => self.record_read_latencies(&[elapsed]),
         }
         Ok(())
@@ -936,39 +1035,27 @@ impl Router {
         }
     }
 
-    fn read_failed(&self, start: Instant, err: Error) -> Result<()> {
+    fn read_failed(&self, read: &Read<'_, '_>, err: Error) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
-        self.counters.reads.add(1);
-        self.counters.read_errors.fetch_add(1, Relaxed);
-        self.record_read_latencies(&[start.elapsed()]);
+        if read.target.sampled() {
+            self.counters.reads.add(1);
+            self.counters.read_errors.fetch_add(1, Relaxed);
+            self.record_read_latencies(&[read.start.elapsed()]);
+        }
         Err(err)
     }
 
-    /// A deferred-bookkeeping tally for a run of blocking reads on this
-    /// thread (see [`tally`]); pass it to [`Router::read_into_blocking_tallied`].
-    pub fn tally(&self) -> ReadTally<'_> {
-        ReadTally::new(self)
-    }
-
-    /// [`Store::read_into_blocking`] with the latency samples of a success
-    /// held in `tally` (flushed in batches) instead of folded in one by one.
-    /// Everything else (counters, health, failover, the budget) is as for
-    /// an untallied read.
-    pub fn read_into_blocking_tallied(
-        &self,
-        key: &str,
-        offset: u64,
-        buf: &mut [u8],
-        tally: &mut ReadTally<'_>,
-    ) -> Option<Result<()>> {
-        assert!(
-            std::ptr::eq(tally.router(), self),
-            "a tally is used with the router that made it"
-        );
-        if !self.blocking_allowed() {
-            return None;
+    /// Holds a successful attempt's sample in `tally` (the caller checked
+    /// it is not a peak).
+    fn defer_attempt(&self, tally: &mut Tally, replica: usize, elapsed: Duration, end: Instant) {
+        if tally.due(end) {
+            self.fold_tally(tally);
         }
-        self.read_routed_blocking(key, offset, buf, Some(tally))
+        tally.attempts.push(AttemptSample {
+            replica,
+            elapsed,
+            end,
+        });
     }
 
     /// The error for a read no replica could serve. When every replica gave
@@ -1024,73 +1111,9 @@ impl Router {
         }
     }
 
-    /// `size` in preference order (healthy first), failing over on error.
-    async fn size_routed(&self, key: &str) -> Result<u64> {
-        let deadline = Instant::now() + self.config.deadline;
-        let prefs = self.placement.preference_list(key);
-        let mut failures = Vec::new();
-        let mut tried: Tried = 0;
-        for r in self.size_order(&prefs) {
-            tried |= bit(r);
-            let limit = match self.config.timeout {
-                Some(t) => deadline.min(Instant::now() + t),
-                None => deadline,
-            };
-            let start = Instant::now();
-            let result =
-                match tokio::time::timeout_at(limit.into(), self.replicas[r].store.size(key)).await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(self.attempt_timeout(key, r, start)),
-                };
-            match result {
-                Ok(size) => return Ok(size),
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => failures.push((r, e)),
-            }
-            if Instant::now() >= deadline {
-                return Err(self.give_up(key, failures, tried, Some(GiveUp::Deadline)));
-            }
-        }
-        Err(self.give_up(key, failures, tried, None))
-    }
-
-    fn size_routed_blocking(&self, key: &str) -> Option<Result<u64>> {
-        let prefs = self.placement.preference_list(key);
-        let mut failures = Vec::new();
-        let mut tried: Tried = 0;
-        for (i, r) in self.size_order(&prefs).into_iter().enumerate() {
-            let result = match self.replicas[r].store.size_blocking(key) {
-                Some(result) => result,
-                None if i == 0 => return None,
-                None if tokio::runtime::Handle::try_current().is_err() => {
-                    runtime::block_on(self.replicas[r].store.size(key))
-                }
-                None => Err(Error::Remote(format!(
-                    "replica {:?} has no blocking size path",
-                    self.replicas[r].health.name
-                ))),
-            };
-            tried |= bit(r);
-            match result {
-                Ok(size) => return Some(Ok(size)),
-                Err(e) if !e.is_retryable() => return Some(Err(e)),
-                Err(e) => failures.push((r, e)),
-            }
-        }
-        Some(Err(self.give_up(key, failures, tried, None)))
-    }
-
-    /// Healthy replicas in preference order, then the ejected ones.
-    fn size_order(&self, prefs: &PreferenceList) -> Vec<usize> {
-        let (mut healthy, ejected): (Vec<usize>, Vec<usize>) = prefs
-            .iter()
-            .partition(|&r| !self.replicas[r].health.is_ejected());
-        healthy.extend(ejected);
-        healthy
-    }
-
-    /// Whether reads may take the executor-free path: nothing needs a timer.
+    /// Whether reads may take the executor-free path: nothing the user set
+    /// needs a timer. (The default hedging is for replicas that wait on the
+    /// network; a store with a blocking path answers from the kernel.)
     fn blocking_allowed(&self) -> bool {
         self.config.hedge_after.is_none() && self.config.timeout.is_none()
     }
@@ -1102,13 +1125,30 @@ enum GiveUp {
     Budget,
 }
 
-/// One read's failover state, shared by the async and the blocking loop:
-/// the key's preference list, which replicas were tried and what they
-/// answered, and the deadline.
-struct Failover<'k> {
-    key: &'k str,
+/// One try on one replica.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    replica: usize,
+    /// Sent as the probe of an ejected replica (its slot is claimed).
+    probe: bool,
+    kind: AttemptKind,
+}
+
+/// One read through the engine: what it asks and where the answer goes,
+/// how it waits, and its failover state (the key's preference list, which
+/// replicas were tried and what they answered, the deadline).
+struct Read<'a, 'b> {
+    key: &'a str,
+    target: &'a mut Target<'b>,
+    /// On the calling thread through the stores' blocking paths: no hedges
+    /// and no timers (the caller checked that none is configured).
+    blocking: bool,
+    /// Where a blocking read's latency samples wait (see [`session`]).
+    tally: Option<&'a mut Tally>,
     prefs: PreferenceList,
     start: Instant,
+    /// When the last attempt ended, where that was timed anyway.
+    end: Option<Instant>,
     deadline: Instant,
     failures: Vec<(usize, Error)>,
     tried: Tried,
@@ -1121,7 +1161,11 @@ impl Store for Router {
     }
 
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(self.size_routed(key))
+        Box::pin(async move {
+            let mut target = Target::Size(0);
+            self.route(key, &mut target).await?;
+            Ok(target.size())
+        })
     }
 
     fn read_into<'a>(
@@ -1130,28 +1174,66 @@ impl Store for Router {
         offset: u64,
         buf: &'a mut [u8],
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.read_routed(key, &mut Target::Range { offset, buf })
-                .await
-        })
+        Box::pin(async move { self.route(key, &mut Target::Range { offset, buf }).await })
     }
 
     fn read_object<'a>(&'a self, key: &'a str, out: &'a mut Vec<u8>) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { self.read_routed(key, &mut Target::Object(out)).await })
+        Box::pin(async move { self.route(key, &mut Target::Object(out)).await })
     }
 
     fn read_into_blocking(&self, key: &str, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
         if !self.blocking_allowed() {
             return None;
         }
-        self.read_routed_blocking(key, offset, buf, None)
+        self.route_blocking(key, &mut Target::Range { offset, buf }, None)
+    }
+
+    fn read_into_blocking_tallied(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        tally: &mut Tally,
+    ) -> Option<Result<()>> {
+        if !self.blocking_allowed() {
+            return None;
+        }
+        self.route_blocking(key, &mut Target::Range { offset, buf }, Some(tally))
+    }
+
+    /// Per replica, one lock of its histogram and one of its estimate; one
+    /// lock of the router's histogram.
+    fn fold_tally(&self, tally: &mut Tally) {
+        let mut seen: u64 = 0;
+        for s in &tally.attempts {
+            seen |= 1 << s.replica;
+        }
+        while seen != 0 {
+            let r = seen.trailing_zeros() as usize;
+            seen &= seen - 1;
+            let samples = tally
+                .attempts
+                .iter()
+                .filter(move |s| s.replica == r)
+                .map(|s| (s.elapsed, s.end));
+            self.replicas[r].health.record_successes(samples);
+        }
+        tally.attempts.clear();
+        if !tally.reads.is_empty() {
+            self.record_read_latencies(&tally.reads);
+            tally.reads.clear();
+        }
     }
 
     fn size_blocking(&self, key: &str) -> Option<Result<u64>> {
+        // A hedge needs the executor but a local `stat` cannot be slow in
+        // the way a hedge helps with: only a timeout sends sizes async.
         if self.config.timeout.is_some() {
             return None;
         }
-        self.size_routed_blocking(key)
+        let mut target = Target::Size(0);
+        let done = self.route_blocking(key, &mut target, None)?;
+        Some(done.map(|()| target.size()))
     }
 }
 

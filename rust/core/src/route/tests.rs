@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::store::LocalStore;
+use crate::store::session::TALLY_BATCH;
+use crate::store::{LocalStore, ReadSession};
 
 /// Delays every read by `delay` (async: the delay can be cancelled), and
 /// adds `spike` to every `spike_every`-th read.
@@ -584,12 +585,12 @@ fn tallied_reads_fail_over_eject_and_count_exactly_like_untallied_ones() {
     .unwrap();
     let router = Router::new(reps.names(), stores, config).unwrap();
     let primary = router.placement().primary("obj");
-    let mut tally = router.tally();
+    let mut session = ReadSession::new(&router);
     let mut buf = vec![0u8; 100];
     // Healthy: samples wait in the tally, counters do not.
     for i in 0..10u64 {
-        router
-            .read_into_blocking_tallied("obj", i, &mut buf, &mut tally)
+        session
+            .read_into_blocking("obj", i, &mut buf)
             .unwrap()
             .unwrap();
         assert_eq!(buf[..], data[i as usize..i as usize + 100]);
@@ -602,8 +603,8 @@ fn tallied_reads_fail_over_eject_and_count_exactly_like_untallied_ones() {
     // failure streak ejects it after exactly 3, in the middle of a batch.
     switches[primary].down.store(true, Ordering::SeqCst);
     for i in 0..10u64 {
-        router
-            .read_into_blocking_tallied("obj", i, &mut buf, &mut tally)
+        session
+            .read_into_blocking("obj", i, &mut buf)
             .unwrap()
             .unwrap();
         assert_eq!(buf[..], data[i as usize..i as usize + 100]);
@@ -614,7 +615,7 @@ fn tallied_reads_fail_over_eject_and_count_exactly_like_untallied_ones() {
     assert_eq!(s.replicas[primary].ejections, 1);
     let retries: u64 = s.replicas.iter().map(|r| r.retries).sum();
     assert_eq!(retries, 3, "one failover per failed first attempt");
-    drop(tally);
+    drop(session);
     // Flushed: every read and every completed attempt has its sample.
     let s = router.stats(false);
     assert_eq!((s.reads, s.read_errors), (20, 0));
@@ -630,22 +631,22 @@ fn a_tally_flushes_by_count_and_on_a_peak() {
     let data = pattern(1, 8192);
     let reps = Replicas::new(1, |_| Some(data.clone()));
     let router = Router::new(reps.names(), reps.local(), RouterConfig::default()).unwrap();
-    let mut tally = router.tally();
+    let mut session = ReadSession::new(&router);
     let mut buf = vec![0u8; 64];
-    let n = tally::TALLY_BATCH as u64 * 3 + 5;
+    let n = TALLY_BATCH as u64 * 3 + 5;
     for i in 0..n {
-        router
-            .read_into_blocking_tallied("obj", i, &mut buf, &mut tally)
+        session
+            .read_into_blocking("obj", i, &mut buf)
             .unwrap()
             .unwrap();
     }
     // Held: at most one batch (plus nothing else) is not yet in the figures.
     let s = router.stats(false);
-    assert!(s.latency.count + tally::TALLY_BATCH as u64 >= n, "{s:?}");
+    assert!(s.latency.count + TALLY_BATCH as u64 >= n, "{s:?}");
     // The first sample ever is a peak (above an estimate of 0): folded in
     // at once, so the estimate is never left at 0 by a batch.
     assert!(s.replicas[0].peak_ewma_ms > 0.0);
-    drop(tally);
+    drop(session);
     let s = router.stats(false);
     assert_eq!((s.latency.count, s.replicas[0].latency.count), (n, n));
 }
@@ -791,4 +792,37 @@ fn a_hedge_refused_by_the_budget_is_asked_again_not_never() {
     assert!(!stats.replicas[primary].ejected);
     let won: u64 = stats.replicas.iter().map(|r| r.hedges_won).sum();
     assert_eq!(won, 23, "every read was served by a hedge: {stats:?}");
+}
+
+#[test]
+fn a_lone_replica_hedges_within_itself_and_the_loser_is_cancelled() {
+    // One endpoint, 1 ms per read with a 40 ms spike on every fourth read
+    // it serves: the hedge (a second request to the same replica) is a
+    // later read of the store, not a spike, and wins.
+    let data = pattern(5, 4096);
+    let reps = Replicas::new(1, |_| Some(data.clone()));
+    let mut slow = SlowStore::new(reps.local().remove(0), Duration::from_millis(1));
+    slow.spike = Duration::from_millis(40);
+    slow.spike_every = 4;
+    let config = RouterConfig::from_options(&RoutingOptions {
+        hedge_after_ms: Some(HedgeAfterMs::Ms(5.0)),
+        ..Default::default()
+    })
+    .unwrap();
+    let router = Router::new(reps.names(), vec![Arc::new(slow) as Arc<dyn Store>], config).unwrap();
+    let mut buf = vec![0u8; 1000];
+    for i in 0..24u64 {
+        runtime::block_on(router.read_into("obj", i, &mut buf)).unwrap();
+        assert_eq!(buf[..], data[i as usize..i as usize + 1000]);
+    }
+    let s = router.stats(false);
+    let r = &s.replicas[0];
+    assert_eq!(s.read_errors, 0);
+    assert!(r.hedges_sent >= 1 && r.hedges_won >= 1, "{r:?}");
+    assert_eq!(
+        r.cancelled, r.hedges_won,
+        "each winning hedge cancelled its primary"
+    );
+    assert!(!r.ejected && r.consecutive_failures == 0, "{r:?}");
+    assert!(r.hedges_sent <= 24 / 2, "the budget bounds hedges: {r:?}");
 }

@@ -16,10 +16,12 @@ pub mod local;
 #[cfg(not(loom))]
 pub mod remote;
 pub mod secrets;
+pub mod session;
 
 pub use local::LocalStore;
 #[cfg(not(loom))]
 pub use remote::RemoteStore;
+pub use session::{ReadSession, Tally};
 
 /// A boxed, sendable future: stores are used as `Arc<dyn Store>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -75,6 +77,22 @@ pub trait Store: Send + Sync + Debug + 'static {
     fn size_blocking(&self, _key: &str) -> Option<Result<u64>> {
         None
     }
+
+    /// `read_into_blocking` inside a [`ReadSession`]: a store may hold the
+    /// read's bookkeeping in `tally` and fold it in per batch (see
+    /// [`session`]). The default keeps nothing there.
+    fn read_into_blocking_tallied(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        _tally: &mut Tally,
+    ) -> Option<Result<()>> {
+        self.read_into_blocking(key, offset, buf)
+    }
+
+    /// Folds in and clears what `read_into_blocking_tallied` held in `tally`.
+    fn fold_tally(&self, _tally: &mut Tally) {}
 
     /// The objects and the "directories" (common prefixes) directly under
     /// `prefix`, a key relative to the replica root (`""`: the root). Object

@@ -173,20 +173,26 @@ impl RemoteStore {
             range: Some(GetRange::Bounded(offset..end)),
             ..Default::default()
         };
-        let result =
-            client
-                .get_opts(&path, options)
-                .await
-                .map_err(|e| match self.error(key, e) {
-                    // HTTP 416: the copy ends before `offset`.
-                    Error::ShortRead { .. } => Error::ShortRead {
-                        path: key.into(),
-                        offset,
-                        wanted_bytes: wanted,
-                        got_bytes: 0,
-                    },
-                    other => other,
-                })?;
+        let result = client.get_opts(&path, options).await.map_err(|e| match e {
+            // A 200 with the whole object to a Range request: this server
+            // ignores ranges. Its fault, not the caller's: another replica
+            // may serve the range (retryable, and counted against it).
+            object_store::Error::NotSupported { .. } => Error::Remote(format!(
+                "{}: ignored the Range request for bytes {offset}-{} of {key:?} (answered with the whole object)",
+                self.name,
+                end - 1
+            )),
+            e => match self.error(key, e) {
+                // HTTP 416: the copy ends before `offset`.
+                Error::ShortRead { .. } => Error::ShortRead {
+                    path: key.into(),
+                    offset,
+                    wanted_bytes: wanted,
+                    got_bytes: 0,
+                },
+                other => other,
+            },
+        })?;
         // object_store has checked Content-Range against the ask, except that
         // it clips the ask to the object's size: a clipped range is a short
         // object on this replica.

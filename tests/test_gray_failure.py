@@ -1,0 +1,226 @@
+"""Gray failures and replicas at fault, on every read path, against real
+servers: a socket that accepts connections and never answers, a SIGSTOPped
+nginx, and a server that ignores HTTP Range (``python -m http.server``).
+
+With the default routing settings (no hedge or timeout options) a silent
+replica must cost each read one hedge delay, never the deadline: every read
+here runs under a deadline that a read waiting on the silent replica would
+hit, so a path that waits fails the test with ``ReplicasUnavailable``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import feedline
+import pytest
+from feedline import FileSystem
+
+KEYS = 12
+SIZE = 64 * 1024
+# Far above one hedge delay (the default's fallback is 100 ms), far below
+# the pytest timeout: a read that waits on the silent replica hits it.
+DEADLINE_MS = 4000
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> dict[str, bytes]:
+    data = {}
+    for i in range(KEYS):
+        body = os.urandom(SIZE)
+        (tmp_path / f"k{i}.bin").write_bytes(body)
+        data[f"k{i}.bin"] = body
+    return data
+
+
+@contextlib.contextmanager
+def silent_socket() -> Iterator[str]:
+    """A loopback socket that completes TCP handshakes (the kernel does)
+    and never reads or answers: ``http://`` URL of it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def range_ignoring_server(root: Path) -> Iterator[str]:
+    """``python -m http.server`` on ``root``: answers 200 with the whole
+    file to every Range request."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("http.server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _fs(replicas: list[str], **options: Any) -> FileSystem:
+    return FileSystem(
+        replicas=replicas, deadline_ms=DEADLINE_MS, skip_instance_cache=True, **options
+    )
+
+
+# Each read path, reading every key once; returns what it read per key.
+def _whole(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        assert fs.cat_file(k) == body
+
+
+def _ranged(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        assert fs.cat_file(k, 100, 1100) == body[100:1100]
+
+
+def _size(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k in data:
+        assert fs.size(k) == SIZE
+
+
+def _info(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k in data:
+        assert fs.info(k)["size"] == SIZE
+
+
+def _cat_ranges(fs: FileSystem, data: dict[str, bytes]) -> None:
+    keys = list(data)
+    got = fs.cat_ranges(keys + keys, [0] * KEYS + [500] * KEYS, [10] * KEYS + [SIZE] * KEYS)
+    assert got == [data[k][:10] for k in keys] + [data[k][500:] for k in keys]
+
+
+def _stream(fs: FileSystem, data: dict[str, bytes]) -> None:
+    got: dict[str, bytearray] = {k: bytearray() for k in data}
+    with fs.stream(list(data), chunk_bytes=16 * 1024, depth=4) as chunks:
+        for chunk in chunks:
+            got[chunk.path].extend(memoryview(chunk))
+    assert {k: bytes(v) for k, v in got.items()} == data
+
+
+def _open_read(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        with fs.open(k) as f:
+            assert f.read() == body
+
+
+PATHS: dict[str, Callable[[FileSystem, dict[str, bytes]], None]] = {
+    "whole": _whole,
+    "ranged": _ranged,
+    "size": _size,
+    "info": _info,
+    "cat_ranges": _cat_ranges,
+    "stream": _stream,
+    "open_read": _open_read,
+}
+
+
+def _assert_silent_replica_ejected(fs: FileSystem, silent: int) -> None:
+    stats = fs.stats()
+    replica = stats["replicas"][silent]
+    assert stats["read_errors"] == 0, stats
+    # It was asked (it is the primary of about half the keys), lost its
+    # hedge races and was taken out.
+    assert replica["ejections"] >= 1, replica
+    won = sum(r["hedges_won"] for r in stats["replicas"])
+    assert won >= 1, stats
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_silent_socket_costs_a_hedge_not_the_deadline(
+    path: str, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
+) -> None:
+    healthy = nginx_replicas(tmp_path, 1)
+    with silent_socket() as silent:
+        fs = _fs([silent, healthy.url(0)], eject_after_failures=2)
+        PATHS[path](fs, dataset)
+        _assert_silent_replica_ejected(fs, 0)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_stopped_nginx_costs_a_hedge_not_the_deadline(
+    path: str, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
+) -> None:
+    replicas = nginx_replicas(tmp_path, 2)
+    replicas.pause(0)
+    try:
+        fs = _fs(replicas.urls, eject_after_failures=2)
+        PATHS[path](fs, dataset)
+        _assert_silent_replica_ejected(fs, 0)
+    finally:
+        replicas.resume(0)
+
+
+def test_with_no_routing_options_a_silent_replica_is_hedged_and_ejected(
+    dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
+) -> None:
+    # The defaults alone (no deadline either): reads still succeed, and the
+    # whole run takes a few hedge delays, not a 30 s deadline per read.
+    healthy = nginx_replicas(tmp_path, 1)
+    with silent_socket() as silent:
+        fs = FileSystem(replicas=[silent, healthy.url(0)], skip_instance_cache=True)
+        for _ in range(3):
+            _ranged(fs, dataset)
+        _assert_silent_replica_ejected(fs, 0)
+
+
+@pytest.mark.parametrize("path", ["ranged", "cat_ranges", "stream", "open_read"])
+def test_a_replica_that_ignores_range_fails_over_and_is_ejected(
+    path: str, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
+) -> None:
+    healthy = nginx_replicas(tmp_path, 1)
+    with range_ignoring_server(tmp_path) as ignoring:
+        fs = _fs([ignoring, healthy.url(0)], eject_after_failures=2)
+        # Ranges smaller than the objects: the whole body is the wrong answer.
+        if path == "stream":
+            # Three rounds: reads in flight at once fail together, and the
+            # keys whose first choice is that replica vary with its port.
+            plan = [(k, 1000, 5000) for k in dataset] * 3
+            got = [bytes(memoryview(c)) for c in fs.stream(plan, chunk_bytes=8192)]
+            assert got == [body[1000:6000] for body in dataset.values()] * 3
+        else:
+            PATHS[path](fs, dataset)
+        replica = fs.stats()["replicas"][0]
+        assert fs.stats()["read_errors"] == 0
+        # Each refusal is that replica's error, and they took it out.
+        assert replica["errors"] >= 1 and replica["ejections"] >= 1, replica
+
+
+def test_a_stream_whose_read_times_out_raises_an_oserror(tmp_path: Path) -> None:
+    with silent_socket() as silent:
+        fs = FileSystem(
+            replicas=[silent], timeout_ms=200, deadline_ms=1000, skip_instance_cache=True
+        )
+        # Exact ranges: no size is asked, the stream's own read times out.
+        with pytest.raises(OSError) as caught:
+            for _ in fs.stream([("k0.bin", 0, 100)]):
+                pass
+        assert isinstance(caught.value, (TimeoutError, feedline.ReplicasUnavailable)), caught.value
+        assert "k0.bin" in str(caught.value)
