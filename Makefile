@@ -64,7 +64,7 @@ lint: build $(TORCH_STAMP)
 	$(PY) -m mypy.stubtest feedline._core --allowlist stubtest-allowlist.txt
 
 rust-test:
-	cargo test -p feedline-core
+	cargo test -p feedline-core -p feedline-proxy
 
 loom:
 	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) CARGO_TARGET_DIR=target/loom \
