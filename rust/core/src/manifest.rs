@@ -185,7 +185,7 @@ impl Manifest {
         let next = AtomicUsize::new(0);
         let results: Mutex<Vec<(String, ObjectSums)>> = Mutex::new(Vec::with_capacity(files.len()));
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
-        let workers = crate::storage::threads_for(files.len(), 1);
+        let workers = runtime::threads_for(files.len(), 1);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| loop {
