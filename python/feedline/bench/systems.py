@@ -501,12 +501,13 @@ class TorchDataLoaderSystem(FsspecSystem):
         # The main process's ChaosFileSystems: their samplers draw every
         # replica's fault sequence for all workers (torch_loader.ChaosBroker).
         super().__init__(scenario, data, chaos, roots)
+        chaos_fs = chaos_module().ChaosFileSystem
         samplers = {
-            i: fs._sampler
+            i: fs.sampler
             for i, fs in enumerate(self.replica_fs)
-            if i in self.chaos and hasattr(fs, "_sampler")
+            if i in self.chaos and isinstance(fs, chaos_fs)
         }
-        self.loader = LoaderRun(scenario, data, self.chaos, self.roots, samplers)
+        self.loader = LoaderRun(scenario, data, self.chaos, self.roots, samplers, FsspecSystem)
         self.notes.append(
             f"DataLoader: {self.loader.workers} worker processes "
             f"({self.loader.start_method}), prefetch_factor {self.loader.prefetch_factor}; "
