@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import urllib.parse
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -209,6 +210,9 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         roots: Any = replicas
         if replicas is not None and not isinstance(replicas, str | bytes | os.PathLike):
             roots = [_replica_root(r) for r in replicas]
+            # The registry entries live as long as this filesystem (also
+            # when the rest of __init__ rejects the configuration).
+            weakref.finalize(self, _fsspec.release_instances, list(roots))
         self.replicas = check_replicas(roots)
         config: dict[str, Any] = {"replicas": self.replicas}
         routing = {
