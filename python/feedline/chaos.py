@@ -247,7 +247,7 @@ class FaultSampler(Protocol):
         index of the byte to flip in the ``nbytes`` read, or ``None``."""
         ...
 
-    def counts(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """How many of each fault this sampler has drawn."""
         ...
 
@@ -292,9 +292,10 @@ class ChaosFileSystem(AbstractFileSystem):  # type: ignore[misc]
             _core.ChaosSampler(chaos.to_json()) if sampler is None else sampler
         )
 
-    def fault_counts(self) -> dict[str, int]:
-        """How many of each fault were injected so far."""
-        return self.sampler.counts()
+    def fault_stats(self) -> dict[str, int]:
+        """How many of each fault were injected so far: the same fields as
+        ``FileSystem.fault_stats()[i]["injected"]``."""
+        return self.sampler.stats()
 
     def _apply(self, path: str, nbytes: int) -> int | None:
         """Draws the next request's fate; sleeps or raises as it says, and

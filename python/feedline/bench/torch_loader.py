@@ -118,7 +118,7 @@ class RemoteSampler:
         delay_ms, kind, corrupt_at = reply
         return float(delay_ms), str(kind), corrupt_at
 
-    def counts(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int]:
         return {}  # counted by the broker's samplers in the main process
 
 
