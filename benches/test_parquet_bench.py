@@ -7,7 +7,7 @@ float64 columns, >= 64 row groups), ``FEEDLINE_P10_ROUNDS`` (default 5),
 ``FEEDLINE_P10_DIR`` (where the generated dataset is kept between runs).
 
 Over HTTP: the same kind of dataset (``FEEDLINE_P10_HTTP_BYTES``, default
-512 MiB so that the run takes a few minutes on 2 loaded cores; the issue's
+512 MiB so that the run takes a few minutes on 2 loaded cores; the acceptance
 figure is for >= 2 GiB; ``FEEDLINE_P10_HTTP_ROUNDS``, default 5;
 ``FEEDLINE_P10_HTTP_DIR`` keeps it between runs) served by 3 nginx replicas,
 each behind the fault proxy adding 5 ms +- 2 ms per request; ParquetStream

@@ -1,7 +1,6 @@
 """The data paths a bench run compares, behind one small interface, and the
-adapter to the parts of feedline other issues provide (replica routing,
-chaos, manifests). A missing feature degrades with a note in the report,
-never a crash.
+adapter to feedline's optional parts (replica routing, chaos, manifests).
+A build without one degrades with a note in the report, never a crash.
 
 Every system reads the same keys from the same replica directories under
 the same faults (``feedline.chaos`` applied in-process, per replica):
@@ -281,7 +280,7 @@ class FeedlineSystem(System):
                 kwargs["manifest"] = manifest
         replicas = list(self.roots)
         if len(replicas) > 1 and not accepts(init, "hedge_after_ms"):
-            # The foundation build refuses several replicas (issue 3 adds routing).
+            # A build without replica routing refuses several replicas.
             self.notes.append("no replica routing in this build: feedline read replica 0 only")
             replicas = replicas[:1]
             if 0 not in self.chaos:
