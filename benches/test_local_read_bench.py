@@ -1,4 +1,4 @@
-"""Local read benchmarks (ids P1, P2, P3 and P7 in the README table): one
+"""Local read benchmarks (ids P1, P2, P3 and P7 in docs/benchmarks.md): one
 large file, small random reads, many small files, and the zero-copy hand-off
 of a slot (Python side). Every group
 measures feedline and its baselines in the same run, on the same page-cached

@@ -164,7 +164,7 @@ def _feedline_http(fs: Any, keys: list[str], digest: ColumnDigest | None = None)
     arrow._FOOTER_CACHE.clear()
     # ParquetStream's defaults (2 row groups' reads in flight, ranges up to
     # 64 MiB): a sweep of depth 2/4/8/16 and 8/16/64 MiB blocks on these
-    # loaded 2 cores found nothing faster (README).
+    # loaded 2 cores found nothing faster (docs/benchmarks.md).
     stream = ParquetStream(keys, fs=fs, batch_rows=BATCH_ROWS)
     batches = rows = 0
     for batch in stream.numpy():
