@@ -9,7 +9,7 @@ import pytest
 from feedline.bench import scenario as sc
 from feedline.bench.runner import check_runnable
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "benches" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "benches" / "scenarios"
 
 
 def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
