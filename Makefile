@@ -13,7 +13,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # seconds while still covering every two-preemption schedule.
 LOOM_MAX_PREEMPTIONS ?= 2
 
-.PHONY: demo test build lint rust-test loom py-test bench system-deps clean
+.PHONY: demo test build lint lint-rust lint-python stubtest format rust-test loom py-test bench system-deps clean
 
 demo: build
 	$(BIN)/feedline bench
@@ -55,16 +55,28 @@ $(TORCH_STAMP): requirements-torch.txt $(DEPS_STAMP)
 build: $(DEPS_STAMP)
 	$(BIN)/maturin develop --release -q
 
-lint: build $(TORCH_STAMP)
+lint: lint-rust lint-python stubtest
+
+lint-rust:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# ruff and mypy read the sources and _core.pyi: no build and no torch needed.
+lint-python: $(DEPS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# stubtest compares _core.pyi with the built extension, so it needs the build.
+stubtest: build
 	$(PY) -m mypy.stubtest feedline._core --allowlist stubtest-allowlist.txt
 
+format: $(DEPS_STAMP)
+	cargo fmt --all
+	$(BIN)/ruff format .
+
 rust-test:
-	cargo test -p feedline-core
+	cargo test -p feedline-core -p feedline-proxy
 
 loom:
 	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) CARGO_TARGET_DIR=target/loom \

@@ -1,10 +1,10 @@
-"""Ratios of the foundation benchmarks (median against median), read from a
+"""Ratios of the local read benchmarks (median against median), read from a
 pytest-benchmark JSON file.
 
     python benches/report.py bench-out/pytest-benchmark.json
 
 Every group names its subject and its baselines by test name; a ratio above
-1 means feedline was faster. Goals are the issue's and are printed, never
+1 means feedline was faster. Goals are printed, never
 adjusted.
 """
 
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
         data = json.load(f)
     table = rows(data)
     if not table:
-        print("no foundation benchmark pairs in", argv[1])
+        print("no local read benchmark pairs in", argv[1])
         return 0
     print(format_table(table))
     return 0

@@ -1,4 +1,4 @@
-"""Network-fault benchmarks (issue 4), on real nginx replicas in network
+"""Network-fault benchmarks, on real nginx replicas in network
 namespaces (``feedline.testing.netns``, root only):
 
 * lossy replica: 1% packet loss (nftables) on one of 3 replicas; per-object

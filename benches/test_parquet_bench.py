@@ -7,7 +7,7 @@ float64 columns, >= 64 row groups), ``FEEDLINE_P10_ROUNDS`` (default 5),
 ``FEEDLINE_P10_DIR`` (where the generated dataset is kept between runs).
 
 Over HTTP: the same kind of dataset (``FEEDLINE_P10_HTTP_BYTES``, default
-512 MiB so that the run takes a few minutes on 2 loaded cores; the issue's
+512 MiB so that the run takes a few minutes on 2 loaded cores; the acceptance
 figure is for >= 2 GiB; ``FEEDLINE_P10_HTTP_ROUNDS``, default 5;
 ``FEEDLINE_P10_HTTP_DIR`` keeps it between runs) served by 3 nginx replicas,
 each behind the fault proxy adding 5 ms +- 2 ms per request; ParquetStream
@@ -164,7 +164,7 @@ def _feedline_http(fs: Any, keys: list[str], digest: ColumnDigest | None = None)
     arrow._FOOTER_CACHE.clear()
     # ParquetStream's defaults (2 row groups' reads in flight, ranges up to
     # 64 MiB): a sweep of depth 2/4/8/16 and 8/16/64 MiB blocks on these
-    # loaded 2 cores found nothing faster (README).
+    # loaded 2 cores found nothing faster (docs/benchmarks.md).
     stream = ParquetStream(keys, fs=fs, batch_rows=BATCH_ROWS)
     batches = rows = 0
     for batch in stream.numpy():

@@ -58,7 +58,7 @@ def test_lookup_16_replicas(benchmark: Any, hasher: str) -> None:
 
 def test_lookup_ratio_in_one_run(benchmark: Any) -> None:
     """Interleaved medians of both hashers in one run, so machine noise hits
-    both: the figure for the README."""
+    both: the figure in docs/benchmarks.md."""
     rendezvous = _core.Rendezvous(REPLICAS)
     ring = uhashring.HashRing(nodes=REPLICAS)
     feedline_ns, ring_ns, list_ns = [], [], []

@@ -34,6 +34,24 @@ def register_instance(fs: AbstractFileSystem, root: str = "") -> str:
     return f"{INSTANCE_SCHEME}://{token}/{root}"
 
 
+def release_instances(roots: list[str]) -> None:
+    """Forgets the filesystems that ``roots`` name (those not registered are
+    ignored). Called when the :class:`feedline.FileSystem` that registered
+    them goes away: the registry must not keep every filesystem ever handed
+    over alive (the open store holds its own reference)."""
+    prefix = f"{INSTANCE_SCHEME}://"
+    with _lock:
+        for root in roots:
+            if root.startswith(prefix):
+                _instances.pop(root[len(prefix) :].partition("/")[0], None)
+
+
+def registered_count() -> int:
+    """How many filesystems the registry holds now."""
+    with _lock:
+        return len(_instances)
+
+
 def instance_of(root: str) -> tuple[AbstractFileSystem, str] | None:
     """The instance and path a registered root names, or None."""
     prefix = f"{INSTANCE_SCHEME}://"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
@@ -26,6 +26,7 @@ from feedline._core import Chaos
 __all__ = [
     "Chaos",
     "ChaosFileSystem",
+    "FaultSampler",
     "Fixed",
     "LogNormal",
     "Normal",
@@ -104,6 +105,20 @@ class Pareto:
 Latency = Fixed | Uniform | Normal | LogNormal | Pareto
 
 
+class FaultSampler(Protocol):
+    """Where a :class:`ChaosFileSystem` draws each request's fate from."""
+
+    def next(self, nbytes: int) -> tuple[float, str, int | None]:
+        """The next request's ``(delay_ms, kind, corrupt_at)``: ``kind`` is
+        ``"ok"``, ``"error"``, ``"outage"`` or ``"stall"``; ``corrupt_at`` the
+        index of the byte to flip in the ``nbytes`` read, or ``None``."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """How many of each fault this sampler has drawn."""
+        ...
+
+
 class ChaosFileSystem(AbstractFileSystem):  # type: ignore[misc]
     """Any fsspec filesystem with the faults of ``chaos`` applied to its
     reads, in Python, drawing from the same Rust sampler as
@@ -114,13 +129,24 @@ class ChaosFileSystem(AbstractFileSystem):  # type: ignore[misc]
     corruption flips one byte. A stall hangs for ``stall_s`` and then raises
     ``TimeoutError``, standing in for a client's read timeout (plain fsspec
     cannot cancel a hung read).
+
+    ``sampler`` (a :class:`FaultSampler`, by default one drawing from
+    ``chaos``) is public and may be replaced: several filesystems that must
+    share one fault sequence per replica (readers in different processes)
+    each get a sampler that asks the one owner of that sequence.
     """
 
     protocol = ("chaos",)
     cachable = False
 
     def __init__(
-        self, fs: AbstractFileSystem, chaos: Chaos, *, stall_s: float = 30.0, **kwargs: Any
+        self,
+        fs: AbstractFileSystem,
+        chaos: Chaos,
+        *,
+        stall_s: float = 30.0,
+        sampler: FaultSampler | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not isinstance(chaos, Chaos):
@@ -129,16 +155,17 @@ class ChaosFileSystem(AbstractFileSystem):  # type: ignore[misc]
         self.fs = fs
         self.chaos = chaos
         self.stall_s = float(stall_s)
-        self._sampler = _core.ChaosSampler(chaos)
+        self.sampler: FaultSampler = _core.ChaosSampler(chaos) if sampler is None else sampler
 
-    def fault_counts(self) -> dict[str, int]:
-        """How many of each fault were injected so far."""
-        return self._sampler.counts()
+    def fault_stats(self) -> dict[str, int]:
+        """How many of each fault were injected so far: the same fields as
+        ``FileSystem.fault_stats()[i]["injected"]``."""
+        return self.sampler.stats()
 
     def _apply(self, path: str, nbytes: int) -> int | None:
         """Draws the next request's fate; sleeps or raises as it says, and
         returns the index of the byte to corrupt after the read, if any."""
-        delay_ms, kind, corrupt_at = self._sampler.next(nbytes)
+        delay_ms, kind, corrupt_at = self.sampler.next(nbytes)
         if kind == "outage":
             raise OSError(f"chaos: injected outage reading {path!r}")
         if kind == "stall":

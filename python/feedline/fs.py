@@ -7,6 +7,7 @@ import io
 import os
 import re
 import urllib.parse
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -191,6 +192,9 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
                 self._fo = self._fo[len(cwd) :]
         entries = _replica_entries(replicas)
         self.replicas = [e.url if isinstance(e, _core.Replica) else e for e in entries]
+        # The registry entries live as long as this filesystem (also when
+        # the rest of __init__ rejects the configuration).
+        weakref.finalize(self, _fsspec.release_instances, list(self.replicas))
         config: dict[str, Any] = {**options, "replicas": entries}
         if chaos:
             config["chaos"] = _chaos_by_index(self.replicas, chaos)
@@ -468,7 +472,14 @@ def _replica_entries(replicas: Sequence[Replica] | None) -> list[str | _core.Rep
         raise TypeError(f"replicas must be a list of roots, got the single value {replicas!r}")
     if isinstance(replicas, Mapping) or not isinstance(replicas, Iterable):
         raise TypeError(f"replicas must be a list of roots, got {replicas!r}")
-    entries = [r if isinstance(r, _core.Replica) else _replica_root(r) for r in replicas]
+    entries: list[str | _core.Replica] = []
+    try:
+        for r in replicas:
+            entries.append(r if isinstance(r, _core.Replica) else _replica_root(r))
+    except BaseException:
+        # Filesystems handed over before the bad entry are not kept alive.
+        _fsspec.release_instances([e for e in entries if isinstance(e, str)])
+        raise
     if not entries:
         raise ValueError("replicas must name at least one root, got []")
     return entries

@@ -4,7 +4,7 @@ data-path code against a replica set with injected faults.
 Fixtures:
 
 * ``feedline_replicas(n=3, chaos={index: Chaos | dict}, objects=..., size_bytes=...)``
-  -> :class:`ReplicaSet`: ``n`` local replica directories holding the same
+  -> :class:`feedline.bench.replicas.ReplicaSet`: ``n`` local replica directories holding the same
   generated objects, ``.filesystem(**options)`` (a ``feedline.FileSystem``
   over them, faults applied) and ``.fsspec(index)`` (plain fsspec on one
   replica, same faults via ``feedline.chaos.ChaosFileSystem``).
@@ -19,81 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-
-class ReplicaSet:
-    """``n`` local directories holding the same objects under the same keys."""
-
-    def __init__(self, n: int, chaos: Mapping[int, Any] | None, base: str) -> None:
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        for index in chaos or {}:
-            if not isinstance(index, int) or not 0 <= index < n:
-                raise ValueError(f"chaos names replica {index!r}; this set has 0..{n - 1}")
-        self.base = base
-        self.dirs = [os.path.join(base, f"replica-{i}") for i in range(n)]
-        for d in self.dirs:
-            os.makedirs(d, exist_ok=True)
-        self.chaos_spec = dict(chaos or {})
-        self.keys: list[str] = []
-
-    def write(self, key: str, data: bytes) -> None:
-        """Writes ``data`` under ``key`` on every replica."""
-        for d in self.dirs:
-            path = os.path.join(d, key)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-        if key not in self.keys:
-            self.keys.append(key)
-
-    def populate(self, objects: int, size_bytes: int, seed: int = 0) -> list[str]:
-        rng = random.Random(seed)
-        for i in range(objects):
-            self.write(f"obj-{i:05d}.bin", rng.randbytes(size_bytes))
-        return list(self.keys)
-
-    def chaos(self) -> dict[int, Any]:
-        """``{index: feedline.chaos.Chaos}``; skips the test without chaos."""
-        if not self.chaos_spec:
-            return {}
-        from feedline.bench.systems import chaos_module
-
-        mod = chaos_module()
-        return {
-            i: spec if isinstance(spec, mod.Chaos) else mod.Chaos(**spec)
-            for i, spec in self.chaos_spec.items()
-        }
-
-    def filesystem(self, **options: Any) -> Any:
-        """A ``feedline.FileSystem`` over the replicas, faults applied."""
-        import feedline
-
-        chaos = self.chaos()
-        if chaos:
-            options["chaos"] = chaos
-        return feedline.FileSystem(replicas=self.dirs, **options)
-
-    def fsspec(self, index: int = 0) -> Any:
-        """Plain fsspec rooted at replica ``index`` (paths are keys), faults applied."""
-        from fsspec.implementations.dirfs import DirFileSystem
-        from fsspec.implementations.local import LocalFileSystem
-
-        fs: Any = LocalFileSystem()
-        chaos = self.chaos()
-        if index in chaos:
-            from feedline.bench.systems import chaos_module
-
-            fs = chaos_module().ChaosFileSystem(fs, chaos[index])
-        return DirFileSystem(path=self.dirs[index], fs=fs)
+if TYPE_CHECKING:
+    from feedline.bench.replicas import ReplicaSet
 
 
 class LatencyRecorder:
@@ -147,9 +82,16 @@ def feedline_replicas() -> Iterator[Callable[..., ReplicaSet]]:
         size_bytes: int = 65536,
         seed: int = 0,
     ) -> ReplicaSet:
+        from feedline.bench.replicas import ReplicaSet
+
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
         base = tempfile.mkdtemp(prefix="feedline-replicas-")
         made.append(base)
-        rs = ReplicaSet(n, chaos, base)
+        roots = [os.path.join(base, f"replica-{i}") for i in range(n)]
+        for root in roots:
+            os.makedirs(root, exist_ok=True)
+        rs = ReplicaSet(roots, chaos)
         if objects:
             rs.populate(objects, size_bytes, seed)
         return rs

@@ -1,13 +1,17 @@
 """Where the replicas live for a run: local directories (faults in-process
 only) or real nginx servers on loopback (``feedline.testing.NginxReplicas``,
-issue 4), where timed events kill, pause and resume real processes."""
+or one per network namespace), where timed events kill, pause and resume
+real processes."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import random
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from feedline.bench.dataset import Materialized
@@ -27,13 +31,72 @@ def nginx_support() -> str | None:
 
 
 class ReplicaSet:
-    """Local directories: roots are the directories; events become chaos outages."""
+    """Local replica directories holding the same objects under the same
+    keys: the bench runner's local replicas (timed events become chaos
+    outages) and the ``feedline_replicas`` pytest fixture's. ``roots`` are
+    the directories; ``chaos`` maps a replica index to its faults (a
+    ``feedline.chaos.Chaos`` or the keyword arguments of one)."""
 
     kind = "local"
 
-    def __init__(self, data: Materialized) -> None:
-        self.roots = list(data.replica_dirs)
+    def __init__(self, roots: list[str], chaos: Mapping[int, Any] | None = None) -> None:
+        for index in chaos or {}:
+            if not isinstance(index, int) or not 0 <= index < len(roots):
+                raise ValueError(f"chaos names replica {index!r}; this set has 0..{len(roots) - 1}")
+        self.roots = list(roots)
         self.notes: list[str] = []
+        self.chaos_spec = dict(chaos or {})
+        self.keys: list[str] = []
+
+    def write(self, key: str, data: bytes) -> None:
+        """Writes ``data`` under ``key`` on every replica."""
+        for root in self.roots:
+            path = os.path.join(root, key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        if key not in self.keys:
+            self.keys.append(key)
+
+    def populate(self, objects: int, size_bytes: int, seed: int = 0) -> list[str]:
+        """Writes ``objects`` random objects of ``size_bytes``; their keys."""
+        rng = random.Random(seed)
+        for i in range(objects):
+            self.write(f"obj-{i:05d}.bin", rng.randbytes(size_bytes))
+        return list(self.keys)
+
+    def chaos(self) -> dict[int, Any]:
+        """``{index: feedline.chaos.Chaos}``; empty without chaos."""
+        if not self.chaos_spec:
+            return {}
+        from feedline.chaos import Chaos
+
+        return {
+            i: spec if isinstance(spec, Chaos) else Chaos(**spec)
+            for i, spec in self.chaos_spec.items()
+        }
+
+    def filesystem(self, **options: Any) -> Any:
+        """A ``feedline.FileSystem`` over the replicas, faults applied."""
+        import feedline
+
+        chaos = self.chaos()
+        if chaos:
+            options["chaos"] = chaos
+        return feedline.FileSystem(replicas=self.roots, **options)
+
+    def fsspec(self, index: int = 0) -> Any:
+        """Plain fsspec rooted at replica ``index`` (paths are keys), faults applied."""
+        from fsspec.implementations.dirfs import DirFileSystem
+        from fsspec.implementations.local import LocalFileSystem
+
+        fs: Any = LocalFileSystem()
+        chaos = self.chaos()
+        if index in chaos:
+            from feedline.chaos import ChaosFileSystem
+
+            fs = ChaosFileSystem(fs, chaos[index])
+        return DirFileSystem(path=self.roots[index], fs=fs)
 
     def start_events(self, events: tuple[Event, ...], stop: threading.Event) -> None:
         pass
@@ -52,11 +115,10 @@ class ServerReplicaSet(ReplicaSet):
     kind = "server"
 
     def __init__(self) -> None:
-        self.roots: list[str] = []
+        super().__init__([])
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self.log: list[tuple[float, str]] = []
-        self.notes: list[str] = []
 
     def _apply(self, ev: Event) -> None:
         raise NotImplementedError
@@ -142,7 +204,7 @@ class NginxReplicaSet(ServerReplicaSet):
 
 
 class NetnsReplicaSet(ServerReplicaSet):
-    """One nginx per network namespace over veth pairs (issue 4's rig, root):
+    """One nginx per network namespace over veth pairs (root only):
     kill/stop/resume signal the server, loss drops packets with nftables."""
 
     kind = "netns"
@@ -195,7 +257,7 @@ class NetnsReplicaSet(ServerReplicaSet):
 def open_replicas(scenario: Scenario, data: Materialized) -> ReplicaSet:
     kind = scenario.replicas.kind
     if kind == "local":
-        return ReplicaSet(data)
+        return ReplicaSet(list(data.replica_dirs))
     if kind == "nginx":
         return NginxReplicaSet(data, scenario.replicas.count)
     if kind == "netns":

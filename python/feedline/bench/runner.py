@@ -28,7 +28,7 @@ from feedline.bench.systems import (
 )
 from feedline.bench.workload import (
     RunLimits,
-    compute_sampler,
+    compute_draw,
     manifest_verifier,
     plan_batches,
     run_open,
@@ -153,7 +153,7 @@ def run_system(
                 batches,
                 readers=w.readers,
                 prefetch_batches=w.prefetch_batches,
-                compute=compute_sampler(w.compute, scenario.seed),
+                compute=compute_draw(w.compute, scenario.seed),
                 rec=rec,
                 verify=manifest_verifier(data),
                 limits=limits,
@@ -178,7 +178,8 @@ def run_system(
         result[counter] = totals.get(counter) if stats is not None else None
     result["replica_stats"] = (stats or {}).get("replicas")
     result["system_info"] = info
-    # (retries + hedges) / reads, as feedline's router counts it (issue 3's budget).
+    # (retries + hedges) / reads, as feedline's router counts it
+    # against its retry budget.
     result["extra_request_ratio"] = (stats or {}).get("extra_request_ratio")
     result["sla"] = evaluate_sla(dict(scenario.sla), result)
     verdicts = [v["pass"] for v in result["sla"].values()]

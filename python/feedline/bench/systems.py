@@ -1,7 +1,6 @@
 """The data paths a bench run compares, behind one small interface, and the
-adapter to the parts of feedline other issues provide (replica routing,
-chaos, manifests). A missing feature degrades with a note in the report,
-never a crash.
+adapter to feedline's optional parts (replica routing, chaos, manifests).
+A build without one degrades with a note in the report, never a crash.
 
 Every system reads the same keys from the same replica directories under
 the same faults (``feedline.chaos`` applied in-process, per replica):
@@ -224,7 +223,7 @@ class FeedlineSystem(System):
                 kwargs["manifest"] = manifest
         replicas = list(self.roots)
         if len(replicas) > 1 and not accepts(init, "hedge_after_ms"):
-            # The foundation build refuses several replicas (issue 3 adds routing).
+            # A build without replica routing refuses several replicas.
             self.notes.append("no replica routing in this build: feedline read replica 0 only")
             replicas = replicas[:1]
             if 0 not in self.chaos:
@@ -444,12 +443,13 @@ class TorchDataLoaderSystem(FsspecSystem):
         # The main process's ChaosFileSystems: their samplers draw every
         # replica's fault sequence for all workers (torch_loader.ChaosBroker).
         super().__init__(scenario, data, chaos, roots)
+        chaos_fs = chaos_module().ChaosFileSystem
         samplers = {
-            i: fs._sampler
+            i: fs.sampler
             for i, fs in enumerate(self.replica_fs)
-            if i in self.chaos and hasattr(fs, "_sampler")
+            if i in self.chaos and isinstance(fs, chaos_fs)
         }
-        self.loader = LoaderRun(scenario, data, self.chaos, self.roots, samplers)
+        self.loader = LoaderRun(scenario, data, self.chaos, self.roots, samplers, FsspecSystem)
         self.notes.append(
             f"DataLoader: {self.loader.workers} worker processes "
             f"({self.loader.start_method}), prefetch_factor {self.loader.prefetch_factor}; "

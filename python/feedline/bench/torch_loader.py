@@ -118,8 +118,14 @@ class RemoteSampler:
         delay_ms, kind, corrupt_at = reply
         return float(delay_ms), str(kind), corrupt_at
 
-    def counts(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int]:
         return {}  # counted by the broker's samplers in the main process
+
+
+# Builds a worker's reader: ``(scenario, data, chaos, roots) -> system``.
+# Passed in by the caller (the ``fsspec`` system class) so this module does
+# not import the systems module that imports it.
+ReaderFactory = Callable[[Scenario, Materialized, Mapping[int, Any], list[str]], Any]
 
 
 class WorkerReads(Dataset[ReadRecord]):
@@ -134,6 +140,7 @@ class WorkerReads(Dataset[ReadRecord]):
         roots: list[str],
         samples: list[Sample],
         broker_ends: list[Connection] | None,
+        make_reader: ReaderFactory,
     ) -> None:
         self.scenario = scenario
         self.data = data
@@ -141,6 +148,7 @@ class WorkerReads(Dataset[ReadRecord]):
         self.roots = roots
         self.samples = samples
         self.broker_ends = broker_ends
+        self.make_reader = make_reader
         self._reader: Any = None
         self._verify: Callable[[Sample, bytes], bool | None] | None = None
 
@@ -149,16 +157,16 @@ class WorkerReads(Dataset[ReadRecord]):
 
     def _setup(self) -> None:
         # In the worker: its own fsspec filesystems (never shared across a fork).
-        from feedline.bench.systems import FsspecSystem
         from feedline.bench.workload import manifest_verifier
+        from feedline.chaos import ChaosFileSystem
 
-        reader = FsspecSystem(self.scenario, self.data, self.chaos, self.roots)
+        reader = self.make_reader(self.scenario, self.data, self.chaos, self.roots)
         if self.broker_ends is not None:
             info = torch.utils.data.get_worker_info()
             conn = self.broker_ends[info.id if info is not None else 0]
             for index, fs in enumerate(reader.replica_fs):
-                if hasattr(fs, "_sampler") and index in self.chaos:
-                    fs._sampler = RemoteSampler(conn, index)
+                if isinstance(fs, ChaosFileSystem) and index in self.chaos:
+                    fs.sampler = RemoteSampler(conn, index)
         self._reader = reader
         self._verify = manifest_verifier(self.data)
 
@@ -257,6 +265,7 @@ class LoaderRun:
         chaos: Mapping[int, Any],
         roots: list[str],
         samplers: Mapping[int, Any],
+        make_reader: ReaderFactory,
     ) -> None:
         opts = scenario.torch_dataloader
         self.scenario = scenario
@@ -264,6 +273,7 @@ class LoaderRun:
         self.chaos = dict(chaos)
         self.roots = roots
         self.samplers = dict(samplers)
+        self.make_reader = make_reader
         self.workers = opts.workers
         self.prefetch_factor = opts.prefetch_factor_for(scenario.workload.prefetch_batches)
         self.start_method = opts.start_method or multiprocessing.get_start_method()
@@ -301,6 +311,7 @@ class LoaderRun:
             self.roots,
             samples,
             broker.worker_ends if broker is not None else None,
+            self.make_reader,
         )
         loader = DataLoader(
             dataset,

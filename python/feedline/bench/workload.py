@@ -51,8 +51,8 @@ def plan_batches(scenario: Scenario, data: Materialized) -> list[list[Sample]]:
     return [samples[i : i + b] for i in range(0, len(samples), b)]
 
 
-def compute_sampler(dist: Distribution | None, seed: int) -> Callable[[], float]:
-    """Seconds of emulated compute per step (DLIO's computation_time)."""
+def compute_draw(dist: Distribution | None, seed: int) -> Callable[[], float]:
+    """Draws the seconds of emulated compute of each step (DLIO's computation_time)."""
     rng = random.Random(seed)
     if dist is None:
         return lambda: 0.0

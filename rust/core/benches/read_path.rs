@@ -1,4 +1,4 @@
-//! P2's per-read cost: one 4 KiB `pread` from a page-cached file through
+//! The per-read cost of small random reads: one 4 KiB `pread` from a page-cached file through
 //! the bare `LocalStore`, through the replica router (one replica, as
 //! `feedline.FileSystem()` builds it) one read at a time, and through the
 //! router with a per-thread tally (what `cat_ranges` uses). The difference
@@ -25,7 +25,8 @@ const FILE_BYTES: usize = 64 << 20;
 const READ_BYTES: usize = 4096;
 
 fn offsets() -> Vec<u64> {
-    // A fixed pseudo-random walk over the file, page-aligned like P2's.
+    // A fixed pseudo-random walk over the file, page-aligned like the Python
+    // small-random-read bench's.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     (0..4096)
         .map(|_| {

@@ -1,4 +1,4 @@
-//! P7: slot hand-off through the ring against `crossbeam_queue::ArrayQueue`
+//! Slot hand-off through the ring against `crossbeam_queue::ArrayQueue`
 //! and `rtrb`, moving the same number of 8-byte items with the same capacity.
 //!
 //! * `hand_off_spsc`: one producer thread, one consumer thread.

@@ -1,4 +1,4 @@
-//! P8: replica lookup speed. Weighted rendezvous hashing over 16 replicas:
+//! Replica lookup speed. Weighted rendezvous hashing over 16 replicas:
 //! the primary alone and the full preference list, equal and unequal
 //! weights. Goal: ≤ 100 ns per lookup. The Python comparison with
 //! `uhashring` is in `benches/test_route_bench.py`.

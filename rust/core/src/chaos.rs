@@ -269,7 +269,7 @@ impl SplitMix64 {
 
 /// Counts of what was injected, for stats and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ChaosCounts {
+pub struct ChaosStats {
     pub requests: u64,
     pub spikes: u64,
     pub errors: u64,
@@ -446,9 +446,9 @@ impl ChaosSampler {
         (*free_at - now) * 1000.0
     }
 
-    pub fn counts(&self) -> ChaosCounts {
+    pub fn stats(&self) -> ChaosStats {
         let c = &self.counters;
-        ChaosCounts {
+        ChaosStats {
             requests: self.next_request.load(Ordering::Relaxed),
             spikes: c.spikes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
@@ -493,8 +493,8 @@ impl ChaosStore {
         self.sampler.spec()
     }
 
-    pub fn counts(&self) -> ChaosCounts {
-        self.sampler.counts()
+    pub fn stats(&self) -> ChaosStats {
+        self.sampler.stats()
     }
 
     pub fn inner(&self) -> &Arc<dyn Store> {
@@ -769,7 +769,7 @@ mod tests {
         for _ in 0..n {
             s.next(100);
         }
-        let c = s.counts();
+        let c = s.stats();
         let near = |got: u64, p: f64| {
             let want = p * n as f64;
             // Five binomial standard deviations.
@@ -834,7 +834,7 @@ mod tests {
         assert!(err.is_retryable());
         assert!(err.to_string().contains("injected outage"), "{err}");
         assert!(store.size_blocking("obj").unwrap().is_err());
-        assert_eq!(store.counts().outage_rejections, 2);
+        assert_eq!(store.stats().outage_rejections, 2);
         while store.sampler.elapsed_s() < 1.35 {
             std::thread::sleep(Duration::from_millis(5));
             assert!(t0.elapsed() < Duration::from_secs(5));
@@ -844,7 +844,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(store.size_blocking("obj").unwrap().unwrap(), 6);
-        assert_eq!(store.counts().outage_rejections, 2);
+        assert_eq!(store.stats().outage_rejections, 2);
 
         let store = ChaosStore::new(local, spec(r#"{"fail_after_requests": 2}"#).unwrap()).unwrap();
         for i in 0..5 {
@@ -852,11 +852,11 @@ mod tests {
             assert_eq!(r.is_ok(), i < 2, "request {i}: {r:?}");
         }
         assert!(store.size_blocking("obj").unwrap().is_err());
-        assert_eq!(store.counts().outage_rejections, 4);
+        assert_eq!(store.stats().outage_rejections, 4);
     }
 
     #[test]
-    fn corruption_flips_bytes_and_counts() {
+    fn corruption_flips_bytes_and_is_counted() {
         let data: Vec<u8> = (0..=255).collect();
         let (_d, local) = local_with(&data);
         let store = ChaosStore::new(local, spec(r#"{"corrupt_rate": 1}"#).unwrap()).unwrap();
@@ -868,7 +868,7 @@ mod tests {
         let diff: Vec<usize> = (0..256).filter(|&i| buf[i] != data[i]).collect();
         assert_eq!(diff.len(), 1);
         assert_eq!(buf[diff[0]], data[diff[0]] ^ 0xFF);
-        assert_eq!(store.counts().corruptions, 1);
+        assert_eq!(store.stats().corruptions, 1);
     }
 
     #[test]
@@ -898,7 +898,7 @@ mod tests {
                 _ => assert_eq!(&buf, b"2345"),
             }
         }
-        let c = store.counts();
+        let c = store.stats();
         assert!(c.spikes > 5 && c.errors > 2, "{c:?}");
     }
 
@@ -916,7 +916,7 @@ mod tests {
             .await
         });
         assert!(r.is_err(), "a stalled read completed");
-        assert_eq!(store.counts().stalls, 1);
+        assert_eq!(store.stats().stalls, 1);
     }
 
     #[test]

@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::chaos::{ChaosCounts, ChaosSpec, ChaosStore};
+use crate::chaos::{ChaosSpec, ChaosStats, ChaosStore};
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, ManifestSource, VerifyCounts, VerifyingStore};
+use crate::manifest::{Manifest, ManifestSource, VerifyStats, VerifyingStore};
 use crate::store::Store;
 
 /// What was injected into and verified on one replica.
@@ -17,8 +17,8 @@ use crate::store::Store;
 pub struct ReplicaFaultStats {
     pub index: usize,
     pub replica: String,
-    pub chaos: Option<ChaosCounts>,
-    pub verify: Option<VerifyCounts>,
+    pub chaos: Option<ChaosStats>,
+    pub verify: Option<VerifyStats>,
 }
 
 #[derive(Debug)]
@@ -47,8 +47,8 @@ impl ReplicaLayers {
             .map(|l| ReplicaFaultStats {
                 index: l.index,
                 replica: l.replica.clone(),
-                chaos: l.chaos.as_ref().map(|c| c.counts()),
-                verify: l.verify.as_ref().map(|v| v.counts()),
+                chaos: l.chaos.as_ref().map(|c| c.stats()),
+                verify: l.verify.as_ref().map(|v| v.stats()),
             })
             .collect()
     }

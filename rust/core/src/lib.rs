@@ -15,9 +15,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod plan;
 pub mod prefetch;
-// The fault proxy needs tokio's sockets, which tokio leaves out under loom.
-#[cfg(not(loom))]
-pub mod proxy;
 pub mod reader;
 pub mod ring;
 pub mod route;

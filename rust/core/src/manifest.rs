@@ -185,7 +185,7 @@ impl Manifest {
         let next = AtomicUsize::new(0);
         let results: Mutex<Vec<(String, ObjectSums)>> = Mutex::new(Vec::with_capacity(files.len()));
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
-        let workers = crate::storage::threads_for(files.len(), 1);
+        let workers = runtime::threads_for(files.len(), 1);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| loop {
@@ -396,7 +396,7 @@ fn sum_file(path: &Path, key: &str, block_bytes: u64) -> Result<ObjectSums> {
 
 /// Counts of verification work, for stats and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VerifyCounts {
+pub struct VerifyStats {
     pub verified_bytes: u64,
     pub mismatches: u64,
 }
@@ -430,8 +430,8 @@ impl VerifyingStore {
         }
     }
 
-    pub fn counts(&self) -> VerifyCounts {
-        VerifyCounts {
+    pub fn stats(&self) -> VerifyStats {
+        VerifyStats {
             verified_bytes: self.verified_bytes.load(Ordering::Relaxed),
             mismatches: self.mismatches.load(Ordering::Relaxed),
         }
@@ -707,7 +707,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(buf, bytes[..8192]);
-        assert_eq!(store.counts().verified_bytes, 8192);
+        assert_eq!(store.stats().verified_bytes, 8192);
         // Unaligned, crossing a block: two whole blocks checked.
         let mut buf = vec![0u8; 100];
         store
@@ -715,7 +715,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(buf, bytes[4050..4150]);
-        assert_eq!(store.counts().verified_bytes, 8192 * 2);
+        assert_eq!(store.stats().verified_bytes, 8192 * 2);
         // The short last block, async path.
         let mut buf = vec![0u8; 10_000 - 8192];
         runtime::block_on(store.read_into("sub/a.bin", 8192, &mut buf)).unwrap();
@@ -735,7 +735,7 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(err.to_string().contains("not in the manifest"), "{err}");
-        assert_eq!(store.counts().mismatches, 0);
+        assert_eq!(store.stats().mismatches, 0);
     }
 
     #[test]
@@ -755,8 +755,8 @@ mod tests {
             assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
             assert!(err.is_retryable());
         }
-        assert_eq!(store.counts().mismatches, 4);
-        assert_eq!(corrupting.counts().corruptions, 4);
+        assert_eq!(store.stats().mismatches, 4);
+        assert_eq!(corrupting.stats().corruptions, 4);
         // A file changed on disk after the manifest was written, too.
         std::fs::write(dir.path().join("sub/a.bin"), data(10_001)).unwrap();
         let fresh = VerifyingStore::new(

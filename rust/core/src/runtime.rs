@@ -61,3 +61,12 @@ pub fn handle() -> Handle {
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
     runtime().block_on(future)
 }
+
+/// Threads worth using for `n` requests: the cores, but no more than the
+/// work can keep busy.
+pub fn threads_for(n: usize, min_per_thread: usize) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    cores.min(n / min_per_thread.max(1)).max(1)
+}

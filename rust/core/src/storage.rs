@@ -424,7 +424,7 @@ impl Storage {
                 buf: b,
             })
             .collect();
-        let threads = threads_for(requests.len(), 1);
+        let threads = runtime::threads_for(requests.len(), 1);
         self.read_many(&mut requests, threads).into_iter().collect()
     }
 
@@ -626,18 +626,9 @@ async fn read_group(store: &dyn Store, mut group: Group<'_, '_>) -> Vec<(usize, 
     }
 }
 
-/// Threads worth using for `n` requests: the cores, but no more than the
-/// work can keep busy.
-pub fn threads_for(n: usize, min_per_thread: usize) -> usize {
-    let cores = std::thread::available_parallelism()
-        .map(|c| c.get())
-        .unwrap_or(1);
-    cores.min(n / min_per_thread.max(1)).max(1)
-}
-
 /// Threads for `read_many` of `n` small ranges.
 pub fn threads_for_ranges(n: usize) -> usize {
-    threads_for(n, MIN_RANGES_PER_THREAD)
+    runtime::threads_for(n, MIN_RANGES_PER_THREAD)
 }
 
 #[cfg(test)]

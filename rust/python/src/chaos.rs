@@ -35,8 +35,8 @@ impl PyChaosSampler {
     }
 
     /// How many of each fault were injected so far.
-    fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        crate::manifest::chaos_counts_dict(py, &self.inner.counts())
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        crate::manifest::chaos_stats_dict(py, &self.inner.stats())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use feedline_core::chaos::ChaosCounts;
+use feedline_core::chaos::ChaosStats;
 use feedline_core::layers::ReplicaFaultStats;
 use feedline_core::manifest::Manifest;
 use pyo3::prelude::*;
@@ -26,7 +26,7 @@ fn write_manifest(
         .py()
 }
 
-pub fn chaos_counts_dict<'py>(py: Python<'py>, c: &ChaosCounts) -> PyResult<Bound<'py, PyDict>> {
+pub fn chaos_stats_dict<'py>(py: Python<'py>, c: &ChaosStats) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("requests", c.requests)?;
     d.set_item("spikes", c.spikes)?;
@@ -45,7 +45,7 @@ pub fn fault_stats_dict<'py>(
     d.set_item("index", s.index)?;
     d.set_item("replica", &s.replica)?;
     match &s.chaos {
-        Some(c) => d.set_item("injected", chaos_counts_dict(py, c)?)?,
+        Some(c) => d.set_item("injected", chaos_stats_dict(py, c)?)?,
         None => d.set_item("injected", py.None())?,
     }
     match &s.verify {

@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use feedline_core::proxy::{FaultProxy, ProxyConfig, Toxic};
+use feedline_proxy::{FaultProxy, ProxyConfig, Toxic};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt};

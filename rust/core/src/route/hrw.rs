@@ -21,9 +21,11 @@ use crate::error::{Error, Result};
 /// (no allocation per lookup) up to this size.
 pub const MAX_REPLICAS: usize = 64;
 
-const P0: u64 = 0xa076_1d64_78bd_642f;
-const P1: u64 = 0xe703_7ed1_a0b4_28db;
-const P2: u64 = 0x8ebc_6af0_9c88_c6e3;
+/// wyhash's secret: odd 64-bit constants with balanced bits, mixed into
+/// every block so that short and structured keys still spread.
+const PRIME0: u64 = 0xa076_1d64_78bd_642f;
+const PRIME1: u64 = 0xe703_7ed1_a0b4_28db;
+const PRIME2: u64 = 0x8ebc_6af0_9c88_c6e3;
 
 /// wyhash's folded 128-bit multiply: the mixing step of a fast, well
 /// distributed non-cryptographic hash.
@@ -42,27 +44,27 @@ fn read_u64(b: &[u8]) -> u64 {
 /// 128-bit multiplies). Stable across runs and platforms, so placement is
 /// reproducible.
 pub fn hash64(bytes: &[u8], seed: u64) -> u64 {
-    let mut h = seed ^ P0 ^ (bytes.len() as u64).wrapping_mul(P1);
+    let mut h = seed ^ PRIME0 ^ (bytes.len() as u64).wrapping_mul(PRIME1);
     let mut chunks = bytes.chunks_exact(16);
     for c in &mut chunks {
-        h = mum(read_u64(c) ^ P1 ^ h, read_u64(&c[8..]) ^ P2);
+        h = mum(read_u64(c) ^ PRIME1 ^ h, read_u64(&c[8..]) ^ PRIME2);
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
         let mut tail = [0u8; 16];
         tail[..rest.len()].copy_from_slice(rest);
         h = mum(
-            read_u64(&tail) ^ P1 ^ h,
-            read_u64(&tail[8..]) ^ P2 ^ rest.len() as u64,
+            read_u64(&tail) ^ PRIME1 ^ h,
+            read_u64(&tail[8..]) ^ PRIME2 ^ rest.len() as u64,
         );
     }
-    mum(h ^ P0, h ^ P1)
+    mum(h ^ PRIME0, h ^ PRIME1)
 }
 
 /// Mixes a key hash with a replica seed into the per-(key, replica) draw.
 #[inline(always)]
 fn draw(key_hash: u64, seed: u64) -> u64 {
-    mum(key_hash ^ seed, seed ^ P2) ^ key_hash
+    mum(key_hash ^ seed, seed ^ PRIME2) ^ key_hash
 }
 
 /// The top 53 bits as a float strictly inside (0, 1).
@@ -188,7 +190,7 @@ impl Rendezvous {
         Ok(Rendezvous {
             seeds: names
                 .iter()
-                .map(|n| hash64(n.as_ref().as_bytes(), P2))
+                .map(|n| hash64(n.as_ref().as_bytes(), PRIME2))
                 .collect(),
             inverse_weights: weights.iter().map(|w| 1.0 / w).collect(),
             weights,

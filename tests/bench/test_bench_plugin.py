@@ -15,7 +15,7 @@ import pytest
 USER_TEST = """
 def test_user_code(benchmark, feedline_replicas, feedline_latency):
     replicas = feedline_replicas(n=2, objects=8, size_bytes=4096)
-    assert len(replicas.dirs) == 2 and len(replicas.keys) == 8
+    assert len(replicas.roots) == 2 and len(replicas.keys) == 8
     fs = replicas.fsspec(1)
 
     def read_all():

@@ -1,4 +1,6 @@
-"""Foundation benchmarks P1, P2, P3 and P7 (Python side). Every group
+"""Local read benchmarks (ids P1, P2, P3 and P7 in docs/benchmarks.md): one
+large file, small random reads, many small files, and the zero-copy hand-off
+of a slot (Python side). Every group
 measures feedline and its baselines in the same run, on the same page-cached
 data; `report.py` (and the terminal summary) turns medians into ratios."""
 

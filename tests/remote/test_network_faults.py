@@ -1,4 +1,4 @@
-"""Acceptance under real network faults (issue 4): feedline reading from 3
+"""Acceptance under real network faults: feedline reading from 3
 nginx replicas in network namespaces while one loses packets or freezes.
 Every byte is checked against a CRC32 manifest. Root only."""
 
@@ -50,7 +50,7 @@ def rig(manifest: tuple[Path, dict[str, int]]) -> Iterator[netns.NetnsRig]:
 
 def filesystem(urls: list[str]) -> Any:
     """feedline over HTTP replicas; skips (locally) when this build lacks
-    the HTTP backend or routing, which other parts of issue 3/4 bring."""
+    the HTTP backend or replica routing."""
     try:
         fs = feedline.FileSystem(replicas=urls, **ROUTING)
     except (TypeError, ValueError) as e:

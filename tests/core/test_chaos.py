@@ -131,7 +131,7 @@ def test_latency_and_spikes_show_in_read_times_and_counters(replica: Path) -> No
         (spiked if delay_ms > 40 else plain).append(took_ms)
     counts = injected(fs)
     assert counts["requests"] == 40
-    assert counts["spikes"] == len(spiked) == expected.counts()["spikes"]
+    assert counts["spikes"] == len(spiked) == expected.stats()["spikes"]
     assert 0 < len(spiked) < 40
     assert statistics.median(spiked) > statistics.median(plain)
 
@@ -214,7 +214,7 @@ def test_chaos_filesystem_matches_feedline_fault_sequence(replica: Path) -> None
     # The Rust store wrapper draws the same fate for the same request.
     fs = fs_with(replica, spec)
     assert a == outcomes(fs.cat_file)
-    assert baseline_a.fault_counts() == injected(fs)
+    assert baseline_a.fault_stats() == injected(fs)
 
 
 def test_chaos_filesystem_open_latency_stall_and_outage(replica: Path) -> None:
@@ -225,7 +225,7 @@ def test_chaos_filesystem_open_latency_stall_and_outage(replica: Path) -> None:
     with slow.open(path, "rb", block_size=1024) as f:
         assert f.read() == (replica / "obj").read_bytes()
     assert time.perf_counter() - t0 >= 0.005
-    assert slow.fault_counts()["requests"] >= 1
+    assert slow.fault_stats()["requests"] >= 1
     stalled = ChaosFileSystem(local, Chaos(stall_rate=1.0), stall_s=0.01)
     with pytest.raises(TimeoutError, match="stall"):
         stalled.cat_file(path)

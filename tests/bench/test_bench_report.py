@@ -174,7 +174,7 @@ def test_repeat_reports_mean_stdev_and_spread() -> None:
 
 
 def test_open_loop_reports_both_latencies(tmp_path: Path) -> None:
-    # torch-dataloader runs a closed loop only (tests/test_bench_torch.py).
+    # torch-dataloader runs a closed loop only (tests/bench/test_bench_torch.py).
     text = SMALL.replace(', "torch-dataloader"', "").replace(
         "[sla]", '[load]\nmode = "open"\nrate_per_s = 400\n[sla]'
     )
@@ -226,7 +226,7 @@ def test_root_scenario_without_root_is_a_clear_cli_error(
     import os
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # simulate a non-root user
-    lossy = Path(__file__).resolve().parents[1] / "benches" / "scenarios" / "lossy_network.toml"
+    lossy = Path(__file__).resolve().parents[2] / "benches" / "scenarios" / "lossy_network.toml"
     assert main(["bench", str(lossy), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "needs root" in err and "netns" in err

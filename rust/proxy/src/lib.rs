@@ -31,8 +31,8 @@ use tokio::time::{sleep_until, Instant};
 use toxics::{connection_seed, SplitMix64};
 pub use toxics::{Direction, Toxic, ToxicKind, KINDS};
 
-use crate::error::{Error, Result};
-use crate::runtime;
+use feedline_core::error::{Error, Result};
+use feedline_core::runtime;
 
 /// Bytes read per chunk; the grain at which per-chunk toxics act.
 const CHUNK_BYTES: usize = 64 * 1024;

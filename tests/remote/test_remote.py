@@ -4,19 +4,23 @@ files on disk; bad input mapped to clear Python errors."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
 import pickle
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import feedline
 import fsspec
 import pytest
+from feedline import _fsspec
 from feedline.testing import NginxReplicas
+from fsspec.implementations.local import LocalFileSystem
 
 pytestmark = pytest.mark.nginx
 
@@ -232,6 +236,30 @@ def test_fsspec_fallback_memory_and_instances(tmp_path: Path, dataset: dict[str,
         assert sorted(feedline.FileSystem([f"memory://{root}"]).ls("", detail=False)) == top
     finally:
         mem.rm(root, recursive=True)
+
+
+def test_handed_over_filesystem_is_released_with_its_filesystem(tmp_path: Path) -> None:
+    """A filesystem object given as a replica is registered (as an
+    ``fsspec-instance://N/`` root) only as long as the FileSystem that uses
+    it: dropping that FileSystem, or a constructor that rejects its
+    arguments, leaves the registry as it was and frees the object."""
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    before = _fsspec.registered_count()
+    inner = LocalFileSystem(skip_instance_cache=True)
+    inner_alive = weakref.ref(inner)
+    fs = feedline.FileSystem([(inner, str(tmp_path))])
+    assert fs.cat_file("a.bin") == b"abc"
+    assert _fsspec.registered_count() == before + 1
+    del fs, inner
+    gc.collect()
+    assert _fsspec.registered_count() == before
+    assert inner_alive() is None
+
+    rejected = LocalFileSystem(skip_instance_cache=True)
+    with pytest.raises(ValueError, match="weights"):
+        feedline.FileSystem([(rejected, str(tmp_path))], weights=[1.0, 2.0])
+    gc.collect()
+    assert _fsspec.registered_count() == before
 
 
 def test_ls_on_http_replica_says_why_not(one: NginxReplicas) -> None:

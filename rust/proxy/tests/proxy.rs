@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use feedline_core::proxy::{FaultProxy, ProxyConfig, Toxic};
+use feedline_proxy::{FaultProxy, ProxyConfig, Toxic};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 

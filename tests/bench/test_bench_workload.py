@@ -15,7 +15,7 @@ from feedline.bench.metrics import Recorder, StepTiming, accelerator_utilization
 from feedline.bench.systems import FsspecSystem, fault_plan
 from feedline.bench.workload import (
     RunLimits,
-    compute_sampler,
+    compute_draw,
     manifest_verifier,
     plan_batches,
     run_closed,
@@ -69,8 +69,8 @@ def test_compute_distributions_are_seeded_and_non_negative() -> None:
         '{ distribution = "uniform", low_ms = 1, high_ms = 2 }',
     ):
         dist = sc.loads(f"[workload]\ncompute = {text}\n").workload.compute
-        a = [compute_sampler(dist, 3)() for _ in range(50)]
-        b = [compute_sampler(dist, 3)() for _ in range(50)]
+        a = [compute_draw(dist, 3)() for _ in range(50)]
+        b = [compute_draw(dist, 3)() for _ in range(50)]
         assert a == b
         assert all(x >= 0 for x in a)
 
@@ -98,7 +98,7 @@ def test_closed_loop_verifies_every_byte(tiny: tuple[sc.Scenario, Materialized])
         plan_batches(scenario, data),
         readers=2,
         prefetch_batches=2,
-        compute=compute_sampler(scenario.workload.compute, 0),
+        compute=compute_draw(scenario.workload.compute, 0),
         rec=rec,
         verify=manifest_verifier(data),
     )

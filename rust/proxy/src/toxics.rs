@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use feedline_core::error::{Error, Result};
 
 /// Which way the data flows through the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

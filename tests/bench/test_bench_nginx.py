@@ -1,5 +1,5 @@
 """The harness on real nginx replicas: a timed kill of a real process, and
-every system's bytes verified. Skips where nginx or issue 4's
+every system's bytes verified. Skips where nginx or
 ``feedline.testing.NginxReplicas`` is missing."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import feedline
 import pytest
 from feedline import _core
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def documented(heading: str) -> dict[str, str]:
