@@ -97,6 +97,10 @@ impl<'de> Deserialize<'de> for HedgeAfterMs {
     }
 }
 
+/// The default `hedge_after_ms`: hedge reads that wait on the network at
+/// the replicas' own p95 ([`DEFAULT_HEDGE_AFTER`]); `None` turns hedging off.
+pub const HEDGE_AUTO: &str = "auto";
+
 const HEDGE_EXPECTED: &str = "a number of milliseconds above 0 or a percentile like 'p95'";
 
 /// When to send a hedge.
@@ -200,7 +204,7 @@ impl Default for RoutingOptions {
             weights: None,
             policy: "affinity".into(),
             load_factor: None,
-            hedge_after_ms: None,
+            hedge_after_ms: Some(HedgeAfterMs::Adaptive(HEDGE_AUTO.into())),
             timeout_ms: None,
             deadline_ms: DEFAULT_DEADLINE_MS,
             eject_after_failures: DEFAULT_EJECT_AFTER_FAILURES,
@@ -221,7 +225,12 @@ pub struct RouterConfig {
     pub policy: Policy,
     /// Bounded-load factor (> 1); `None` turns bounded load off.
     pub load_factor: Option<f64>,
+    /// The hedge delay given by the user; `None`: see `hedge_auto`.
     pub hedge_after: Option<HedgeAfter>,
+    /// `hedge_after_ms="auto"` (the default): reads that wait on the
+    /// network are hedged at [`DEFAULT_HEDGE_AFTER`]. False with `None`:
+    /// no hedging at all.
+    pub hedge_auto: bool,
     /// Limit on one attempt; `None`: only the deadline applies.
     pub timeout: Option<Duration>,
     /// Limit on a whole read, retries and hedges included.
@@ -263,11 +272,12 @@ impl RouterConfig {
                 "weights must be finite numbers above 0, got {w}"
             )));
         }
-        let hedge_after = o
-            .hedge_after_ms
-            .as_ref()
-            .map(HedgeAfter::parse)
-            .transpose()?;
+        let hedge_auto =
+            matches!(&o.hedge_after_ms, Some(HedgeAfterMs::Adaptive(s)) if s == HEDGE_AUTO);
+        let hedge_after = match &o.hedge_after_ms {
+            Some(h) if !hedge_auto => Some(HedgeAfter::parse(h)?),
+            _ => None,
+        };
         let timeout = o
             .timeout_ms
             .map(|ms| positive_ms("timeout_ms", ms))
@@ -296,6 +306,7 @@ impl RouterConfig {
             policy,
             load_factor,
             hedge_after,
+            hedge_auto,
             timeout,
             deadline,
             eject_after_failures: o.eject_after_failures,

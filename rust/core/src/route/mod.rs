@@ -435,11 +435,12 @@ impl Router {
     }
 
     /// How long the attempt on `r` runs before a hedge is sent; `None`:
-    /// no hedge. Without `hedge_after_ms` the router hedges at the
-    /// replicas' p95 (see [`config::DEFAULT_HEDGE_AFTER`]); a percentile
+    /// no hedge. With `hedge_after_ms="auto"` (the default) the router
+    /// hedges at the replicas' p95 (see [`config::DEFAULT_HEDGE_AFTER`]); a percentile
     /// with too few samples yet waits [`config::HEDGE_FALLBACK_MS`].
     fn hedge_delay(&self, r: usize) -> Option<Duration> {
-        if self.replicas.len() < 2 && self.config.hedge_after.is_none() {
+        if self.config.hedge_after.is_none() && (self.replicas.len() < 2 || !self.config.hedge_auto)
+        {
             // Nobody else to hedge to, and no hedging within the replica
             // asked for: no timer per read.
             return None;
