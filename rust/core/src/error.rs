@@ -66,6 +66,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The store cannot do this at all (listing over plain HTTP, writing to
+    /// a read-only replica); no other replica of the same kind could either.
+    #[error("{0}")]
+    Unsupported(String),
     /// A remote store failed in a way that has no better mapping.
     #[error("{0}")]
     Remote(String),
@@ -104,7 +108,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            Error::InvalidArgument(_) | Error::Cancelled(_) | Error::Closed(_)
+            Error::InvalidArgument(_)
+                | Error::Unsupported(_)
+                | Error::Cancelled(_)
+                | Error::Closed(_)
         )
     }
 }

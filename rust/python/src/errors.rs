@@ -2,8 +2,8 @@
 
 use feedline_core::Error;
 use pyo3::exceptions::{
-    PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError, PyTimeoutError,
-    PyValueError,
+    PyFileNotFoundError, PyIsADirectoryError, PyNotImplementedError, PyOSError, PyPermissionError,
+    PyTimeoutError, PyValueError,
 };
 use pyo3::prelude::*;
 
@@ -37,6 +37,7 @@ pub fn to_py(err: Error) -> PyErr {
         Error::PermissionDenied { path } => PyPermissionError::new_err((EACCES, msg, path)),
         Error::IsADirectory { path } => PyIsADirectoryError::new_err((EISDIR, msg, path)),
         Error::InvalidArgument(_) | Error::Closed(_) => PyValueError::new_err(msg),
+        Error::Unsupported(_) => PyNotImplementedError::new_err(msg),
         Error::ShortRead { .. } => ShortReadError::new_err(msg),
         Error::ChecksumMismatch { .. } => ChecksumMismatch::new_err(msg),
         Error::Timeout { .. } => PyTimeoutError::new_err(msg),

@@ -9,6 +9,7 @@ mod checksum;
 mod errors;
 mod fsspec_store;
 mod manifest;
+mod metadata;
 mod metrics;
 mod proxy;
 mod reader;
@@ -29,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     route::register(m)?;
     chaos::register(m)?;
     manifest::register(m)?;
+    metadata::register(m)?;
     fsspec_store::register(m)?;
     Ok(())
 }

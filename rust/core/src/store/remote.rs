@@ -34,7 +34,7 @@ pub use super::secrets::{
     collect_secrets, display_url, is_native_scheme, is_secret_key, options_json, redact_error,
     redacted_options, Secrets, StorageOptions,
 };
-use super::{BoxFuture, ListedObject, Listing, Store};
+use super::{BoxFuture, Listing, ObjectMeta, Store};
 use crate::error::{Error, Result};
 
 /// Default per-request timeout. Long enough for a 1 GiB range on a slow link;
@@ -300,7 +300,18 @@ impl RemoteStore {
         Ok(())
     }
 
+    /// Whether this is a plain HTTP(S) server: no listing, no directories.
+    fn is_http(&self) -> bool {
+        matches!(self.spec.url.scheme(), "http" | "https")
+    }
+
     async fn list_prefix(&self, prefix: &str) -> Result<Listing> {
+        if self.is_http() {
+            return Err(Error::Unsupported(format!(
+                "replica {:?} cannot list its objects (HTTP has no listing API); pass the object names (a manifest) instead",
+                self.name
+            )));
+        }
         let prefix = prefix.trim_matches('/');
         let full = match (self.prefix.is_empty(), prefix.is_empty()) {
             (true, _) => prefix.to_owned(),
@@ -326,11 +337,7 @@ impl RemoteStore {
             objects: found
                 .objects
                 .iter()
-                .map(|meta| ListedObject {
-                    key: self.relative(&meta.location),
-                    size: meta.size,
-                    modified_unix_s: meta.last_modified.timestamp(),
-                })
+                .map(|meta| self.object_meta(meta))
                 .collect(),
             prefixes: found
                 .common_prefixes
@@ -355,6 +362,43 @@ impl RemoteStore {
             .to_owned()
     }
 
+    fn object_meta(&self, meta: &object_store::ObjectMeta) -> ObjectMeta {
+        let modified = meta.last_modified.timestamp_nanos_opt();
+        ObjectMeta {
+            modified_unix_ns: modified,
+            // Objects are written whole: the last write created this one.
+            created_unix_ns: modified,
+            version: meta.e_tag.clone().or_else(|| meta.version.clone()),
+            ..ObjectMeta::file(&self.relative(&meta.location), meta.size)
+        }
+    }
+
+    /// An object's metadata (one HEAD); a key that is no object but has
+    /// objects under it is a directory, as object stores have none.
+    async fn head_info(&self, key: &str) -> Result<ObjectMeta> {
+        let key = key.trim_matches('/');
+        if key.is_empty() {
+            return Ok(ObjectMeta::directory(""));
+        }
+        let client = self.client()?;
+        match client.head(&self.path(key)?).await {
+            Ok(meta) => Ok(ObjectMeta {
+                key: key.to_owned(),
+                ..self.object_meta(&meta)
+            }),
+            Err(e) => match self.error(key, e) {
+                Error::NotFound { .. } if !self.is_http() => {
+                    let under = self.list_prefix(key).await?;
+                    match under.objects.is_empty() && under.prefixes.is_empty() {
+                        true => Err(Error::NotFound { path: key.into() }),
+                        false => Ok(ObjectMeta::directory(key)),
+                    }
+                }
+                other => Err(other),
+            },
+        }
+    }
+
     async fn head_size(&self, key: &str) -> Result<u64> {
         let path = self.path(key)?;
         let client = self.client()?;
@@ -374,6 +418,10 @@ impl Store for RemoteStore {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
         Box::pin(self.list_prefix(prefix))
+    }
+
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(self.head_info(key))
     }
 
     fn read_into<'a>(
