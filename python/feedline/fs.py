@@ -13,6 +13,7 @@ import shutil
 import sys
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
+from glob import has_magic
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
@@ -256,7 +257,9 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
         if concurrency is not None:
             config["concurrency"] = _positive_int("concurrency", concurrency)
         self._storage = _core.Storage(json.dumps(config))
-        self._local = LocalFileSystem()
+        # Writes create parent directories, as writing a key does on an
+        # object store and as `fsspec.open(..., "wb")` does.
+        self._local = LocalFileSystem(auto_mkdir=True)
 
     def fault_stats(self) -> list[dict[str, Any]]:
         """Per replica: ``injected`` fault counts (``None`` without chaos),
@@ -371,6 +374,46 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
         entries.sort(key=lambda e: str(e["name"]))
         return entries if detail else [e["name"] for e in entries]
 
+    def find(
+        self,
+        path: str,
+        maxdepth: int | None = None,
+        withdirs: bool = False,
+        detail: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        found = super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
+        if not self.replicas:
+            return found
+        # fsspec names the starting directory as the caller spelled it
+        # ("/sub"); every other name is a key ("sub/f.bin").
+        if detail:
+            return {k.lstrip("/"): {**v, "name": k.lstrip("/")} for k, v in found.items()}
+        return [name.lstrip("/") for name in found]
+
+    def get(self, rpath: Any, lpath: Any, recursive: bool = False, **kwargs: Any) -> None:
+        if self._top_level_dir(rpath, recursive) and os.path.isdir(lpath):
+            lpath = os.path.join(lpath, self._key(rpath))
+        super().get(rpath, lpath, recursive, **kwargs)
+
+    def copy(self, path1: Any, path2: Any, recursive: bool = False, **kwargs: Any) -> None:
+        if self._top_level_dir(path1, recursive) and isinstance(path2, str) and self.isdir(path2):
+            path2 = posixpath.join(path2, self._key(path1))
+        super().copy(path1, path2, recursive, **kwargs)
+
+    def _top_level_dir(self, source: Any, recursive: bool) -> bool:
+        """Whether ``source`` names a top-level replica directory ("sub")
+        copied recursively. fsspec keeps the part of the source after its
+        last "/" when the destination exists, and a top-level key has none:
+        it would flatten ``sub`` into the destination. Naming the
+        destination ``dest/sub`` keeps it."""
+        if not (self.replicas and recursive and isinstance(source, str)):
+            return False
+        if source.endswith("/") or has_magic(source):
+            return False
+        key = self._key(source)
+        return bool(key) and "/" not in key and self.isdir(key)
+
     # -- writes (local replicas: to every one, through fsspec's local fs) ---
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
@@ -482,6 +525,8 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
         if mode in WRITE_MODES or mode.rstrip("b") in {"w", "a", "x"}:
             targets = self._write_paths(path)
             kwargs.pop("size", None)
+            for target in targets:
+                self._local.makedirs(self._local._parent(target), exist_ok=True)
             return _ReplicatedWrite(targets, mode, autocommit=autocommit, fs=self._local, **kwargs)
         raise ValueError(
             f"unsupported mode {mode!r}; feedline reads with 'rb' and writes through fsspec"
@@ -563,6 +608,14 @@ class _ReplicatedWrite(LocalFileOpener):  # type: ignore[misc]
     def commit(self) -> None:
         super().commit()
         self._replicate()
+
+    def __exit__(self, *exc_info: object) -> None:
+        # fsspec's local file closes its inner file on exit, not itself.
+        self._incontext = False
+        if exc_info[0] is None:
+            self.close()
+        else:
+            self.f.close()
 
     def _replicate(self) -> None:
         for target in self._copies:
