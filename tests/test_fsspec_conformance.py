@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import feedline
 import pytest
 from fsspec.tests.abstract import (
     AbstractCopyTests,
@@ -23,8 +24,6 @@ from fsspec.tests.abstract import (
     AbstractPipeTests,
     AbstractPutTests,
 )
-
-import feedline
 
 
 class Target:

@@ -82,8 +82,11 @@ def _unix_ns(value: Any) -> int | None:
     an ISO string; None when the value is none of those."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
-        return int(value * 1_000_000_000)
+    if isinstance(value, int):
+        return value * 1_000_000_000
+    if isinstance(value, float):
+        # A float of seconds holds about microseconds at today's epoch.
+        return round(value * 1_000_000) * 1000
     if isinstance(value, str):
         try:
             value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))

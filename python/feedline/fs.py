@@ -581,12 +581,15 @@ def _entry(meta: _core.ObjectMeta) -> dict[str, Any]:
     return entry
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 def _utc(unix_ns: int | None, what: str, path: str) -> datetime.datetime:
     if unix_ns is None:
         raise NotImplementedError(f"the replica of {path!r} does not report its {what} time")
-    seconds, ns = divmod(unix_ns, 1_000_000_000)
-    stamp = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
-    return stamp + datetime.timedelta(microseconds=ns // 1000)
+    # Integer arithmetic to the nearest microsecond (a float of seconds
+    # since the epoch has no nanoseconds left to round).
+    return _EPOCH + datetime.timedelta(microseconds=(unix_ns + 500) // 1000)
 
 
 class _ReplicatedWrite(LocalFileOpener):  # type: ignore[misc]
@@ -731,7 +734,20 @@ class FeedlineFile(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self._reader.close()
+            self.cache = None
         super().close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(io.RawIOBase.closed.__get__(self))
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        # fsspec's caching layers mark a file closed after closing it (as
+        # `AbstractBufferedFile.closed` allows); only closing is possible.
+        if not value:
+            raise ValueError(f"cannot reopen {self.path!r} by setting closed=False")
+        self.close()
 
     def _check_open(self) -> None:
         if self.closed:
