@@ -911,4 +911,18 @@ mod tests {
         assert!(matches!(err, Error::Remote(_)), "{err:?}");
         assert!(err.is_retryable());
     }
+
+    #[test]
+    fn http_says_it_cannot_list_and_its_root_is_a_directory() {
+        // Neither needs a request: nothing listens on port 1.
+        let store = RemoteStore::open("http://127.0.0.1:1/data", &StorageOptions::new()).unwrap();
+        let err = crate::runtime::block_on(store.list("sub")).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+        assert!(err.to_string().contains("HTTP has no listing API"), "{err}");
+        assert!(!err.is_retryable());
+        let root = crate::runtime::block_on(store.info("/")).unwrap();
+        assert_eq!(root, ObjectMeta::directory(""));
+        let err = crate::runtime::block_on(store.info("x")).unwrap_err();
+        assert!(matches!(err, Error::Remote(_)), "{err:?}");
+    }
 }
