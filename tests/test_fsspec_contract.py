@@ -230,6 +230,10 @@ def test_zarr_reads_through_chained_feedline_urls_and_never_writes_the_cwd(
     # zarr's default mode "a" on an existing group: opens it, writes nothing.
     opened = zarr.open(mapper)
     assert (opened["x"][:] == data).all()
+    # On a new path it creates the group there (writes go to local paths).
+    created = zarr.open_group(fsspec.get_mapper(f"feedline::{base}/new-v{fmt}.zarr"), mode="a")
+    created.attrs["made"] = fmt
+    assert zarr.open_group(str(base / f"new-v{fmt}.zarr"), mode="r").attrs["made"] == fmt
     assert list(cwd.iterdir()) == [], "zarr wrote into the current directory"
 
 
@@ -274,6 +278,25 @@ def test_blockcache_and_caching_filesystem_serve_repeat_reads_from_the_cache(
         assert f.readinto(buf) == 10 and bytes(buf) == data[5:15]
         assert f.read(50) == data[15:65]
     assert fs.stats()["reads"] == reads
+
+
+def test_a_cache_fetching_block_after_block_keeps_the_rust_read_ahead(tmp_path: Path) -> None:
+    # CachingFileSystem sends its misses to cat_ranges (parallel, in Rust);
+    # caches with one fetcher (fsspec's BlockCache, as AbstractBufferedFile
+    # uses it) call the file's `_fetch_range`, which reads through the same
+    # reader: block after block is sequential to it, so it reads ahead.
+    data = os.urandom(4 << 20)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    with feedline.FileSystem(chunk_bytes=256 << 10).open(str(path)) as f:
+        cache = fsspec.caching.BlockCache(f.blocksize, f._fetch_range, f.size, maxblocks=4)
+        assert cache._fetch(0, 1000) == data[:1000]
+        assert (
+            cache._fetch(f.blocksize, 2 * f.blocksize + 10)
+            == data[f.blocksize : 2 * f.blocksize + 10]
+        )
+        assert f._reader.reading_ahead
+        assert cache._fetch(3 << 20, 4 << 20) == data[3 << 20 :]
 
 
 # -- paths ---------------------------------------------------------------------
