@@ -13,12 +13,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # seconds while still covering every two-preemption schedule.
 LOOM_MAX_PREEMPTIONS ?= 2
 
-.PHONY: demo test build lint lint-rust lint-python stubtest format rust-test loom py-test bench system-deps clean
+.PHONY: demo test build lint lint-rust lint-python stubtest format rust-test loom py-test bench system-deps clean wheel wheel-smoke
 
 demo: build
 	$(BIN)/feedline bench
 
-test: build system-deps lint rust-test loom py-test
+test: build system-deps lint rust-test loom py-test wheel-smoke
 
 system-deps:
 	@if ! command -v nginx >/dev/null 2>&1 || ! command -v nft >/dev/null 2>&1; then \
@@ -74,6 +74,34 @@ stubtest: build
 format: $(DEPS_STAMP)
 	cargo fmt --all
 	$(BIN)/ruff format .
+
+# The wheel users install: abi3 (one wheel for CPython >= 3.11: the buffer
+# protocol that Chunk and readinto use is in the limited API from 3.11 on)
+# and manylinux2014 (glibc 2.17, the floor of Rust's std): zig links against
+# glibc 2.17's symbol versions, where the system linker would tie the wheel
+# to this machine's glibc (manylinux_2_34). Its own target dir, so the zig
+# build and `maturin develop` do not rebuild each other's C dependencies.
+WHEEL_DIR := target/wheels
+wheel: $(DEPS_STAMP)
+	rm -rf $(WHEEL_DIR)
+	CARGO_TARGET_DIR=target/wheel $(BIN)/maturin build --release --zig \
+	  --compatibility manylinux2014 -o $(WHEEL_DIR)
+
+# Installs the wheel alone (with only its declared dependencies) into a fresh
+# virtualenv and uses it from there: open / stream / cat_ranges over
+# replicas; `feedline bench --check` names the extra it needs, then runs
+# once the extra is installed. A packaging break fails `make test`.
+SMOKE_VENV := target/wheel-venv
+wheel-smoke: wheel
+	rm -rf $(SMOKE_VENV)
+	python3 -m venv $(SMOKE_VENV)
+	cd / && env -u VIRTUAL_ENV PYTHONNOUSERSITE=1 $(abspath $(SMOKE_VENV))/bin/pip install -q $(abspath $(wildcard $(WHEEL_DIR)/feedline-*.whl))
+	cd / && env -u VIRTUAL_ENV $(abspath $(SMOKE_VENV))/bin/python -I $(abspath tests/wheel_smoke.py)
+	cd / && out=$$(env -u VIRTUAL_ENV $(abspath $(SMOKE_VENV))/bin/feedline bench --check 2>&1); rc=$$?; \
+	  echo "$$out"; test $$rc = 2 && echo "$$out" | grep -qF "pip install 'feedline[bench]'" \
+	  && ! echo "$$out" | grep -q Traceback
+	cd / && env -u VIRTUAL_ENV $(abspath $(SMOKE_VENV))/bin/pip install -q "$$(ls $(abspath $(WHEEL_DIR))/feedline-*.whl)[bench]"
+	cd / && env -u VIRTUAL_ENV $(abspath $(SMOKE_VENV))/bin/feedline bench --check
 
 rust-test:
 	cargo test -p feedline-core -p feedline-proxy

@@ -6,6 +6,7 @@ stores; use them for protocols feedline does not speak natively."""
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import threading
@@ -82,3 +83,64 @@ def open_replica(root: str, options_json: str) -> tuple[AbstractFileSystem, str,
     fs = cls(**options)
     prefix = cls._strip_protocol(root).rstrip("/")
     return fs, prefix, f"fsspec:{root.rstrip('/')}"
+
+
+#: ``(name, is_dir, size, modified_unix_ns, created_unix_ns, version)``: one
+#: fsspec info dict in the shape the Rust fallback store converts.
+Entry = tuple[str, bool, int, int | None, int | None, str | None]
+
+# fsspec implementations name the same facts differently.
+_MODIFIED_KEYS = ("mtime", "LastModified", "last_modified", "modified", "updated", "mtime_ns")
+_CREATED_KEYS = ("created", "creation_time", "timeCreated", "ctime")
+_VERSION_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash")
+
+
+def _unix_ns(value: Any) -> int | None:
+    """Nanoseconds since the epoch from a float/int (seconds), a datetime or
+    an ISO string; None when the value is none of those."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value * 1_000_000_000
+    if isinstance(value, float):
+        # A float of seconds holds about microseconds at today's epoch.
+        return round(value * 1_000_000) * 1000
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return int(value.timestamp() * 1_000_000) * 1000
+    return None
+
+
+def _first(info: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((info[k] for k in keys if info.get(k) is not None), None)
+
+
+def entry(info: dict[str, Any]) -> Entry:
+    """One fsspec info dict as an :data:`Entry`; called from Rust."""
+    modified = _unix_ns(_first(info, _MODIFIED_KEYS))
+    created = _unix_ns(_first(info, _CREATED_KEYS))
+    version = _first(info, _VERSION_KEYS)
+    is_dir = info.get("type") == "directory"
+    return (
+        str(info["name"]),
+        is_dir,
+        0 if is_dir else int(info.get("size") or 0),
+        modified,
+        created if created is not None else modified,
+        None if version is None else str(version),
+    )
+
+
+def listing(fs: AbstractFileSystem, path: str) -> list[Entry]:
+    """What lies directly under ``path`` (not ``path`` itself: a file lists
+    empty, as in the other stores); called from Rust."""
+    found: list[dict[str, Any]] = fs.ls(path, detail=True)
+    itself = fs._strip_protocol(path).rstrip("/")
+    entries = (entry({**info, "name": fs._strip_protocol(str(info["name"]))}) for info in found)
+    return [e for e in entries if e[0].rstrip("/") != itself]

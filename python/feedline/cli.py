@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 # Modules with `register(subparsers)`; imported lazily so `feedline proxy`
@@ -22,7 +23,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module in _SUBCOMMANDS:
         importlib.import_module(module).register(subparsers)
     args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    from feedline._extras import MissingExtraError
+
+    try:
+        return int(args.run(args) or 0)
+    except MissingExtraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

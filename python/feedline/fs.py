@@ -3,18 +3,31 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
+import posixpath
 import re
+import shutil
+import sys
 import urllib.parse
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from glob import has_magic
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
 from fsspec.core import OpenFile
-from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from fsspec.spec import AbstractFileSystem
+
+try:
+    # The marker that makes `url_to_fs("feedline::/abs")` hand this
+    # filesystem "/abs" as its path (fsspec >= 2025.10); on older fsspec the
+    # inner path still arrives as `fo`.
+    from fsspec.implementations.chained import ChainedFileSystem as _ChainBase
+except ImportError:  # pragma: no cover - older fsspec
+    _ChainBase = AbstractFileSystem
 
 from feedline import _core, _fsspec
 from feedline._core import Chaos, Prefetch
@@ -36,12 +49,6 @@ Replica: TypeAlias = (
     "str | os.PathLike[str] | _core.Replica | AbstractFileSystem | tuple[AbstractFileSystem, str]"
 )
 
-#: URL schemes with a native (Rust, object_store) backend.
-NATIVE_SCHEMES = frozenset(
-    {"http", "https", "s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss"}
-)
-#: Native schemes whose stores list objects (HTTP has no listing API).
-LISTING_SCHEMES = NATIVE_SCHEMES - {"http", "https"}
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 READ_MODES = frozenset({"rb"})
@@ -132,7 +139,7 @@ def write_manifest(
     return os.fspath(out)
 
 
-class FileSystem(AbstractFileSystem):  # type: ignore[misc]
+class FileSystem(_ChainBase):  # type: ignore[misc]
     """An fsspec filesystem whose reads run in feedline's Rust core.
 
     ``FileSystem()`` reads local paths as given. ``FileSystem(replicas=[root])``
@@ -181,8 +188,10 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             **options,
         }
         # In a chained URL ("feedline::/data/x") fsspec hands the inner path
-        # over as `fo` and asks this filesystem for "".
-        self._fo = self._strip_protocol(fo) if fo else None
+        # over as `fo` and asks this filesystem for that path (or, before
+        # ChainedFileSystem, for "").
+        self._fo_path = self._strip_protocol(fo) if fo else None
+        self._fo = self._fo_path
         if self._fo and replicas:
             # fsspec's local layer made a relative key ("feedline::shard/x")
             # absolute against the cwd; with replicas a key is relative to
@@ -195,6 +204,12 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         # The registry entries live as long as this filesystem (also when
         # the rest of __init__ rejects the configuration).
         weakref.finalize(self, _fsspec.release_instances, list(self.replicas))
+        # Where writes go: every replica, when all are local directories
+        # (replicas must hold the same bytes); no replicas: the path itself.
+        local_roots = [_local_root(r) for r in self.replicas] if self.replicas else [""]
+        self._write_roots: list[str] | None = (
+            None if None in local_roots else [r for r in local_roots if r is not None]
+        )
         config: dict[str, Any] = {**options, "replicas": entries}
         if chaos:
             config["chaos"] = _chaos_by_index(self.replicas, chaos)
@@ -204,7 +219,9 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         self._storage_options: dict[str, Any] = dict(options.get("storage_options") or {})
         #: How streams and file objects read ahead (defaults filled in).
         self.prefetch = Prefetch(**self._storage.config()["prefetch"])
-        self._local = LocalFileSystem()
+        # Writes create parent directories, as writing a key does on an
+        # object store and as `fsspec.open(..., "wb")` does.
+        self._local = LocalFileSystem(auto_mkdir=True)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -226,14 +243,12 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         shown = [_redact_url(r) for r in self.replicas]
         return f"<feedline.FileSystem replicas={shown!r}>"
 
-    @property
-    def _first_replica_is_url(self) -> bool:
-        return bool(self.replicas) and _URL_RE.match(self.replicas[0]) is not None
-
     # -- paths -------------------------------------------------------------
 
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
+        """The path without ``feedline://`` (or ``file://``) and, as in
+        fsspec's local filesystem, without a trailing slash."""
         path = os.fspath(path)
         for prefix in ("feedline::", "feedline://", "feedline:"):
             if path.startswith(prefix):
@@ -241,11 +256,13 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
                 break
         if path.startswith("file://"):
             path = path[len("file://") :]
+        if len(path) > 1:
+            path = path.rstrip("/") or "/"
         return path
 
     def _key(self, path: str) -> str:
         path = self._strip_protocol(path)
-        if not path and self._fo:
+        if self._fo and path in ("", self._fo_path):
             path = self._fo
         if self.replicas:
             return path.lstrip("/")
@@ -256,45 +273,47 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         memo: dict[str, str] = {}
         return [memo.get(p) or memo.setdefault(p, self._key(p)) for p in paths]
 
-    def _local_path(self, path: str) -> str:
+    def _write_paths(self, path: str) -> list[str]:
+        """The local path of ``path`` in each replica (the path itself
+        without replicas): writes go to all of them, so replicas keep
+        holding the same bytes."""
+        if self._write_roots is None:
+            shown = [_redact_url(r) for r in self.replicas]
+            raise NotImplementedError(
+                f"cannot write {path!r}: feedline writes only to local replicas, and "
+                f"{shown!r} are not all local directories; write with the store's own "
+                "client (obstore, s3fs) and read back through feedline"
+            )
         key = self._key(path)
-        return os.path.join(self.replicas[0], key) if self.replicas else key
+        if not self.replicas:
+            return [key]
+        rel = posixpath.normpath(key or ".")
+        if rel == ".." or rel.startswith("../"):
+            raise PermissionError(13, f"path {path!r} escapes the replica root", path)
+        return [os.path.join(root, rel) for root in self._write_roots]
 
     # -- metadata -------------------------------------------------------------
-    # Local replicas: fsspec's local filesystem on the replicas. URL replicas:
-    # the size through the store (HEAD on HTTP, routed like a read);
-    # fsspec-protocol replicas: that filesystem's own metadata calls.
+    # Through the core for every kind of replica: the first replica that has
+    # the path answers, "not found" only when none does.
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        if not self.replicas:
-            found: dict[str, Any] = self._local.info(self._key(path), **kwargs)
-            return found
-        key = self._key(path)
-        if self._first_replica_is_url:
-            fallback = self._fsspec_target(key)
-            if fallback is not None:
-                fs, full = fallback
-                info = dict(fs.info(full, **kwargs))
-                info["name"] = key
-                return info
-            try:
-                size = self._storage.size(key)
-            except FileNotFoundError:
-                # An object store has no directories, only keys that share
-                # a prefix: a prefix with something under it is one.
-                if self._lists and (not key or self._list(key)):
-                    return {"name": key, "size": 0, "type": "directory"}
-                raise
-            return {"name": key, "size": size, "type": "file"}
-        # Replicas lag: the first one that has the path answers.
-        for root in self.replicas:
-            try:
-                found = dict(self._local.info(os.path.join(root, key), **kwargs))
-            except FileNotFoundError:
-                continue
-            found["name"] = key
-            return found
-        raise FileNotFoundError(2, f"no such file on any replica: {key!r}", key)
+        return _entry(self._storage.info(self._key(path)))
+
+    def modified(self, path: str) -> datetime.datetime:
+        """Last modification (local mtime, object-store ``Last-Modified``),
+        timezone-aware UTC."""
+        return _utc(self._storage.info(self._key(path)).modified_unix_ns, "modification", path)
+
+    def created(self, path: str) -> datetime.datetime:
+        """Creation (a local file's inode change time, as fsspec's local
+        filesystem reports it; an object's last write on object stores)."""
+        return _utc(self._storage.info(self._key(path)).created_unix_ns, "creation", path)
+
+    def ukey(self, path: str) -> str:
+        """Changes whenever the bytes may have (ETag, version id, or a local
+        file's inode, mtime and size); fsspec's caches key on it."""
+        meta = self._storage.info(self._key(path))
+        return meta.version or f"{meta.key}:{meta.size}:{meta.modified_unix_ns}"
 
     # -- routing figures ------------------------------------------------------
 
@@ -310,78 +329,101 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         return self._storage.stats(reset)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
-        if not self._first_replica_is_url:
-            result: list[Any] = self._local.ls(self._local_path(path), detail=detail, **kwargs)
-            if not self.replicas:
-                return result
-            return self._as_keys(result, os.path.abspath(self.replicas[0]))
         key = self._key(path)
-        fallback = self._fsspec_target(key)
-        if fallback is not None:
-            fs, full = fallback
-            listed: list[Any] = fs.ls(full, detail=detail, **kwargs)
-            return self._as_keys(listed, full[: len(full) - len(key)])
-        if not self._lists:
-            raise NotImplementedError(
-                f"ls({path!r}): listing is not supported on remote replica "
-                f"{_redact_url(self.replicas[0])!r} (HTTP has no listing API); "
-                "pass the object names (a manifest) instead"
-            )
-        entries = self._list(key)
-        if not entries and key:
-            # A file lists as itself, as in fsspec. Its size straight away:
-            # `info` would list the (empty) prefix a second time first.
-            entries = [{"name": key, "size": self._storage.size(key), "type": "file"}]
+        objects, prefixes = self._storage.ls(key)
+        entries = [{"name": name, "size": 0, "type": "directory"} for name in prefixes]
+        entries += [_entry(meta) for meta in objects]
+        if not entries and key not in ("", "/"):
+            # A file lists as itself, as in fsspec (an object store lists a
+            # file's key as empty; an empty directory stays empty).
+            meta = self._storage.info(key)
+            if meta.kind == "file":
+                entries = [_entry(meta)]
+        entries.sort(key=lambda e: str(e["name"]))
         return entries if detail else [e["name"] for e in entries]
 
-    @staticmethod
-    def _as_keys(listed: list[Any], root: str) -> list[Any]:
-        """``ls`` results of a replica's own filesystem with each name made
-        a key relative to the replica ``root``, as every other call takes."""
-        base = root.rstrip("/") + "/"
+    def find(
+        self,
+        path: str,
+        maxdepth: int | None = None,
+        withdirs: bool = False,
+        detail: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        found = super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
+        if not self.replicas:
+            return found
+        # fsspec names the starting directory as the caller spelled it
+        # ("/sub"); every other name is a key ("sub/f.bin").
+        if detail:
+            return {k.lstrip("/"): {**v, "name": k.lstrip("/")} for k, v in found.items()}
+        return [name.lstrip("/") for name in found]
 
-        def key(name: str) -> str:
-            return name[len(base) :] if name.startswith(base) else name.lstrip("/")
+    def get(self, rpath: Any, lpath: Any, recursive: bool = False, **kwargs: Any) -> None:
+        if self._top_level_dir(rpath, recursive) and os.path.isdir(lpath):
+            lpath = os.path.join(lpath, self._key(rpath))
+        super().get(rpath, lpath, recursive, **kwargs)
 
-        if listed and isinstance(listed[0], dict):
-            return [{**entry, "name": key(str(entry["name"]))} for entry in listed]
-        return [key(str(name)) for name in listed]
+    def copy(self, path1: Any, path2: Any, recursive: bool = False, **kwargs: Any) -> None:
+        if self._top_level_dir(path1, recursive) and isinstance(path2, str) and self.isdir(path2):
+            path2 = posixpath.join(path2, self._key(path1))
+        super().copy(path1, path2, recursive, **kwargs)
 
-    @property
-    def _lists(self) -> bool:
-        """Whether the replicas are object stores, which list their keys."""
-        scheme = self.replicas[0].split("://", 1)[0].lower() if self.replicas else ""
-        return scheme in LISTING_SCHEMES
+    def _top_level_dir(self, source: Any, recursive: bool) -> bool:
+        """Whether ``source`` names a top-level replica directory ("sub")
+        copied recursively. fsspec keeps the part of the source after its
+        last "/" when the destination exists, and a top-level key has none:
+        it would flatten ``sub`` into the destination. Naming the
+        destination ``dest/sub`` keeps it."""
+        if not (self.replicas and recursive and isinstance(source, str)):
+            return False
+        if source.endswith("/") or has_magic(source):
+            return False
+        key = self._key(source)
+        return bool(key) and "/" not in key and self.isdir(key)
 
-    def _list(self, key: str) -> list[dict[str, Any]]:
-        """fsspec entries for what lies directly under the prefix ``key``,
-        from the first replica that answers."""
-        objects, prefixes = self._storage.ls(key)
-        entries: list[dict[str, Any]] = [
-            {"name": name, "size": 0, "type": "directory"} for name in prefixes
-        ]
-        entries += [
-            {"name": name, "size": size, "type": "file", "mtime": float(mtime)}
-            for name, size, mtime in objects
-        ]
-        entries.sort(key=lambda e: str(e["name"]))
-        return entries
+    # -- writes (local replicas: to every one, through fsspec's local fs) ---
 
-    def _fsspec_target(self, key: str) -> tuple[AbstractFileSystem, str] | None:
-        """The fsspec filesystem and full path behind the first replica, when
-        it is served by the fsspec fallback."""
-        root = self.replicas[0]
-        scheme = root.split("://", 1)[0].lower()
-        if scheme in NATIVE_SCHEMES or scheme == "file":
-            return None
-        found = _fsspec.instance_of(root)
-        if found is not None:
-            fs, prefix = found
-        else:
-            fs = fsspec.filesystem(scheme, **self._storage_options)
-            prefix = fs._strip_protocol(root)
-        prefix = prefix.rstrip("/")
-        return fs, f"{prefix}/{key}" if prefix else key
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        for target in self._write_paths(path):
+            self._local.mkdir(target, create_parents=create_parents, **kwargs)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        for target in self._write_paths(path):
+            self._local.makedirs(target, exist_ok=exist_ok)
+
+    def rmdir(self, path: str) -> None:
+        for target in self._write_paths(path):
+            self._local.rmdir(target)
+
+    def rm_file(self, path: str) -> None:
+        for target in self._write_paths(path):
+            self._local.rm_file(target)
+
+    def rm(
+        self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None
+    ) -> None:
+        paths = [path] if isinstance(path, str) else list(path)
+        expanded = self.expand_path(paths, recursive=recursive, maxdepth=maxdepth)
+        # Deepest first, so directories are empty when their turn comes.
+        for one in sorted(expanded, key=lambda p: p.count("/"), reverse=True):
+            for target in self._write_paths(one):
+                if os.path.isdir(target) and not os.path.islink(target):
+                    if not recursive:
+                        raise IsADirectoryError(
+                            21, f"{one!r} is a directory; pass recursive=True", one
+                        )
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    os.remove(target)
+
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        for source, target in zip(self._write_paths(path1), self._write_paths(path2), strict=True):
+            self._local.cp_file(source, target, **kwargs)
+
+    def put_file(self, lpath: str, rpath: str, callback: Any = None, **kwargs: Any) -> None:
+        for target in self._write_paths(rpath):
+            self._local.put_file(lpath, target, **kwargs)
 
     # -- reads (Rust, GIL released) -----------------------------------------
 
@@ -447,11 +489,11 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
         if mode in READ_MODES:
             return FeedlineFile(self, path)
         if mode in WRITE_MODES or mode.rstrip("b") in {"w", "a", "x"}:
-            if self._first_replica_is_url:
-                raise NotImplementedError(
-                    f"cannot open {path!r} with mode {mode!r}: feedline only reads URL replicas"
-                )
-            return self._local.open(self._local_path(path), mode, **kwargs)
+            targets = self._write_paths(path)
+            kwargs.pop("size", None)
+            for target in targets:
+                self._local.makedirs(self._local._parent(target), exist_ok=True)
+            return _ReplicatedWrite(targets, mode, autocommit=autocommit, fs=self._local, **kwargs)
         raise ValueError(
             f"unsupported mode {mode!r}; feedline reads with 'rb' and writes through fsspec"
         )
@@ -507,6 +549,71 @@ def _replica_root(replica: Replica) -> str:
     )
 
 
+def _local_root(replica: str) -> str | None:
+    """The directory of a local replica root; None for any other kind."""
+    if replica.startswith("file://"):
+        return replica[len("file://") :]
+    return None if _URL_RE.match(replica) else replica
+
+
+def _entry(meta: _core.ObjectMeta) -> dict[str, Any]:
+    """An fsspec info dict: ``name``, ``size``, ``type``, and where the
+    backend says, ``mtime`` and ``created`` (seconds since the epoch, as in
+    fsspec's local filesystem) and ``version`` (ETag or the like)."""
+    entry: dict[str, Any] = {"name": meta.key, "size": meta.size, "type": meta.kind}
+    if meta.modified_unix_ns is not None:
+        entry["mtime"] = meta.modified_unix_ns / 1e9
+    if meta.created_unix_ns is not None:
+        entry["created"] = meta.created_unix_ns / 1e9
+    if meta.version is not None:
+        entry["version"] = meta.version
+    return entry
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def _utc(unix_ns: int | None, what: str, path: str) -> datetime.datetime:
+    if unix_ns is None:
+        raise NotImplementedError(f"the replica of {path!r} does not report its {what} time")
+    # Integer arithmetic to the nearest microsecond (a float of seconds
+    # since the epoch has no nanoseconds left to round).
+    return _EPOCH + datetime.timedelta(microseconds=(unix_ns + 500) // 1000)
+
+
+class _ReplicatedWrite(LocalFileOpener):  # type: ignore[misc]
+    """A local file written in the first replica and copied to the others
+    when it closes (a local write needs no atomicity across replicas beyond
+    what a reader of one replica sees)."""
+
+    def __init__(self, paths: list[str], mode: str, **kwargs: Any) -> None:
+        self._copies = paths[1:]
+        super().__init__(paths[0], mode, **kwargs)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        if self.autocommit:
+            self._replicate()
+
+    def commit(self) -> None:
+        super().commit()
+        self._replicate()
+
+    def __exit__(self, *exc_info: object) -> None:
+        # fsspec's local file closes its inner file on exit, not itself.
+        self._incontext = False
+        if exc_info[0] is None:
+            self.close()
+        else:
+            self.f.close()
+
+    def _replicate(self) -> None:
+        for target in self._copies:
+            shutil.copyfile(self.path, target)
+
+
 def _redact_url(root: str) -> str:
     """``root`` without userinfo or query (where credentials hide)."""
     if not _URL_RE.match(root):
@@ -528,6 +635,24 @@ class FeedlineFile(io.RawIOBase):
         self._reader = fs._storage.open_reader(fs._key(path))
         self.size = self._reader.size
         self.mode = "rb"
+        #: What fsspec's caching layers (``blockcache::``,
+        #: ``CachingFileSystem``) expect of a file: their block size, and a
+        #: ``cache`` they install whose misses come back to `_fetch_range`.
+        self.blocksize = fs.chunk_bytes
+        self.cache: Any = None
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)``: a caching layer's miss. Through the same
+        reader, so block after block keeps the Rust read-ahead going."""
+        self._reader.seek(start)
+        return self._reader.read(max(0, end - start))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As fsspec's local files: the filesystem (its configuration), the
+        # path and the position; unpickling reopens there.
+        if self.closed:
+            raise ValueError(f"cannot pickle closed file {self.path!r}")
+        return (_reopen, (self.fs, self.path, self.tell()))
 
     def readable(self) -> bool:
         return True
@@ -537,6 +662,8 @@ class FeedlineFile(io.RawIOBase):
 
     def readinto(self, buffer: Buffer) -> int:
         self._check_open()
+        if self.cache is not None:
+            return self._readinto_cached(buffer)
         with memoryview(buffer) as view:
             if view.ndim != 1 or view.itemsize != 1:
                 with view.cast("B") as flat:
@@ -548,7 +675,24 @@ class FeedlineFile(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         self._check_open()
+        if self.cache is not None:
+            return self._read_cached(-1 if size is None else size)
         return self._reader.read(-1 if size is None else size)
+
+    def _read_cached(self, size: int) -> bytes:
+        """A read through the installed cache; the position is the reader's
+        (the cache's misses move it, so it is set back after)."""
+        start = self._reader.tell()
+        end = self.size if size < 0 else min(self.size, start + size)
+        data: bytes = self.cache._fetch(start, end) if end > start else b""
+        self._reader.seek(start + len(data))
+        return data
+
+    def _readinto_cached(self, buffer: Buffer) -> int:
+        with memoryview(buffer) as view, view.cast("B") as flat:
+            data = self._read_cached(len(flat))
+            flat[: len(data)] = data
+            return len(data)
 
     def readall(self) -> bytes:
         return self.read(-1)
@@ -577,7 +721,20 @@ class FeedlineFile(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self._reader.close()
+            self.cache = None
         super().close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(io.RawIOBase.closed.__get__(self))
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        # fsspec's caching layers mark a file closed after closing it (as
+        # `AbstractBufferedFile.closed` allows); only closing is possible.
+        if not value:
+            raise ValueError(f"cannot reopen {self.path!r} by setting closed=False")
+        self.close()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -585,6 +742,13 @@ class FeedlineFile(io.RawIOBase):
 
     def __repr__(self) -> str:
         return f"<FeedlineFile {self.path!r} size={self.size}>"
+
+
+def _reopen(fs: FileSystem, path: str, position: int) -> FeedlineFile:
+    """Unpickles a :class:`FeedlineFile`: opened again at ``position``."""
+    f = FeedlineFile(fs, path)
+    f.seek(position)
+    return f
 
 
 #: What ``fsspec.core.OpenFile`` itself takes besides the filesystem and path.

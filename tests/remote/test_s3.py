@@ -69,7 +69,15 @@ def test_ls_lists_keys_relative_to_the_replica_root(fs: feedline.FileSystem) -> 
     assert detail["train/a.bin"]["type"] == "file"
     assert detail["train/sub"]["type"] == "directory"
     # A file lists as itself; nothing at all is FileNotFoundError.
-    assert fs.ls("val/d.bin") == [{"name": "val/d.bin", "size": 0, "type": "file"}]
+    [entry] = fs.ls("val/d.bin")
+    assert {k: entry[k] for k in ("name", "size", "type")} == {
+        "name": "val/d.bin",
+        "size": 0,
+        "type": "file",
+    }
+    # Object metadata: last-modified and the ETag (S3's is the MD5 of the bytes).
+    assert entry["mtime"] > 0 and entry["version"] == '"d41d8cd98f00b204e9800998ecf8427e"'
+
     with pytest.raises(FileNotFoundError):
         fs.ls("nothing/here")
 

@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 from typing import Any
 
+from feedline import _extras
 from feedline.bench import report as _report
 from feedline.bench import runner
 from feedline.bench import scenario as _scenario
@@ -58,6 +59,7 @@ def _apply_overrides(sc: _scenario.Scenario, args: argparse.Namespace) -> _scena
 
 
 def run_command(args: argparse.Namespace) -> int:
+    _extras.require("bench", "feedline bench")
     from rich.console import Console
 
     console = Console()

@@ -69,6 +69,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The store cannot do this at all (listing over plain HTTP, writing to
+    /// a read-only replica); no other replica of the same kind could either.
+    #[error("{0}")]
+    Unsupported(String),
     /// A remote store failed in a way that has no better mapping.
     #[error("{0}")]
     Remote(String),
@@ -109,6 +113,7 @@ impl Error {
             self,
             Error::InvalidArgument(_)
                 | Error::InvalidType(_)
+                | Error::Unsupported(_)
                 | Error::Cancelled(_)
                 | Error::Closed(_)
         )

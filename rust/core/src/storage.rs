@@ -14,7 +14,7 @@ use crate::prefetch::{Stream, StreamConfig};
 use crate::route::{Router, RouterConfig, RouterStats};
 use crate::runtime;
 use crate::store::secrets::{self as remote, StorageOptions};
-use crate::store::{fallback, Listing, LocalStore, ReadSession, Store};
+use crate::store::{fallback, BoxFuture, Listing, LocalStore, ObjectMeta, ReadSession, Store};
 use futures::StreamExt;
 
 /// Ranges per thread below which `read_many` does not bother to split.
@@ -183,15 +183,34 @@ impl Storage {
 
     /// The objects and common prefixes directly under `prefix`, from the
     /// first replica that answers (replicas hold the same keys; one that
-    /// lags or fails is passed over). A replica that cannot list (HTTP, local
-    /// directories: use `ls` there) makes this an `InvalidArgument` error.
+    /// lags or fails is passed over). A replica that cannot list (HTTP) makes
+    /// this an `Unsupported` error.
     pub fn list(&self, prefix: &str) -> Result<Listing> {
+        self.first_answer(prefix, |store| store.list(prefix))
+    }
+
+    /// The metadata of `key` (an object or a directory) from the first
+    /// replica that has it: a replica that lags or fails is passed over, and
+    /// "not found" means no replica has it.
+    pub fn info(&self, key: &str) -> Result<ObjectMeta> {
+        self.first_answer(key, |store| store.info(key))
+    }
+
+    /// Asks each replica's own store in turn (metadata has no bytes to
+    /// verify or hedge): the first answer wins; a caller mistake or an
+    /// unsupported call stops at once; "not found" only when every replica
+    /// says so, else every replica's failure is named.
+    fn first_answer<'a, T>(
+        &'a self,
+        key: &str,
+        ask: impl Fn(&'a dyn Store) -> BoxFuture<'a, Result<T>>,
+    ) -> Result<T> {
         let mut failures = Vec::new();
         let mut all_not_found = true;
         for store in &self.replicas {
-            match runtime::block_on(store.list(prefix)) {
-                Ok(listing) => return Ok(listing),
-                Err(e @ Error::InvalidArgument(_)) => return Err(e),
+            match runtime::block_on(ask(store.as_ref())) {
+                Ok(found) => return Ok(found),
+                Err(e @ (Error::InvalidArgument(_) | Error::Unsupported(_))) => return Err(e),
                 Err(e) => {
                     all_not_found &= matches!(e, Error::NotFound { .. });
                     failures.push(ReplicaFailure {
@@ -201,14 +220,13 @@ impl Storage {
                 }
             }
         }
-        // As for reads: "not found" only when every replica says so.
         if all_not_found {
             return Err(Error::NotFound {
-                path: prefix.to_owned(),
+                path: key.to_owned(),
             });
         }
         Err(Error::ReplicasUnavailable {
-            path: prefix.to_owned(),
+            path: key.to_owned(),
             failures,
         })
     }
@@ -634,7 +652,7 @@ pub fn threads_for_ranges(n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::BoxFuture;
+    use crate::store::EntryKind;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// An async-only store over one in-memory object that counts requests
@@ -728,14 +746,7 @@ mod tests {
                     false => Error::Remote("HTTP 503".into()),
                 })?;
                 Ok(Listing {
-                    objects: keys
-                        .iter()
-                        .map(|k| crate::store::ListedObject {
-                            key: (*k).into(),
-                            size: 1,
-                            modified_unix_s: 0,
-                        })
-                        .collect(),
+                    objects: keys.iter().map(|k| ObjectMeta::file(k, 1)).collect(),
                     prefixes: Vec::new(),
                 })
             })
@@ -789,15 +800,52 @@ mod tests {
     }
 
     #[test]
-    fn local_replicas_say_they_cannot_list() {
-        let dir = tempfile::tempdir().unwrap();
+    fn local_replicas_list_and_info_from_the_first_that_has_the_key() {
+        let lagging = tempfile::tempdir().unwrap();
+        let full = tempfile::tempdir().unwrap();
+        std::fs::create_dir(full.path().join("sub")).unwrap();
+        std::fs::write(full.path().join("sub/new.bin"), b"abc").unwrap();
+        std::fs::write(lagging.path().join("old.bin"), b"x").unwrap();
         let config = StorageConfig {
-            replicas: vec![dir.path().display().to_string().into()],
+            replicas: vec![
+                lagging.path().display().to_string().into(),
+                full.path().display().to_string().into(),
+            ],
             ..Default::default()
         };
-        let err = Storage::new(config).unwrap().list("").unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-        assert!(err.to_string().contains("cannot list"), "{err}");
+        let storage = Storage::new(config).unwrap();
+        // The lagging replica lacks the key: the next one answers.
+        let info = storage.info("sub/new.bin").unwrap();
+        assert_eq!((info.kind, info.size), (EntryKind::File, 3));
+        assert!(info.modified_unix_ns.is_some() && info.version.is_some());
+        let listed = storage.list("sub").unwrap();
+        assert_eq!(listed.objects[0].key, "sub/new.bin");
+        assert_eq!(storage.info("sub").unwrap().kind, EntryKind::Directory);
+        // The first replica answers for the root, as for any key it has.
+        assert_eq!(storage.list("").unwrap().objects[0].key, "old.bin");
+        let err = storage.info("missing").unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn info_passes_over_a_failing_replica() {
+        let down: Arc<dyn Store> = Arc::new(Lister {
+            name: "down",
+            keys: None,
+            missing: false,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), b"12").unwrap();
+        let up: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
+        let storage = Storage {
+            replicas: vec![Arc::clone(&down), up],
+            ..Storage::from_store(Arc::clone(&down))
+        };
+        assert_eq!(storage.info("k").unwrap().size, 2);
+        // Lister's `info` is the default (its size, which says "not found"):
+        // not found on one and missing on the other is not found.
+        let alone = Storage::from_store(down);
+        assert!(matches!(alone.info("k"), Err(Error::NotFound { .. })));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 
 use feedline_core::Error;
 use pyo3::exceptions::{
-    PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError, PyTimeoutError,
-    PyTypeError, PyValueError,
+    PyFileNotFoundError, PyIsADirectoryError, PyNotImplementedError, PyOSError, PyPermissionError,
+    PyTimeoutError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 
@@ -38,6 +38,7 @@ pub fn to_py(err: Error) -> PyErr {
         Error::IsADirectory { path } => PyIsADirectoryError::new_err((EISDIR, msg, path)),
         Error::InvalidArgument(_) | Error::Closed(_) => PyValueError::new_err(msg),
         Error::InvalidType(_) => PyTypeError::new_err(msg),
+        Error::Unsupported(_) => PyNotImplementedError::new_err(msg),
         Error::ShortRead { .. } => ShortReadError::new_err(msg),
         Error::ChecksumMismatch { .. } => ChecksumMismatch::new_err(msg),
         Error::Timeout { .. } => PyTimeoutError::new_err(msg),

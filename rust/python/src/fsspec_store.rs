@@ -13,7 +13,7 @@ use std::sync::Arc;
 use feedline_core::store::remote::{
     collect_secrets, options_json, redact_error, Secrets, StorageOptions,
 };
-use feedline_core::store::{fallback, BoxFuture, Store};
+use feedline_core::store::{fallback, BoxFuture, EntryKind, Listing, ObjectMeta, Store};
 use feedline_core::Error;
 use pyo3::exceptions::{PyFileNotFoundError, PyIsADirectoryError, PyPermissionError};
 use pyo3::prelude::*;
@@ -86,6 +86,38 @@ impl FsspecStore {
     }
 }
 
+/// `feedline._fsspec.Entry`: an fsspec info dict, flattened in Python.
+type Entry = (String, bool, u64, Option<i64>, Option<i64>, Option<String>);
+
+fn object_meta(key: String, entry: Entry) -> ObjectMeta {
+    let (_, is_dir, size, modified_unix_ns, created_unix_ns, version) = entry;
+    ObjectMeta {
+        key,
+        kind: if is_dir {
+            EntryKind::Directory
+        } else {
+            EntryKind::File
+        },
+        size,
+        modified_unix_ns,
+        created_unix_ns,
+        version,
+    }
+}
+
+impl FsspecStore {
+    /// A path inside `fs` as a key relative to the replica root.
+    fn relative(&self, name: &str) -> String {
+        let rest = match self.prefix.is_empty() {
+            true => Some(name),
+            false => name
+                .strip_prefix(&self.prefix)
+                .filter(|r| r.is_empty() || r.starts_with('/')),
+        };
+        rest.unwrap_or(name).trim_matches('/').to_owned()
+    }
+}
+
 impl Store for FsspecStore {
     fn name(&self) -> &str {
         &self.name
@@ -99,6 +131,41 @@ impl Store for FsspecStore {
             }
             info.get_item("size")?.extract::<u64>()
         }))
+    }
+
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, feedline_core::Result<ObjectMeta>> {
+        Box::pin(async move {
+            let entry: Entry = self
+                .call(key, |py, fs, path| {
+                    let info = fs.call_method1("info", (path,))?;
+                    let module = py.import("feedline._fsspec")?;
+                    module.call_method1("entry", (info,))?.extract()
+                })
+                .await?;
+            Ok(object_meta(key.trim_matches('/').to_owned(), entry))
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, feedline_core::Result<Listing>> {
+        Box::pin(async move {
+            let entries: Vec<Entry> = self
+                .call(prefix, |py, fs, path| {
+                    let module = py.import("feedline._fsspec")?;
+                    module.call_method1("listing", (fs, path))?.extract()
+                })
+                .await?;
+            let mut listing = Listing::default();
+            for entry in entries {
+                let key = self.relative(&entry.0);
+                match entry.1 {
+                    true => listing.prefixes.push(key),
+                    false => listing.objects.push(object_meta(key, entry)),
+                }
+            }
+            listing.objects.sort_by(|a, b| a.key.cmp(&b.key));
+            listing.prefixes.sort();
+            Ok(listing)
+        })
     }
 
     fn read_into<'a>(

@@ -10,6 +10,7 @@ mod config;
 mod errors;
 mod fsspec_store;
 mod manifest;
+mod metadata;
 mod metrics;
 mod proxy;
 mod reader;
@@ -31,6 +32,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     route::register(m)?;
     chaos::register(m)?;
     manifest::register(m)?;
+    metadata::register(m)?;
     fsspec_store::register(m)?;
     Ok(())
 }

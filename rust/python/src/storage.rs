@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
+use crate::metadata::ObjectMeta;
 use crate::reader::PyReader;
 use crate::stream::PyChunkStream;
 
@@ -189,17 +190,19 @@ impl PyStorage {
         py.detach(|| self.inner.size(key)).py()
     }
 
-    /// `((key, size, modified_unix_s) per object, prefix keys)` directly
-    /// under `prefix`.
-    #[allow(clippy::type_complexity)]
-    fn ls(&self, py: Python<'_>, prefix: &str) -> PyResult<(Vec<(String, u64, i64)>, Vec<String>)> {
+    /// `(objects, prefix keys)` directly under `prefix`, from the first
+    /// replica that answers.
+    fn ls(&self, py: Python<'_>, prefix: &str) -> PyResult<(Vec<ObjectMeta>, Vec<String>)> {
         let listing = py.detach(|| self.inner.list(prefix)).py()?;
-        let objects = listing
-            .objects
-            .into_iter()
-            .map(|o| (o.key, o.size, o.modified_unix_s))
-            .collect();
+        let objects = listing.objects.into_iter().map(ObjectMeta::from).collect();
         Ok((objects, listing.prefixes))
+    }
+
+    /// The metadata of `key` from the first replica that has it.
+    fn info(&self, py: Python<'_>, key: &str) -> PyResult<ObjectMeta> {
+        py.detach(|| self.inner.info(key))
+            .py()
+            .map(ObjectMeta::from)
     }
 
     #[pyo3(signature = (key, start = None, end = None))]

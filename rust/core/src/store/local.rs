@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use super::{BoxFuture, Store};
+use super::{BoxFuture, EntryKind, Listing, ObjectMeta, Store};
 use crate::error::{Error, Result};
 
 /// Open descriptors kept per path so a chunked read does not reopen the file
@@ -188,6 +188,81 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    fn meta(&self, key: &str) -> Result<ObjectMeta> {
+        let path = self.path_of(key)?;
+        let meta = std::fs::metadata(&path).map_err(|e| Error::from_io(key, e))?;
+        Ok(object_meta(key, &meta))
+    }
+
+    /// What lies directly under the directory `prefix`. A prefix that names
+    /// a file lists empty, as on an object store (`info` tells which).
+    fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        let dir = self.path_of(prefix)?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.raw_os_error() == Some(ENOTDIR) => return Ok(Listing::default()),
+            Err(e) => return Err(Error::from_io(prefix, e)),
+        };
+        // Keys as the caller gave them: relative under a root, absolute
+        // (joined to the path as given) without one.
+        let base = match self.root {
+            Some(_) => prefix.trim_matches('/'),
+            None => prefix.trim_end_matches('/'),
+        };
+        let mut listing = Listing::default();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::from_io(prefix, e))?;
+            let name = entry.file_name().into_string().map_err(|name| {
+                Error::invalid(format!(
+                    "a file name under {prefix:?} is not UTF-8: {name:?}"
+                ))
+            })?;
+            let key = match (base.is_empty(), self.root.is_some()) {
+                (true, true) => name,
+                _ => format!("{base}/{name}"),
+            };
+            // Follows links, as reads do; a dangling link shows as itself.
+            let meta = match std::fs::metadata(entry.path()) {
+                Ok(meta) => meta,
+                Err(_) => entry.metadata().map_err(|e| Error::from_io(&key, e))?,
+            };
+            if meta.is_dir() {
+                listing.prefixes.push(key);
+            } else {
+                listing.objects.push(object_meta(&key, &meta));
+            }
+        }
+        listing.objects.sort_by(|a, b| a.key.cmp(&b.key));
+        listing.prefixes.sort();
+        Ok(listing)
+    }
+}
+
+const ENOTDIR: i32 = 20;
+
+fn unix_ns(seconds: i64, nanos: i64) -> i64 {
+    seconds.saturating_mul(1_000_000_000).saturating_add(nanos)
+}
+
+fn object_meta(key: &str, meta: &std::fs::Metadata) -> ObjectMeta {
+    let modified = unix_ns(meta.mtime(), meta.mtime_nsec());
+    let (kind, size) = match meta.is_dir() {
+        true => (EntryKind::Directory, 0),
+        false => (EntryKind::File, meta.len()),
+    };
+    ObjectMeta {
+        key: key.to_owned(),
+        kind,
+        size,
+        modified_unix_ns: Some(modified),
+        created_unix_ns: Some(unix_ns(meta.ctime(), meta.ctime_nsec())),
+        // A rename over the path changes the inode; a rewrite in place
+        // changes mtime (and usually the size).
+        version: Some(format!("{:x}-{:x}-{:x}", meta.ino(), modified, meta.len())),
+    }
+}
+
 impl Store for LocalStore {
     fn name(&self) -> &str {
         &self.name
@@ -213,6 +288,14 @@ impl Store for LocalStore {
 
     fn size_blocking(&self, key: &str) -> Option<Result<u64>> {
         Some(self.stat(key))
+    }
+
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(async move { self.meta(key) })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
+        Box::pin(async move { self.list_dir(prefix) })
     }
 }
 
@@ -342,5 +425,69 @@ mod tests {
         std::fs::write(dir.path().join("file"), b"x").unwrap();
         let file = LocalStore::rooted(dir.path().join("file")).unwrap_err();
         assert!(file.to_string().contains("is not a directory"), "{file}");
+    }
+
+    #[test]
+    fn info_and_list_see_files_and_directories_under_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sub/deeper")).unwrap();
+        std::fs::write(dir.path().join("sub/b.bin"), b"12345").unwrap();
+        std::fs::write(dir.path().join("a.bin"), b"1").unwrap();
+        let store = LocalStore::rooted(dir.path()).unwrap();
+        let info = crate::runtime::block_on(store.info("sub/b.bin")).unwrap();
+        assert_eq!((info.kind, info.size), (EntryKind::File, 5));
+        let mtime = std::fs::metadata(dir.path().join("sub/b.bin"))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        assert_eq!(info.modified_unix_ns, Some(mtime.as_nanos() as i64));
+        let before = info.version.clone().unwrap();
+        std::fs::write(dir.path().join("sub/b.bin"), b"123456").unwrap();
+        let after = crate::runtime::block_on(store.info("sub/b.bin")).unwrap();
+        assert_ne!(
+            after.version.unwrap(),
+            before,
+            "a rewrite changes the version"
+        );
+        let sub = crate::runtime::block_on(store.info("sub")).unwrap();
+        assert_eq!((sub.kind, sub.size), (EntryKind::Directory, 0));
+
+        let root = crate::runtime::block_on(store.list("")).unwrap();
+        let keys: Vec<&str> = root.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(
+            (keys, root.prefixes),
+            (vec!["a.bin"], vec!["sub".to_owned()])
+        );
+        let listed = crate::runtime::block_on(store.list("/sub/")).unwrap();
+        assert_eq!(listed.objects[0].key, "sub/b.bin");
+        assert_eq!(listed.objects[0].size, 6);
+        assert_eq!(listed.prefixes, ["sub/deeper"]);
+        // A file lists empty (info tells it is a file); nothing is not found.
+        assert_eq!(
+            crate::runtime::block_on(store.list("a.bin")).unwrap(),
+            Listing::default()
+        );
+        assert!(matches!(
+            crate::runtime::block_on(store.list("nope")),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            crate::runtime::block_on(store.info("../x")),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn unrooted_listing_keeps_absolute_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"xy").unwrap();
+        let store = LocalStore::unrooted();
+        let base = dir.path().display().to_string();
+        let listed = crate::runtime::block_on(store.list(&format!("{base}/"))).unwrap();
+        assert_eq!(listed.objects[0].key, format!("{base}/f"));
+        let info = crate::runtime::block_on(store.info(&listed.objects[0].key)).unwrap();
+        assert_eq!(info.size, 2);
     }
 }

@@ -94,12 +94,21 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Folds in and clears what `read_into_blocking_tallied` held in `tally`.
     fn fold_tally(&self, _tally: &mut Tally) {}
 
+    /// What the store knows about `key`: an object (size, modification
+    /// time, version) or a directory (a local directory, or an object-store
+    /// prefix with something under it). The default knows only the size.
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(async move { Ok(ObjectMeta::file(key, self.size(key).await?)) })
+    }
+
     /// The objects and the "directories" (common prefixes) directly under
-    /// `prefix`, a key relative to the replica root (`""`: the root). Object
-    /// stores list; a store that cannot says so (`InvalidArgument`).
+    /// `prefix`, a key relative to the replica root (`""`: the root). A
+    /// prefix that names an object, or nothing, lists empty on object stores
+    /// (`info` tells which); a store that cannot list at all (HTTP) says so
+    /// (`Unsupported`).
     fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
         Box::pin(async move {
-            Err(crate::error::Error::invalid(format!(
+            Err(crate::error::Error::Unsupported(format!(
                 "replica {:?} cannot list its objects",
                 self.name()
             )))
@@ -111,15 +120,57 @@ pub trait Store: Send + Sync + Debug + 'static {
 /// root, sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listing {
-    pub objects: Vec<ListedObject>,
+    pub objects: Vec<ObjectMeta>,
     /// Keys of the common prefixes, without the trailing `/`.
     pub prefixes: Vec<String>,
 }
 
+/// An object or a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Directory,
+}
+
+/// Metadata of one object, as [`Store::info`] and [`Store::list`] give it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListedObject {
+pub struct ObjectMeta {
+    /// Relative to the replica root (absolute for the unrooted local store).
     pub key: String,
+    pub kind: EntryKind,
+    /// Bytes; 0 for a directory.
     pub size: u64,
-    /// Last modification, seconds since the Unix epoch.
-    pub modified_unix_s: i64,
+    /// Last modification, nanoseconds since the Unix epoch, where the
+    /// backend says.
+    pub modified_unix_ns: Option<i64>,
+    /// Creation: the inode change time of a local file (what fsspec's local
+    /// filesystem reports); an object's last modification on object stores,
+    /// where every write creates the object anew.
+    pub created_unix_ns: Option<i64>,
+    /// Changes whenever the bytes may have changed: the ETag (or version id)
+    /// of an object, inode + mtime + size of a local file. Caches key blocks
+    /// by it.
+    pub version: Option<String>,
+}
+
+impl ObjectMeta {
+    /// A file known only by its size.
+    pub fn file(key: &str, size: u64) -> Self {
+        ObjectMeta {
+            key: key.to_owned(),
+            kind: EntryKind::File,
+            size,
+            modified_unix_ns: None,
+            created_unix_ns: None,
+            version: None,
+        }
+    }
+
+    /// A directory (or object-store prefix).
+    pub fn directory(key: &str) -> Self {
+        ObjectMeta {
+            kind: EntryKind::Directory,
+            ..ObjectMeta::file(key, 0)
+        }
+    }
 }

@@ -34,7 +34,7 @@ pub use super::secrets::{
     collect_secrets, display_url, is_native_scheme, is_secret_key, options_json, redact_error,
     redacted_options, Secrets, StorageOptions,
 };
-use super::{BoxFuture, ListedObject, Listing, Store};
+use super::{BoxFuture, Listing, ObjectMeta, Store};
 use crate::error::{Error, Result};
 
 /// Default per-request timeout. Long enough for a 1 GiB range on a slow link;
@@ -306,7 +306,18 @@ impl RemoteStore {
         Ok(())
     }
 
+    /// Whether this is a plain HTTP(S) server: no listing, no directories.
+    fn is_http(&self) -> bool {
+        matches!(self.spec.url.scheme(), "http" | "https")
+    }
+
     async fn list_prefix(&self, prefix: &str) -> Result<Listing> {
+        if self.is_http() {
+            return Err(Error::Unsupported(format!(
+                "replica {:?} cannot list its objects (HTTP has no listing API); pass the object names (a manifest) instead",
+                self.name
+            )));
+        }
         let prefix = prefix.trim_matches('/');
         let full = match (self.prefix.is_empty(), prefix.is_empty()) {
             (true, _) => prefix.to_owned(),
@@ -332,11 +343,7 @@ impl RemoteStore {
             objects: found
                 .objects
                 .iter()
-                .map(|meta| ListedObject {
-                    key: self.relative(&meta.location),
-                    size: meta.size,
-                    modified_unix_s: meta.last_modified.timestamp(),
-                })
+                .map(|meta| self.object_meta(meta))
                 .collect(),
             prefixes: found
                 .common_prefixes
@@ -361,6 +368,43 @@ impl RemoteStore {
             .to_owned()
     }
 
+    fn object_meta(&self, meta: &object_store::ObjectMeta) -> ObjectMeta {
+        let modified = meta.last_modified.timestamp_nanos_opt();
+        ObjectMeta {
+            modified_unix_ns: modified,
+            // Objects are written whole: the last write created this one.
+            created_unix_ns: modified,
+            version: meta.e_tag.clone().or_else(|| meta.version.clone()),
+            ..ObjectMeta::file(&self.relative(&meta.location), meta.size)
+        }
+    }
+
+    /// An object's metadata (one HEAD); a key that is no object but has
+    /// objects under it is a directory, as object stores have none.
+    async fn head_info(&self, key: &str) -> Result<ObjectMeta> {
+        let key = key.trim_matches('/');
+        if key.is_empty() {
+            return Ok(ObjectMeta::directory(""));
+        }
+        let client = self.client()?;
+        match client.head(&self.path(key)?).await {
+            Ok(meta) => Ok(ObjectMeta {
+                key: key.to_owned(),
+                ..self.object_meta(&meta)
+            }),
+            Err(e) => match self.error(key, e) {
+                Error::NotFound { .. } if !self.is_http() => {
+                    let under = self.list_prefix(key).await?;
+                    match under.objects.is_empty() && under.prefixes.is_empty() {
+                        true => Err(Error::NotFound { path: key.into() }),
+                        false => Ok(ObjectMeta::directory(key)),
+                    }
+                }
+                other => Err(other),
+            },
+        }
+    }
+
     async fn head_size(&self, key: &str) -> Result<u64> {
         let path = self.path(key)?;
         let client = self.client()?;
@@ -380,6 +424,10 @@ impl Store for RemoteStore {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
         Box::pin(self.list_prefix(prefix))
+    }
+
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(self.head_info(key))
     }
 
     fn read_into<'a>(
@@ -868,5 +916,19 @@ mod tests {
         let err = crate::runtime::block_on(store.read_into("x", 0, &mut buf)).unwrap_err();
         assert!(matches!(err, Error::Remote(_)), "{err:?}");
         assert!(err.is_retryable());
+    }
+
+    #[test]
+    fn http_says_it_cannot_list_and_its_root_is_a_directory() {
+        // Neither needs a request: nothing listens on port 1.
+        let store = RemoteStore::open("http://127.0.0.1:1/data", &StorageOptions::new()).unwrap();
+        let err = crate::runtime::block_on(store.list("sub")).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+        assert!(err.to_string().contains("HTTP has no listing API"), "{err}");
+        assert!(!err.is_retryable());
+        let root = crate::runtime::block_on(store.info("/")).unwrap();
+        assert_eq!(root, ObjectMeta::directory(""));
+        let err = crate::runtime::block_on(store.info("x")).unwrap_err();
+        assert!(matches!(err, Error::Remote(_)), "{err:?}");
     }
 }
