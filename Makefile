@@ -52,7 +52,10 @@ $(TORCH_STAMP): requirements-torch.txt $(DEPS_STAMP)
 	  $(PY) -m pip install -q --no-deps --no-cache-dir -r requirements-torch.txt && touch $@; \
 	fi
 
+# An extension built before the wheel became abi3 (`_core.cpython-3XX-*.so`)
+# would shadow the abi3 one (`_core.abi3.so`) in a reused checkout.
 build: $(DEPS_STAMP)
+	rm -f python/feedline/_core.cpython-*.so
 	$(BIN)/maturin develop --release -q
 
 lint: lint-rust lint-python stubtest

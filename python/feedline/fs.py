@@ -9,7 +9,6 @@ import os
 import posixpath
 import re
 import shutil
-import sys
 import urllib.parse
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -638,7 +637,7 @@ class FeedlineFile(io.RawIOBase):
         #: What fsspec's caching layers (``blockcache::``,
         #: ``CachingFileSystem``) expect of a file: their block size, and a
         #: ``cache`` they install whose misses come back to `_fetch_range`.
-        self.blocksize = fs.chunk_bytes
+        self.blocksize: int = fs.prefetch.chunk_bytes
         self.cache: Any = None
 
     def _fetch_range(self, start: int, end: int) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import tomllib
 from feedline import _extras
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_extras_are_read_from_the_package_metadata() -> None:

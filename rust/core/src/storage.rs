@@ -193,31 +193,90 @@ impl Storage {
     /// replica that has it: a replica that lags or fails is passed over, and
     /// "not found" means no replica has it.
     pub fn info(&self, key: &str) -> Result<ObjectMeta> {
+        // The size through the router first: hedged, failed over and
+        // counted towards ejection like any read, so a silent replica is
+        // found out (and ejected) here too, and is asked last below. A
+        // directory or prefix has no size: the replicas say what it is.
+        // (Two requests per object until the router routes `info` itself.)
+        if !key.is_empty() && !key.ends_with('/') {
+            match self.size(key) {
+                Ok(_) | Err(Error::NotFound { .. } | Error::IsADirectory { .. }) => {}
+                Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                Err(_) => {}
+            }
+        }
         self.first_answer(key, |store| store.info(key))
     }
 
-    /// Asks each replica's own store in turn (metadata has no bytes to
-    /// verify or hedge): the first answer wins; a caller mistake or an
-    /// unsupported call stops at once; "not found" only when every replica
-    /// says so, else every replica's failure is named.
+    /// Asks the replicas' own stores, hedged: the first (in the key's
+    /// preference order, ejected replicas last) at once, each next one when
+    /// the one before has failed or after one more hedge delay, so a replica
+    /// that accepts connections and never answers costs one delay, not the
+    /// deadline. The first answer wins (the rest are dropped, which cancels
+    /// them); a caller mistake or an unsupported call stops at once; "not
+    /// found" only when every replica says so, else each failure is named.
     fn first_answer<'a, T>(
         &'a self,
         key: &str,
         ask: impl Fn(&'a dyn Store) -> BoxFuture<'a, Result<T>>,
     ) -> Result<T> {
+        let router = &self.router;
+        let mut order: Vec<usize> = (0..self.replicas.len()).collect();
+        if order.len() == router.len() {
+            let prefs: Vec<usize> = router.preference_list(key).iter().collect();
+            order = prefs;
+            order.sort_by_key(|&i| router.health(i).is_ejected());
+        }
+        let delay = crate::route::config::hedge_fallback();
+        let deadline = router.config().deadline;
+        let (failed_tx, failed_rx) = tokio::sync::watch::channel(0usize);
+        let asks = order.iter().enumerate().map(|(rank, &i)| {
+            let store = self.replicas[i].as_ref();
+            let mut failed = failed_rx.clone();
+            let ask = &ask;
+            async move {
+                if rank > 0 {
+                    // Until every earlier replica failed, or `rank` delays.
+                    let _ =
+                        tokio::time::timeout(delay * rank as u32, failed.wait_for(|n| *n >= rank))
+                            .await;
+                }
+                (i, ask(store).await)
+            }
+        });
+        let mut pending: futures::stream::FuturesUnordered<_> = asks.collect();
         let mut failures = Vec::new();
         let mut all_not_found = true;
-        for store in &self.replicas {
-            match runtime::block_on(ask(store.as_ref())) {
-                Ok(found) => return Ok(found),
-                Err(e @ (Error::InvalidArgument(_) | Error::Unsupported(_))) => return Err(e),
-                Err(e) => {
-                    all_not_found &= matches!(e, Error::NotFound { .. });
-                    failures.push(ReplicaFailure {
-                        replica: store.name().to_owned(),
-                        error: e.to_string(),
-                    });
+        let outcome = runtime::block_on(async {
+            tokio::time::timeout(deadline, async {
+                while let Some((i, answer)) = pending.next().await {
+                    match answer {
+                        Ok(found) => return Some(Ok(found)),
+                        Err(e @ (Error::InvalidArgument(_) | Error::Unsupported(_))) => {
+                            return Some(Err(e))
+                        }
+                        Err(e) => {
+                            all_not_found &= matches!(e, Error::NotFound { .. });
+                            failures.push(ReplicaFailure {
+                                replica: self.replicas[i].name().to_owned(),
+                                error: e.to_string(),
+                            });
+                            failed_tx.send_modify(|n| *n += 1);
+                        }
+                    }
                 }
+                None
+            })
+            .await
+        });
+        match outcome {
+            Ok(Some(answer)) => return answer,
+            Ok(None) => {}
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: format!("metadata of {key:?} from any replica"),
+                    elapsed_ms: deadline.as_millis() as u64,
+                })
             }
         }
         if all_not_found {
