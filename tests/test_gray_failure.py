@@ -10,10 +10,12 @@ hit, so a path that waits fails the test with ``ReplicasUnavailable``."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,14 +215,45 @@ def test_a_replica_that_ignores_range_fails_over_and_is_ejected(
         assert replica["errors"] >= 1 and replica["ejections"] >= 1, replica
 
 
-def test_a_stream_whose_read_times_out_raises_an_oserror(tmp_path: Path) -> None:
-    with silent_socket() as silent:
-        fs = FileSystem(
-            replicas=[silent], timeout_ms=200, deadline_ms=1000, skip_instance_cache=True
-        )
-        # Exact ranges: no size is asked, the stream's own read times out.
+@contextlib.contextmanager
+def head_only_server() -> Iterator[str]:
+    """An HTTP server that answers HEAD (a 1,000-byte object) and never
+    answers GET: sizes work, reads time out."""
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            release.wait(30)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            del format, args
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("plan", [["k0.bin"], [("k0.bin", 0, 100)]])
+def test_a_stream_whose_read_times_out_raises_an_oserror(plan: list[Any]) -> None:
+    with head_only_server() as url:
+        fs = FileSystem(replicas=[url], timeout_ms=200, deadline_ms=1000, skip_instance_cache=True)
+        # The size is answered; the stream's own read times out, and says
+        # so as cat_file would (it was a ValueError about the ring's slot).
         with pytest.raises(OSError) as caught:
-            for _ in fs.stream([("k0.bin", 0, 100)]):
+            for _ in fs.stream(plan):
                 pass
         assert isinstance(caught.value, (TimeoutError, feedline.ReplicasUnavailable)), caught.value
-        assert "k0.bin" in str(caught.value)
+        assert "read of" in str(caught.value) and "k0.bin" in str(caught.value)
