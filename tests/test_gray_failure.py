@@ -24,6 +24,7 @@ from typing import Any
 import feedline
 import pytest
 from feedline import FileSystem
+from feedline._core import Rendezvous
 
 KEYS = 12
 SIZE = 64 * 1024
@@ -86,6 +87,21 @@ def range_ignoring_server(root: Path) -> Iterator[str]:
             proc.wait()
 
 
+def _lead(data: dict[str, bytes], root: Path, replicas: list[str], at_least: int = 3) -> None:
+    """Adds objects to ``data`` (and ``root``) until replica 0 is the first
+    choice for ``at_least`` keys: placement hashes the replica URLs, whose
+    ports vary from run to run, and the test must not depend on luck."""
+    placement = Rendezvous(replicas)
+    j = 0
+    while sum(placement.preference_list(k)[0] == 0 for k in data) < at_least:
+        assert j < 200, "no key placed on replica 0 in 200 tries"
+        key = f"x{j}.bin"
+        body = os.urandom(SIZE)
+        (root / key).write_bytes(body)
+        data[key] = body
+        j += 1
+
+
 def _fs(replicas: list[str], **options: Any) -> FileSystem:
     return FileSystem(
         replicas=replicas, deadline_ms=DEADLINE_MS, skip_instance_cache=True, **options
@@ -115,7 +131,8 @@ def _info(fs: FileSystem, data: dict[str, bytes]) -> None:
 
 def _cat_ranges(fs: FileSystem, data: dict[str, bytes]) -> None:
     keys = list(data)
-    got = fs.cat_ranges(keys + keys, [0] * KEYS + [500] * KEYS, [10] * KEYS + [SIZE] * KEYS)
+    n = len(keys)
+    got = fs.cat_ranges(keys + keys, [0] * n + [500] * n, [10] * n + [SIZE] * n)
     assert got == [data[k][:10] for k in keys] + [data[k][500:] for k in keys]
 
 
@@ -161,6 +178,7 @@ def test_a_silent_socket_costs_a_hedge_not_the_deadline(
 ) -> None:
     healthy = nginx_replicas(tmp_path, 1)
     with silent_socket() as silent:
+        _lead(dataset, tmp_path, [silent, healthy.url(0)])
         fs = _fs([silent, healthy.url(0)], eject_after_failures=2)
         PATHS[path](fs, dataset)
         _assert_silent_replica_ejected(fs, 0)
@@ -171,6 +189,7 @@ def test_a_stopped_nginx_costs_a_hedge_not_the_deadline(
     path: str, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
 ) -> None:
     replicas = nginx_replicas(tmp_path, 2)
+    _lead(dataset, tmp_path, replicas.urls)
     replicas.pause(0)
     try:
         fs = _fs(replicas.urls, eject_after_failures=2)
@@ -187,6 +206,9 @@ def test_with_no_routing_options_a_silent_replica_is_hedged_and_ejected(
     # whole run takes a few hedge delays, not a 30 s deadline per read.
     healthy = nginx_replicas(tmp_path, 1)
     with silent_socket() as silent:
+        # Enough keys first on the silent replica for the default ejection
+        # (5 in a row) within the three rounds.
+        _lead(dataset, tmp_path, [silent, healthy.url(0)], at_least=2)
         fs = FileSystem(replicas=[silent, healthy.url(0)], skip_instance_cache=True)
         for _ in range(3):
             _ranged(fs, dataset)
@@ -199,6 +221,7 @@ def test_a_replica_that_ignores_range_fails_over_and_is_ejected(
 ) -> None:
     healthy = nginx_replicas(tmp_path, 1)
     with range_ignoring_server(tmp_path) as ignoring:
+        _lead(dataset, tmp_path, [ignoring, healthy.url(0)])
         fs = _fs([ignoring, healthy.url(0)], eject_after_failures=2)
         # Ranges smaller than the objects: the whole body is the wrong answer.
         if path == "stream":
