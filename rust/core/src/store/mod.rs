@@ -94,6 +94,13 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Folds in and clears what `read_into_blocking_tallied` held in `tally`.
     fn fold_tally(&self, _tally: &mut Tally) {}
 
+    /// Whether requests wait on a network peer that can fall silent (an
+    /// HTTP or object-store endpoint) rather than on the local kernel. The
+    /// router hedges such replicas by default.
+    fn waits_on_network(&self) -> bool {
+        false
+    }
+
     /// The objects and the "directories" (common prefixes) directly under
     /// `prefix`, a key relative to the replica root (`""`: the root). Object
     /// stores list; a store that cannot says so (`InvalidArgument`).
