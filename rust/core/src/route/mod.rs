@@ -7,6 +7,11 @@
 //! error with jittered backoff, all under one deadline and a retry budget
 //! ([`budget`]) shared by retries and hedges. The ring and the prefetcher
 //! see only a `Store`.
+//!
+//! One engine (`Router::run`) serves ranges, whole objects and sizes. Reads
+//! that a store can serve on the calling thread (page-cache `pread`) run the
+//! same code in blocking mode, where nothing waits on the executor, so one
+//! poll drives it to the end without a task or a wake-up.
 
 pub mod budget;
 pub mod config;
