@@ -160,21 +160,3 @@ def test_no_numeric_option_can_panic(tmp_path: Path) -> None:
                 feedline.FileSystem([tmp_path], chaos={0: feedline.Chaos(**{name: value})})
             except (TypeError, ValueError) as e:
                 assert name in str(e), (name, value, e)
-
-
-def test_hedging_is_auto_by_default_and_none_turns_it_off(tmp_path: Path) -> None:
-    roots = [tmp_path / "a", tmp_path / "b"]
-    for root in roots:
-        root.mkdir()
-        (root / "k").write_bytes(b"x" * 100)
-    assert feedline.Routing().hedge_after_ms == "auto"
-    slow = {0: feedline.Chaos(latency=feedline.chaos.Fixed(300))}
-    # Weighted so the slow replica is every key's first choice.
-    replicas = [feedline.Replica(roots[0], weight=1000), feedline.Replica(roots[1], weight=0.001)]
-    auto = feedline.FileSystem(replicas, chaos=slow)
-    off = feedline.FileSystem(replicas, chaos=slow, hedge_after_ms=None)
-    assert off.config["routing"]["hedge_after_ms"] is None
-    for fs in (auto, off):
-        assert fs.cat_file("k", 0, 10) == b"x" * 10
-    assert sum(r["hedges_sent"] for r in auto.stats()["replicas"]) == 1
-    assert sum(r["hedges_sent"] for r in off.stats()["replicas"]) == 0

@@ -10,10 +10,12 @@ hit, so a path that waits fails the test with ``ReplicasUnavailable``."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import feedline
 import pytest
 from feedline import FileSystem
+from feedline._core import Rendezvous
 
 KEYS = 12
 SIZE = 64 * 1024
@@ -84,6 +87,21 @@ def range_ignoring_server(root: Path) -> Iterator[str]:
             proc.wait()
 
 
+def _lead(data: dict[str, bytes], root: Path, replicas: list[str], at_least: int = 3) -> None:
+    """Adds objects to ``data`` (and ``root``) until replica 0 is the first
+    choice for ``at_least`` keys: placement hashes the replica URLs, whose
+    ports vary from run to run, and the test must not depend on luck."""
+    placement = Rendezvous(replicas)
+    j = 0
+    while sum(placement.preference_list(k)[0] == 0 for k in data) < at_least:
+        assert j < 200, "no key placed on replica 0 in 200 tries"
+        key = f"x{j}.bin"
+        body = os.urandom(SIZE)
+        (root / key).write_bytes(body)
+        data[key] = body
+        j += 1
+
+
 def _fs(replicas: list[str], **options: Any) -> FileSystem:
     return FileSystem(
         replicas=replicas, deadline_ms=DEADLINE_MS, skip_instance_cache=True, **options
@@ -113,7 +131,8 @@ def _info(fs: FileSystem, data: dict[str, bytes]) -> None:
 
 def _cat_ranges(fs: FileSystem, data: dict[str, bytes]) -> None:
     keys = list(data)
-    got = fs.cat_ranges(keys + keys, [0] * KEYS + [500] * KEYS, [10] * KEYS + [SIZE] * KEYS)
+    n = len(keys)
+    got = fs.cat_ranges(keys + keys, [0] * n + [500] * n, [10] * n + [SIZE] * n)
     assert got == [data[k][:10] for k in keys] + [data[k][500:] for k in keys]
 
 
@@ -159,6 +178,7 @@ def test_a_silent_socket_costs_a_hedge_not_the_deadline(
 ) -> None:
     healthy = nginx_replicas(tmp_path, 1)
     with silent_socket() as silent:
+        _lead(dataset, tmp_path, [silent, healthy.url(0)])
         fs = _fs([silent, healthy.url(0)], eject_after_failures=2)
         PATHS[path](fs, dataset)
         _assert_silent_replica_ejected(fs, 0)
@@ -169,6 +189,7 @@ def test_a_stopped_nginx_costs_a_hedge_not_the_deadline(
     path: str, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
 ) -> None:
     replicas = nginx_replicas(tmp_path, 2)
+    _lead(dataset, tmp_path, replicas.urls)
     replicas.pause(0)
     try:
         fs = _fs(replicas.urls, eject_after_failures=2)
@@ -185,6 +206,9 @@ def test_with_no_routing_options_a_silent_replica_is_hedged_and_ejected(
     # whole run takes a few hedge delays, not a 30 s deadline per read.
     healthy = nginx_replicas(tmp_path, 1)
     with silent_socket() as silent:
+        # Enough keys first on the silent replica for the default ejection
+        # (5 in a row) within the three rounds.
+        _lead(dataset, tmp_path, [silent, healthy.url(0)], at_least=2)
         fs = FileSystem(replicas=[silent, healthy.url(0)], skip_instance_cache=True)
         for _ in range(3):
             _ranged(fs, dataset)
@@ -197,6 +221,7 @@ def test_a_replica_that_ignores_range_fails_over_and_is_ejected(
 ) -> None:
     healthy = nginx_replicas(tmp_path, 1)
     with range_ignoring_server(tmp_path) as ignoring:
+        _lead(dataset, tmp_path, [ignoring, healthy.url(0)])
         fs = _fs([ignoring, healthy.url(0)], eject_after_failures=2)
         # Ranges smaller than the objects: the whole body is the wrong answer.
         if path == "stream":
@@ -213,14 +238,64 @@ def test_a_replica_that_ignores_range_fails_over_and_is_ejected(
         assert replica["errors"] >= 1 and replica["ejections"] >= 1, replica
 
 
-def test_a_stream_whose_read_times_out_raises_an_oserror(tmp_path: Path) -> None:
-    with silent_socket() as silent:
-        fs = FileSystem(
-            replicas=[silent], timeout_ms=200, deadline_ms=1000, skip_instance_cache=True
-        )
-        # Exact ranges: no size is asked, the stream's own read times out.
+@contextlib.contextmanager
+def head_only_server() -> Iterator[str]:
+    """An HTTP server that answers HEAD (a 1,000-byte object) and never
+    answers GET: sizes work, reads time out."""
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            release.wait(30)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            del format, args
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("plan", [["k0.bin"], [("k0.bin", 0, 100)]])
+def test_a_stream_whose_read_times_out_raises_an_oserror(plan: list[Any]) -> None:
+    with head_only_server() as url:
+        fs = FileSystem(replicas=[url], timeout_ms=200, deadline_ms=1000, skip_instance_cache=True)
+        # The size is answered; the stream's own read times out, and says
+        # so as cat_file would (it was a ValueError about the ring's slot).
         with pytest.raises(OSError) as caught:
-            for _ in fs.stream([("k0.bin", 0, 100)]):
+            for _ in fs.stream(plan):
                 pass
         assert isinstance(caught.value, (TimeoutError, feedline.ReplicasUnavailable)), caught.value
-        assert "k0.bin" in str(caught.value)
+        assert "read of" in str(caught.value) and "k0.bin" in str(caught.value)
+
+
+def test_hedging_is_auto_by_default_and_none_turns_it_off(
+    dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
+) -> None:
+    assert feedline.Routing().hedge_after_ms == "auto"
+    healthy = nginx_replicas(tmp_path, 1)
+    key, body = next(iter(dataset.items()))
+    with silent_socket() as silent:
+        # Weighted so the silent replica is every key's first choice.
+        replicas = [feedline.Replica(silent, weight=1000), healthy.url(0)]
+        auto = FileSystem(replicas, deadline_ms=3000, skip_instance_cache=True)
+        assert auto.cat_file(key, 0, 100) == body[:100]
+        assert sum(r["hedges_won"] for r in auto.stats()["replicas"]) >= 1
+        off = FileSystem(replicas, deadline_ms=300, hedge_after_ms=None, skip_instance_cache=True)
+        assert off.config["routing"]["hedge_after_ms"] is None
+        with pytest.raises(OSError):
+            off.cat_file(key, 0, 100)
+        assert sum(r["hedges_sent"] for r in off.stats()["replicas"]) == 0

@@ -550,6 +550,10 @@ impl Store for ChaosStore {
         &self.name
     }
 
+    fn waits_on_network(&self) -> bool {
+        self.inner.waits_on_network()
+    }
+
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             if self.sampler.down_now() {

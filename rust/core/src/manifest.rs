@@ -505,6 +505,10 @@ impl Store for VerifyingStore {
         &self.name
     }
 
+    fn waits_on_network(&self) -> bool {
+        self.inner.waits_on_network()
+    }
+
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             let size = self.inner.size(key).await?;

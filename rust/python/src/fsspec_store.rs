@@ -123,6 +123,11 @@ impl Store for FsspecStore {
         &self.name
     }
 
+    /// Protocols without a native backend (gcsfs, sftp, ...) are remote.
+    fn waits_on_network(&self) -> bool {
+        true
+    }
+
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, feedline_core::Result<u64>> {
         Box::pin(self.call(key, |_py, fs, path| {
             let info = fs.call_method1("info", (path,))?;

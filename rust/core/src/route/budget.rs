@@ -166,6 +166,34 @@ mod tests {
     }
 
     #[test]
+    fn hedges_leave_the_failover_reserve_alone() {
+        // Idle balance 100 tokens (10/s × 10 s): hedges may take it down to
+        // the reserve (a quarter), retries the rest.
+        let b = RetryBudget::new(0.1, 10.0);
+        let mut hedges = 0;
+        while b.try_withdraw_hedge() {
+            hedges += 1;
+            assert!(hedges <= 100, "hedges never stop");
+        }
+        assert!((74..=76).contains(&hedges), "{hedges}");
+        let mut retries = 0;
+        while b.try_withdraw() {
+            retries += 1;
+            assert!(retries <= 100, "retries never stop");
+        }
+        assert!((24..=26).contains(&retries), "{retries}");
+        // With no floor the reserve is one token: a hedge never takes the
+        // last one.
+        let lean = RetryBudget::new(0.9, 0.0);
+        lean.deposit();
+        lean.deposit();
+        // 1.8 tokens: enough for a retry, not for a hedge (which would
+        // leave less than the one-token reserve).
+        assert!(!lean.try_withdraw_hedge());
+        assert!(lean.try_withdraw());
+    }
+
+    #[test]
     fn backoff_is_jittered_and_capped() {
         let base = Duration::from_millis(10);
         let cap = Duration::from_millis(50);

@@ -24,9 +24,10 @@ pub const MIN_HEDGE_SAMPLES: u64 = 20;
 /// A fixed delay below the replicas' normal latency hedges most reads and
 /// drains the retry budget; the p95 hedges about one read in twenty, and a
 /// replica that accepts connections and never answers costs one p95 (or
-/// the fallback) per read until it is ejected. (Reads that a store serves
-/// on the calling thread, local page-cache `pread`s, are not hedged unless
-/// `hedge_after_ms` is given.)
+/// the fallback) per read until it is ejected. Only replicas that wait on
+/// the network ([`crate::store::Store::waits_on_network`]: HTTP, object
+/// stores, fsspec protocols) are hedged by default; local files are not
+/// unless `hedge_after_ms` is given.
 pub const DEFAULT_HEDGE_AFTER: HedgeAfter = HedgeAfter::Percentile(95.0);
 /// The hedge delay of a percentile with fewer than [`MIN_HEDGE_SAMPLES`]
 /// samples: above a healthy object store's usual first-byte latency, far

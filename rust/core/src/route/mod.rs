@@ -7,6 +7,11 @@
 //! error with jittered backoff, all under one deadline and a retry budget
 //! ([`budget`]) shared by retries and hedges. The ring and the prefetcher
 //! see only a `Store`.
+//!
+//! One engine (`Router::run`) serves ranges, whole objects and sizes. Reads
+//! that a store can serve on the calling thread (page-cache `pread`) run the
+//! same code in blocking mode, where nothing waits on the executor, so one
+//! poll drives it to the end without a task or a wake-up.
 
 pub mod budget;
 pub mod config;
@@ -46,6 +51,8 @@ enum AttemptKind {
 #[derive(Debug)]
 struct Replica {
     store: Arc<dyn Store>,
+    /// Hedged by default (see [`Store::waits_on_network`]).
+    remote: bool,
     health: ReplicaHealth,
     hedge_delay: Mutex<Option<(Instant, Option<Duration>)>>,
 }
@@ -253,6 +260,7 @@ impl Router {
             .into_iter()
             .zip(stores)
             .map(|(n, store)| Replica {
+                remote: store.waits_on_network(),
                 store,
                 health: ReplicaHealth::new(n),
                 hedge_delay: Mutex::new(None),
@@ -436,20 +444,23 @@ impl Router {
 
     /// How long the attempt on `r` runs before a hedge is sent; `None`:
     /// no hedge. With `hedge_after_ms="auto"` (the default) the router
-    /// hedges at the replicas' p95 (see [`config::DEFAULT_HEDGE_AFTER`]); a percentile
-    /// with too few samples yet waits [`config::HEDGE_FALLBACK_MS`].
+    /// hedges network replicas at their p95 (see
+    /// [`config::DEFAULT_HEDGE_AFTER`]); a percentile with too few samples
+    /// yet waits [`config::HEDGE_FALLBACK_MS`]. `None` turns hedging off.
     fn hedge_delay(&self, r: usize) -> Option<Duration> {
-        if self.config.hedge_after.is_none() && (self.replicas.len() < 2 || !self.config.hedge_auto)
-        {
-            // Nobody else to hedge to, and no hedging within the replica
-            // asked for: no timer per read.
-            return None;
-        }
-        match self
-            .config
-            .hedge_after
-            .unwrap_or(config::DEFAULT_HEDGE_AFTER)
-        {
+        let hedge_after = match self.config.hedge_after {
+            Some(h) => h,
+            // By default only replicas that can fall silent are hedged, and
+            // only towards another replica: no timer per read otherwise.
+            None if self.config.hedge_auto
+                && self.replicas[r].remote
+                && self.replicas.len() > 1 =>
+            {
+                config::DEFAULT_HEDGE_AFTER
+            }
+            None => return None,
+        };
+        match hedge_after {
             HedgeAfter::Fixed(d) => Some(d),
             HedgeAfter::Percentile(p) => {
                 let replica = &self.replicas[r];

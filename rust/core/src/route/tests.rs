@@ -826,3 +826,86 @@ fn a_lone_replica_hedges_within_itself_and_the_loser_is_cancelled() {
     assert!(!r.ejected && r.consecutive_failures == 0, "{r:?}");
     assert!(r.hedges_sent <= 24 / 2, "the budget bounds hedges: {r:?}");
 }
+
+/// Says its reads wait on a network peer; otherwise `inner`.
+#[derive(Debug)]
+struct Networked(Arc<dyn Store>);
+
+impl Store for Networked {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        self.0.size(key)
+    }
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        self.0.read_into(key, offset, buf)
+    }
+    fn waits_on_network(&self) -> bool {
+        true
+    }
+}
+
+/// Accepts every request and never answers (within a test's life).
+#[derive(Debug)]
+struct Silent;
+
+impl Store for Silent {
+    fn name(&self) -> &str {
+        "silent"
+    }
+    fn size<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(0)
+        })
+    }
+    fn read_into<'a>(
+        &'a self,
+        _key: &'a str,
+        _offset: u64,
+        _buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn network_replicas_are_hedged_by_default_and_a_silent_one_is_ejected() {
+    // No routing options. The key's first choice never answers, the other
+    // replica does: every read and size succeeds after one (fallback)
+    // hedge delay, and the silent one is ejected after the default number
+    // of lost races.
+    let data = pattern(8, 4096);
+    let reps = Replicas::new(2, |_| Some(data.clone()));
+    let names = reps.names();
+    let silent = Rendezvous::new(&names, None).unwrap().primary("obj");
+    let healthy = reps.local().remove(1 - silent);
+    let mut stores: Vec<Arc<dyn Store>> = vec![Arc::new(Networked(healthy))];
+    stores.insert(silent, Arc::new(Networked(Arc::new(Silent))));
+    let router = Router::new(names, stores, RouterConfig::default()).unwrap();
+    let mut buf = vec![0u8; 100];
+    let reads = config::DEFAULT_EJECT_AFTER_FAILURES as u64 + 3;
+    for i in 0..reads {
+        runtime::block_on(router.read_into("obj", i, &mut buf)).unwrap();
+        assert_eq!(buf[..], data[i as usize..i as usize + 100]);
+    }
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    let s = router.stats(false);
+    let (lost, won) = (&s.replicas[silent], &s.replicas[1 - silent]);
+    assert!(lost.ejected && lost.errors == 0, "{lost:?}");
+    assert_eq!(
+        won.hedges_won,
+        config::DEFAULT_EJECT_AFTER_FAILURES as u64,
+        "hedged until ejected, then straight to the healthy one: {won:?}"
+    );
+    assert_eq!(s.read_errors, 0);
+}

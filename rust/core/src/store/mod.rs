@@ -101,6 +101,13 @@ pub trait Store: Send + Sync + Debug + 'static {
         Box::pin(async move { Ok(ObjectMeta::file(key, self.size(key).await?)) })
     }
 
+    /// Whether requests wait on a network peer that can fall silent (an
+    /// HTTP or object-store endpoint) rather than on the local kernel. The
+    /// router hedges such replicas by default.
+    fn waits_on_network(&self) -> bool {
+        false
+    }
+
     /// The objects and the "directories" (common prefixes) directly under
     /// `prefix`, a key relative to the replica root (`""`: the root). A
     /// prefix that names an object, or nothing, lists empty on object stores

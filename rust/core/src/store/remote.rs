@@ -418,6 +418,10 @@ impl Store for RemoteStore {
         &self.name
     }
 
+    fn waits_on_network(&self) -> bool {
+        true
+    }
+
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(self.head_size(key))
     }
