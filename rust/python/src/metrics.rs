@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use feedline_core::metrics::LatencyHistogram;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::errors::IntoPyResult;
 
 #[pyclass(name = "LatencyHistogram", module = "feedline._core", frozen)]
 pub struct PyLatencyHistogram {
@@ -95,6 +97,20 @@ impl PyLatencyHistogram {
 
     fn reset(&self) {
         self.lock().reset();
+    }
+
+    /// Every recorded bucket as bytes, for shipping to another process.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.lock().to_bytes())
+    }
+
+    /// The histogram `to_bytes` wrote; merging such copies is exact.
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        let hist = LatencyHistogram::from_bytes(data).py()?;
+        Ok(PyLatencyHistogram {
+            inner: Mutex::new(hist),
+        })
     }
 }
 
