@@ -184,6 +184,9 @@ class ParquetDataset(IterableDataset):  # type: ignore[type-arg]
                 f"the state holds {len(ranks)} of {job['world_size']} ranks; "
                 "gather every rank's (a process group makes state_dict() do it)"
             )
+        order = [r.get("rank") for r in ranks]
+        if order != list(range(len(ranks))):
+            raise ValueError(f"the state holds ranks {order}, not 0..{len(ranks) - 1}")
         old_workers = {int(r["num_workers"]) for r in ranks}
         if len(ranks) == world and old_workers == {workers}:
             self.load_state_dict(ranks[rank])
@@ -257,13 +260,16 @@ class ResumableLoader(DataLoader):  # type: ignore[type-arg]
         #: Batches handed out since the epoch (or the loaded state) began.
         self.batches_taken = 0
         self._pending_epoch: int | None = None
+        self._done = False
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         self.batches_taken = 0
         self._pending_epoch = None
+        self._done = False
         for batch in super().__iter__():
             self.batches_taken += 1
             yield batch
+        self._done = True
 
     def set_epoch(self, epoch: int) -> None:
         """As ``DistributedSampler.set_epoch``; a no-op for the epoch a
@@ -276,7 +282,12 @@ class ResumableLoader(DataLoader):  # type: ignore[type-arg]
 
     def state_dict(self) -> dict[str, Any]:
         rank, world = self.dataset._rank()
-        mine = {"rank": rank} | self.dataset.loader_state_dict(self.batches_taken, self.num_workers)
+        if self.num_workers == 0 and self.batches_taken:
+            mine = {"rank": rank, "num_workers": 1, "workers": [self._in_process_state()]}
+        else:
+            mine = {"rank": rank} | self.dataset.loader_state_dict(
+                self.batches_taken, self.num_workers
+            )
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             ranks: list[Any] = [None] * dist.get_world_size()
@@ -285,7 +296,17 @@ class ResumableLoader(DataLoader):  # type: ignore[type-arg]
             ranks = [mine]
         return {"version": JOB_STATE_VERSION, "world_size": world, "ranks": ranks}
 
+    def _in_process_state(self) -> dict[str, Any]:
+        """Without workers the stream ran here and knows where it stands;
+        once it has run dry, it stands at its end (not at a replay)."""
+        stream = self.dataset.stream
+        state = stream.state_dict() | {"worker": 0}
+        if self._done:
+            state["rows_delivered"] = stream._shard_rows(0, 1, stream._plan)[0]
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._done = False
         self.dataset.load_job_state(state, self.num_workers)
         self.batches_taken = 0
         self._pending_epoch = self.dataset.stream.epoch
