@@ -52,11 +52,13 @@ def by_row_id(table: pa.Table) -> pa.Table:
     return table.sort_by("row_id").select(["row_id", "c0", "c1"])
 
 
-def faulty_replicas(urls: list[str]) -> dict[str, Any]:
-    # Replica 0 fails 40% of reads: the core must fail over, not lose rows.
+def faulty_replicas(replicas: NginxReplicas) -> dict[str, Any]:
+    """FileSystem options over 3 replicas: 0 is dead (its nginx killed), 1
+    fails 30% of reads; the core must fail over without losing a row."""
+    replicas.kill(0)
     return {
-        "replicas": urls,
-        "chaos": {0: feedline.Chaos(error_rate=0.4, seed=1)},
+        "replicas": replicas.urls,
+        "chaos": {1: feedline.Chaos(error_rate=0.3, seed=1)},
     }
 
 
@@ -67,7 +69,7 @@ def test_ray_read_parquet_over_a_feedline_filesystem(
 ) -> None:
     root, keys, want = files
     replicas = nginx_replicas(root, 3)
-    fs = feedline.FileSystem(**faulty_replicas(replicas.urls))
+    fs = feedline.FileSystem(**faulty_replicas(replicas))
     ds = ray.data.read_parquet(keys, filesystem=fs)
     got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     assert by_row_id(got).equals(by_row_id(want))
@@ -80,10 +82,11 @@ def test_datasource_streams_row_groups_into_split_consumers(
 ) -> None:
     root, keys, want = files
     replicas = nginx_replicas(root, 3)
-    source = ParquetDatasource(keys, batch_rows=64, **faulty_replicas(replicas.urls))
+    options = faulty_replicas(replicas)
+    source = ParquetDatasource(keys, batch_rows=64, **options)
     tasks = source.get_read_tasks(4)
     assert len(tasks) == 4 and sum(t.metadata.num_rows for t in tasks) == ROWS
-    ds = read_parquet(keys, batch_rows=64, override_num_blocks=4, **faulty_replicas(replicas.urls))
+    ds = read_parquet(keys, batch_rows=64, override_num_blocks=4, **options)
     assert by_row_id(pa.concat_tables(ray.get(ds.to_arrow_refs()))).equals(by_row_id(want))
 
     # num_cpus=0: on 2 CPUs two consuming tasks would starve the read tasks.

@@ -4,6 +4,7 @@ and the errors on bad input. (torchrun end to end: test_ranks.py.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -75,7 +76,7 @@ def loader_states(dataset: str, world: int, stops: list[int]) -> tuple[list[int]
             delivered += [int(i) for i in batch["row_id"]]
             if step == stops[rank]:
                 break
-        ranks += loader.state_dict()["ranks"]
+        ranks += loader.job_state()["ranks"]
     return delivered, {"version": 1, "world_size": world, "ranks": ranks}
 
 
@@ -108,10 +109,27 @@ def test_resume_after_an_elastic_resume_is_exact(dataset: str) -> None:
         loader = resumed(rank, elastic)
         it = iter(loader)
         heads.append(ids([next(it) for _ in range(rank + 1)]))
-        ranks += loader.state_dict()["ranks"]
+        ranks += json.loads(loader.state_dict()["job_state"])["ranks"]
     job = {"version": 1, "world_size": 3, "ranks": ranks}
     for rank in range(3):
         assert heads[rank] + ids(list(resumed(rank, job))) == full[rank]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_torch_distributed_checkpoint_keeps_an_elastic_plan(dataset: str, tmp_path: Path) -> None:
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    _, elastic = loader_states(dataset, 2, [3, 4])
+    first = ResumableLoader(make(dataset, 0, 1))
+    first.load_state_dict(elastic)  # 2 ranks -> 1: its state now carries a plan
+    again = ResumableLoader(make(dataset, 0, 1))
+    again.load_state_dict(elastic)
+    whole = ids(list(again))
+    it = iter(first)
+    head = ids([next(it), next(it)])
+    dcp.save({"loader": first}, checkpoint_id=str(tmp_path))
+    fresh = ResumableLoader(make(dataset, 0, 1))  # its own state has no plan
+    dcp.load({"loader": fresh}, checkpoint_id=str(tmp_path))
+    assert head + ids(list(fresh)) == whole
 
 
 def test_job_state_errors(dataset: str) -> None:
@@ -186,8 +204,6 @@ def test_gathering_through_files_between_processes(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
-    import json
-
     assert json.loads(out) == job
     assert job["steps"] == 2 and job["slowest_rank"]["rank"] == 1
     assert job["au"] == pytest.approx(1.5 / (2 * 2.0))

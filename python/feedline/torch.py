@@ -5,6 +5,7 @@ Needs ``torch`` (the ``feedline[torch]`` extra)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -280,7 +281,15 @@ class ResumableLoader(DataLoader):  # type: ignore[type-arg]
         self.batches_taken = 0
         self.dataset.set_epoch(epoch)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, str]:
+        """``{"job_state": JSON}``: one string, because
+        ``torch.distributed.checkpoint`` loads into the structure of the
+        target's own state dict, and a nested one (plans in one layout, none
+        in another) would lose keys on the way."""
+        return {"job_state": json.dumps(self.job_state())}
+
+    def job_state(self) -> dict[str, Any]:
+        """Every rank's state (a collective under a process group)."""
         rank, world = self.dataset._rank()
         if self.num_workers == 0 and self.batches_taken:
             mine = {"rank": rank, "num_workers": 1, "workers": [self._in_process_state()]}
@@ -306,8 +315,10 @@ class ResumableLoader(DataLoader):  # type: ignore[type-arg]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict` (or a :meth:`job_state`)."""
+        job = json.loads(state["job_state"]) if "job_state" in state else state
         self._done = False
-        self.dataset.load_job_state(state, self.num_workers)
+        self.dataset.load_job_state(job, self.num_workers)
         self.batches_taken = 0
         self._pending_epoch = self.dataset.stream.epoch
 
