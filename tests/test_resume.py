@@ -95,11 +95,16 @@ def test_elastic_resume_delivers_the_rest_once(
     assert Counter(delivered) == Counter(range(ROWS))
 
 
-def test_resume_after_an_elastic_resume_is_exact(dataset: str) -> None:
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 2-core machines
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_an_elastic_resume_is_exact(dataset: str, workers: int) -> None:
     _, elastic = loader_states(dataset, 2, [3, 4])
 
     def resumed(rank: int, state: dict[str, Any]) -> ResumableLoader:
-        loader = ResumableLoader(make(dataset, rank, 3))
+        context = "fork" if workers else None
+        loader = ResumableLoader(
+            make(dataset, rank, 3), num_workers=workers, multiprocessing_context=context
+        )
         loader.load_state_dict(state)
         return loader
 
@@ -138,6 +143,11 @@ def test_job_state_errors(dataset: str) -> None:
         loader.load_state_dict({"epoch": 1})
     with pytest.raises(ValueError, match="holds 1 of 2 ranks"):
         loader.load_state_dict({"version": 1, "world_size": 2, "ranks": [{}]})
+    partial = {"rank": 0, "num_workers": 2, "workers": [{"worker": 0}]}
+    with pytest.raises(ValueError, match=r"no worker state for old shard\(s\) \[1, 3\]"):
+        loader.load_state_dict(
+            {"version": 1, "world_size": 2, "ranks": [partial, partial | {"rank": 1}]}
+        )
     with pytest.raises(ValueError, match=r"ranks \[1, 1\], not 0..1"):
         loader.load_state_dict({"version": 1, "world_size": 2, "ranks": [{"rank": 1}] * 2})
     with pytest.raises(ValueError, match="remainder must be one of"):

@@ -199,6 +199,9 @@ class ParquetDataset(IterableDataset):  # type: ignore[type-arg]
         for r, entry in enumerate(ranks):
             for st in entry["workers"]:
                 shards[r * old + int(st["worker"])] = st
+        missing = [s for s, st in enumerate(shards) if not st]
+        if missing:
+            raise ValueError(f"the state has no worker state for old shard(s) {missing}")
         states = []
         for w in range(workers):
             state = redeal(self.stream, shards, rank * workers + w, world * workers)
