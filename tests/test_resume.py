@@ -158,7 +158,7 @@ def test_job_state_errors(dataset: str) -> None:
 
 def test_merged_percentiles_equal_the_pooled_ones() -> None:
     rng = np.random.default_rng(3)
-    pooled = LatencyHistogram()
+    pooled, pooled_reads = LatencyHistogram(), LatencyHistogram()
     ranks = []
     for rank in range(4):
         # Each rank its own tail, so the job's p99.9 is no single rank's.
@@ -167,10 +167,15 @@ def test_merged_percentiles_equal_the_pooled_ones() -> None:
         for wait_s in waits_s:
             figures.record_step(wait_s=float(wait_s), compute_s=0.001)
             pooled.record_us(round(float(wait_s) * 1e6))
+        reads_us = rng.integers(50, 400_000 * (rank + 1), size=3000).tolist()
+        figures.histograms["read"] = LatencyHistogram()
+        figures.histograms["read"].record_many_us(reads_us)
+        pooled_reads.record_many_us(reads_us)
         ranks.append(RankFigures.from_json(figures.to_json()))  # as shipped between ranks
     job = job_figures(ranks)
     for name, p in (("p50_ms", 50.0), ("p99_ms", 99.0), ("p99.9_ms", 99.9)):
         assert job["wait"][name] == pooled.percentile_ms(p)
+        assert job["latency"]["read"][name] == pooled_reads.percentile_ms(p)
     assert job["wait"]["p99.9_ms"] not in [r.wait.percentile_ms(99.9) for r in ranks]
     assert job["slowest_rank"]["rank"] == 3
     assert job["au"] == pytest.approx(4 * 5000 * 0.001 / (4 * 13.0))

@@ -77,8 +77,10 @@ class RankFigures:
     compute_s: float = 0.0
     stall_s: float = 0.0
     steps: int = 0
-    #: Per step: how long it waited for its batch (µs buckets).
+    #: Per step: how long it waited for its batch.
     wait: LatencyHistogram = field(default_factory=LatencyHistogram)
+    #: More latencies by name (a bench Recorder's ``latency`` of reads, ...).
+    histograms: dict[str, LatencyHistogram] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
     replicas: list[dict[str, Any]] = field(default_factory=list)
 
@@ -96,15 +98,29 @@ class RankFigures:
         self.steps += 1
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "wait"}
-        out["wait"] = base64.b64encode(self.wait.to_bytes()).decode("ascii")
+        out = {k: v for k, v in self.__dict__.items() if k not in ("wait", "histograms")}
+        out["wait"] = _encode(self.wait)
+        out["histograms"] = {name: _encode(h) for name, h in self.histograms.items()}
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RankFigures:
         fields = dict(data)
-        wait = LatencyHistogram.from_bytes(base64.b64decode(fields.pop("wait")))
-        return cls(wait=wait, **fields)
+        wait = _decode(fields.pop("wait"))
+        histograms = {name: _decode(h) for name, h in fields.pop("histograms", {}).items()}
+        return cls(wait=wait, histograms=histograms, **fields)
+
+
+def _encode(hist: LatencyHistogram) -> str:
+    return base64.b64encode(hist.to_bytes()).decode("ascii")
+
+
+def _decode(text: str) -> LatencyHistogram:
+    return LatencyHistogram.from_bytes(base64.b64decode(text))
+
+
+def _percentiles(hist: LatencyHistogram) -> dict[str, float]:
+    return {"count": hist.count} | {name: hist.percentile_ms(p) for name, p in PERCENTILES}
 
 
 def gather_figures(
@@ -156,9 +172,12 @@ def job_figures(ranks: list[RankFigures]) -> dict[str, Any]:
     if not ranks:
         raise ValueError("job_figures needs the figures of at least one rank")
     wait = LatencyHistogram()
+    histograms: dict[str, LatencyHistogram] = {}
     counters: dict[str, float] = {}
     for r in ranks:
         wait.merge(r.wait)
+        for name, hist in r.histograms.items():
+            histograms.setdefault(name, LatencyHistogram()).merge(hist)
         for name, value in r.counters.items():
             counters[name] = counters.get(name, 0) + value
     slowest = max(ranks, key=lambda r: r.duration_s)
@@ -172,7 +191,8 @@ def job_figures(ranks: list[RankFigures]) -> dict[str, Any]:
         "compute_s": sum(r.compute_s for r in ranks),
         "stall_s": sum(r.stall_s for r in ranks),
         "stall_s_max": max(r.stall_s for r in ranks),
-        "wait": {"count": wait.count} | {name: wait.percentile_ms(p) for name, p in PERCENTILES},
+        "wait": _percentiles(wait),
+        "latency": {name: _percentiles(h) for name, h in sorted(histograms.items())},
         "counters": counters,
         "slowest_rank": {"rank": slowest.rank, "host": slowest.host, "duration_s": duration_s},
         "slowest_replica": _slowest_replica(ranks),
