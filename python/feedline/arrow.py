@@ -385,8 +385,8 @@ class ParquetStream:
     rank. DataLoader workers split a rank's share further. The unit of a
     shard is a row group, so a dataset needs at least as many row groups as
     shards for every shard to get data; ``remainder`` ("keep", "drop",
-    "pad") is what happens to the row groups left over (see the module doc). Globs (``*``, ``?``, ``[``) are
-    expanded on the local filesystem, or with ``fs.glob`` when ``fs`` has
+    "pad") is what happens to the row groups left over (see the module doc).
+    Globs (``*``, ``?``, ``[``) are expanded on the local filesystem, or with ``fs.glob`` when ``fs`` has
     replicas (directories, object stores; HTTP cannot list: pass the keys).
     """
 
