@@ -386,8 +386,9 @@ class ParquetStream:
     shard is a row group, so a dataset needs at least as many row groups as
     shards for every shard to get data; ``remainder`` ("keep", "drop",
     "pad") is what happens to the row groups left over (see the module doc).
-    Globs (``*``, ``?``, ``[``) are expanded on the local filesystem, or with ``fs.glob`` when ``fs`` has
-    replicas (directories, object stores; HTTP cannot list: pass the keys).
+    Globs (``*``, ``?``, ``[``) are expanded on the local filesystem, or
+    with ``fs.glob`` when ``fs`` has replicas (directories, object stores;
+    HTTP cannot list: pass the keys).
     """
 
     def __init__(
