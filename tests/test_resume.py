@@ -182,6 +182,28 @@ def test_merged_percentiles_equal_the_pooled_ones() -> None:
     assert job["stall_s"] == pytest.approx(sum(r.stall_s for r in ranks))
 
 
+def test_storage_read_latencies_travel_as_the_cores_histogram(tmp_path: Path) -> None:
+    import feedline
+
+    for i in range(40):
+        (tmp_path / f"f{i}").write_bytes(bytes([i]) * 4096)
+    fs = feedline.FileSystem()
+    for i in range(40):
+        assert fs.cat_file(str(tmp_path / f"f{i}")) == bytes([i]) * 4096
+    figures = RankFigures()
+    figures.record_storage(fs)
+    stats = fs.stats()
+    read = RankFigures.from_json(figures.to_json()).histograms["read"]
+    assert read.count == stats["latency"]["count"] >= 40
+    assert read.summary() == stats["latency"]
+    assert [(r["name"], r["requests"]) for r in figures.replicas] == [
+        (r["name"], r["requests"]) for r in stats["replicas"]
+    ]
+    job = job_figures([figures, RankFigures.from_json(figures.to_json())])
+    assert job["latency"]["read"]["count"] == 2 * read.count
+    assert job["latency"]["read"]["p99.9_ms"] == read.percentile_ms(99.9)
+
+
 def test_slowest_replica_is_named() -> None:
     a, b = RankFigures(rank=0), RankFigures(rank=1)
     a.replicas = [{"name": "http://r0", "latency": {"p99.9_ms": 4.0}}]

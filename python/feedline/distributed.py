@@ -24,9 +24,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feedline._core import LatencyHistogram
+
+if TYPE_CHECKING:
+    from feedline.fs import FileSystem
 
 #: Percentiles reported job-wide, as (name, percentile).
 PERCENTILES = (("p50_ms", 50.0), ("p90_ms", 90.0), ("p99_ms", 99.0), ("p99.9_ms", 99.9))
@@ -96,6 +99,16 @@ class RankFigures:
         self.stall_s += wait_s
         self.compute_s += compute_s
         self.steps += 1
+
+    def record_storage(self, fs: FileSystem) -> None:
+        """Adds ``fs``'s end-to-end read latencies (the core's own HDR
+        histogram, so they merge exactly) as ``histograms["read"]``, and its
+        per-replica figures as ``replicas``. Call it in the process that
+        read: a DataLoader worker's reads stay in that worker."""
+        hist = fs._storage.latency_histogram()
+        if hist is not None:
+            self.histograms.setdefault("read", LatencyHistogram()).merge(hist)
+        self.replicas = list(fs.stats().get("replicas") or [])
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("wait", "histograms")}

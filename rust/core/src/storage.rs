@@ -235,6 +235,11 @@ impl Storage {
         self.router.as_ref().map(|r| r.stats(reset))
     }
 
+    /// The end-to-end read latencies behind `stats` (`None` for a bare store).
+    pub fn latency_histogram(&self) -> Option<crate::metrics::LatencyHistogram> {
+        self.router.as_ref().map(|r| r.latency_histogram())
+    }
+
     /// `stats` as JSON (`null` for a bare store).
     pub fn stats_json(&self, reset: bool) -> String {
         // Plain numbers and strings: serialising cannot fail.

@@ -23,6 +23,14 @@ impl PyLatencyHistogram {
     }
 }
 
+impl From<LatencyHistogram> for PyLatencyHistogram {
+    fn from(hist: LatencyHistogram) -> Self {
+        PyLatencyHistogram {
+            inner: Mutex::new(hist),
+        }
+    }
+}
+
 fn check_percentile(percentile: f64) -> PyResult<f64> {
     if percentile.is_finite() && percentile > 0.0 && percentile <= 100.0 {
         Ok(percentile)
@@ -107,10 +115,7 @@ impl PyLatencyHistogram {
     /// The histogram `to_bytes` wrote; merging such copies is exact.
     #[staticmethod]
     fn from_bytes(data: &[u8]) -> PyResult<Self> {
-        let hist = LatencyHistogram::from_bytes(data).py()?;
-        Ok(PyLatencyHistogram {
-            inner: Mutex::new(hist),
-        })
+        Ok(LatencyHistogram::from_bytes(data).py()?.into())
     }
 }
 

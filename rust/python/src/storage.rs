@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
+use crate::metrics::PyLatencyHistogram;
 use crate::reader::PyReader;
 use crate::stream::PyChunkStream;
 
@@ -338,6 +339,11 @@ impl PyStorage {
     #[pyo3(signature = (reset = false))]
     fn stats_json(&self, py: Python<'_>, reset: bool) -> String {
         py.detach(|| self.inner.stats_json(reset))
+    }
+
+    /// The end-to-end read latencies behind `stats_json` (None for a bare store).
+    fn latency_histogram(&self) -> Option<PyLatencyHistogram> {
+        self.inner.latency_histogram().map(PyLatencyHistogram::from)
     }
 
     #[pyo3(signature = (key, chunk_bytes, depth, direct_bytes))]
