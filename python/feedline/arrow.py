@@ -33,6 +33,23 @@ window is the bounded shuffle buffer, and because its permutation is a pure
 function of its position, ``state_dict()`` needs only ``(epoch,
 rows_delivered, skipped)`` to resume exactly: the window holding the next
 row is re-read and the rows already delivered are dropped.
+
+The remainder (row groups % shards) follows ``remainder``, as
+``DistributedSampler``'s ``drop_last``: ``"keep"`` (default) deals every row
+group once, so shards differ by at most one row group; ``"drop"`` leaves
+out the last ``len % shards`` row groups of the epoch's order (different
+ones each shuffled epoch); ``"pad"`` deals the first ones again so every
+shard gets as many (those rows come twice). With row groups of equal size,
+``"drop"`` and ``"pad"`` give every rank the same number of batches, which
+DDP needs.
+
+Elastic resume: :func:`redeal` turns the states of every shard of one layout
+(``world_size * num_workers``) into a plan per shard of another. What a
+shard had not delivered becomes pieces: its half-read window (read again
+under its old permutation, from the row it stopped at) and each untouched
+row group; the pieces are dealt round-robin to the new shards, so every
+remaining row of the epoch comes exactly once (the remainder policy does not
+apply to the rest of such an epoch; shards differ by at most one piece).
 """
 
 from __future__ import annotations
@@ -70,6 +87,7 @@ DEFAULT_MAX_BLOCK_BYTES = 64 * MiB
 DEFAULT_BATCH_ROWS = 65536
 DEFAULT_SHUFFLE_BUFFER_ROWS = 1 << 18
 STATE_VERSION = 1
+REMAINDERS = ("keep", "drop", "pad")
 
 _PARQUET_MAGIC = b"PAR1"
 
@@ -309,20 +327,18 @@ class _Epoch:
     shards: int
     units: list[_Unit]
     windows: list[list[int]]  # indices into units
+    # Per window: the seed of its row permutation, and the rows of it
+    # (after that permutation) that an earlier layout already delivered.
+    keys: list[list[int]]
+    starts: list[int]
     skipped_keys: set[tuple[int, int]] = field(default_factory=set)
 
 
 def _shard_from_env() -> tuple[int, int] | None:
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank()), int(dist.get_world_size())
-    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-    if rank is not None and world is not None:
-        try:
-            return int(rank), int(world)
-        except ValueError as exc:
-            raise ValueError(f"RANK={rank!r} / WORLD_SIZE={world!r} are not integers") from exc
-    return None
+    from feedline.distributed import find_rank
+
+    rank = find_rank()
+    return None if rank is None else (rank.rank, rank.world_size)
 
 
 def _worker() -> tuple[int, int]:
@@ -367,9 +383,11 @@ class ParquetStream:
     when initialised; else the ``RANK``/``WORLD_SIZE`` environment; else one
     rank. DataLoader workers split a rank's share further. The unit of a
     shard is a row group, so a dataset needs at least as many row groups as
-    shards for every shard to get data. Globs (``*``, ``?``, ``[``) are
-    expanded on the local filesystem, or with ``fs.glob`` when ``fs`` has
-    replicas (directories, object stores; HTTP cannot list: pass the keys).
+    shards for every shard to get data; ``remainder`` ("keep", "drop",
+    "pad") is what happens to the row groups left over (see the module doc).
+    Globs (``*``, ``?``, ``[``) are expanded on the local filesystem, or
+    with ``fs.glob`` when ``fs`` has replicas (directories, object stores;
+    HTTP cannot list: pass the keys).
     """
 
     def __init__(
@@ -386,6 +404,7 @@ class ParquetStream:
         on_error: str = "raise",
         unify_schemas: bool = False,
         *,
+        remainder: str = "keep",
         shuffle_buffer_rows: int = DEFAULT_SHUFFLE_BUFFER_ROWS,
         depth: int | None = None,
         max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
@@ -393,6 +412,8 @@ class ParquetStream:
         use_threads: bool = True,
         verify_page_checksums: bool = False,
     ) -> None:
+        if remainder not in REMAINDERS:
+            raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         for name, value in (
@@ -418,6 +439,7 @@ class ParquetStream:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.remainder = remainder
         self.rank = rank
         self.world_size = world_size
         self.on_error = on_error
@@ -441,6 +463,10 @@ class ParquetStream:
         self._rows_delivered = 0
         # Set to plan as a given DataLoader worker from outside that worker.
         self._worker_override: tuple[int, int] | None = None
+        # Set to plan as (shard, shards) of another layout (elastic resume).
+        self._shard_override: tuple[int, int] | None = None
+        # This epoch's pieces after an elastic resume (see ``redeal``).
+        self._plan: list[dict[str, Any]] | None = None
         self._footers: list[bytes | None] = []
         self._metas: list[pq.FileMetaData | None] = []
         self._sizes: list[int] = []
@@ -525,6 +551,7 @@ class ParquetStream:
         """Selects the epoch (its permutation) and rewinds to its start."""
         self._epoch = int(epoch)
         self._rows_delivered = 0
+        self._plan = None
         self.skipped = [s for s in self.skipped if s["row_group"] is None]
 
     @property
@@ -532,6 +559,8 @@ class ParquetStream:
         return self._epoch
 
     def _shard(self) -> tuple[int, int]:
+        if self._shard_override is not None:
+            return self._shard_override
         if self.rank is not None and self.world_size is not None:
             rank, world = self.rank, self.world_size
         else:
@@ -541,21 +570,23 @@ class ParquetStream:
         worker, workers = self._worker_override or _worker()
         return rank * workers + worker, world * workers
 
-    def _shard_rows(self, worker: int, workers: int) -> tuple[int, dict[str, Any]]:
+    def _shard_rows(
+        self, worker: int, workers: int, plan: list[dict[str, Any]] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         """Rows the DataLoader worker ``worker`` of ``workers`` reads this
-        epoch (row groups already known to be bad excluded)."""
-        saved, self._worker_override = self._worker_override, (worker, workers)
+        epoch (row groups already known to be bad excluded; with ``plan``,
+        the pieces an elastic resume dealt it), and its state at the start."""
+        saved = self._worker_override, self._plan, self._rows_delivered
+        self._worker_override, self._plan, self._rows_delivered = (worker, workers), plan, 0
         try:
             epoch = self._plan_epoch()
             state = self.state_dict()
         finally:
-            self._worker_override = saved
-        rows = sum(
-            u.num_rows for u in epoch.units if (u.file, u.row_group) not in epoch.skipped_keys
-        )
+            self._worker_override, self._plan, self._rows_delivered = saved
+        rows = self._locate(epoch, 1 << 62)[1]
         return rows, state
 
-    def _plan_epoch(self) -> _Epoch:
+    def _all_units(self) -> list[_Unit]:
         units: list[_Unit] = []
         for f, meta in enumerate(self._metas):
             if meta is None:
@@ -564,10 +595,25 @@ class ParquetStream:
             for rg in range(meta.num_row_groups):
                 ranges = _column_ranges(meta, rg, leaves, self.max_gap_bytes, self.max_block_bytes)
                 units.append(_Unit(f, rg, meta.row_group(rg).num_rows, ranges))
+        return units
+
+    def _plan_epoch(self) -> _Epoch:
+        units = self._all_units()
+        shard, shards = self._shard()
+        skipped = {
+            (self.paths.index(s["path"]), s["row_group"])
+            for s in self.skipped
+            if s["row_group"] is not None
+        }
+        if self._plan is not None:
+            return self._planned_epoch(units, shard, shards, skipped)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self._epoch]).permutation(len(units))
             units = [units[int(i)] for i in order]
-        shard, shards = self._shard()
+        if self.remainder == "drop":
+            units = units[: len(units) - len(units) % shards]
+        elif self.remainder == "pad" and units:
+            units = units + (units * shards)[: -len(units) % shards]
         mine = units[shard::shards]
         windows: list[list[int]] = []
         rows = 0
@@ -578,12 +624,43 @@ class ParquetStream:
                 rows = 0
             windows[-1].append(i)
             rows += unit.num_rows
-        skipped = {
-            (self.paths.index(s["path"]), s["row_group"])
-            for s in self.skipped
-            if s["row_group"] is not None
-        }
-        return _Epoch(shard, shards, mine, windows, skipped)
+        keys = [[self.seed, self._epoch, shard, shards, w] for w in range(len(windows))]
+        return _Epoch(shard, shards, mine, windows, keys, [0] * len(windows), skipped)
+
+    def _planned_epoch(
+        self, units: list[_Unit], shard: int, shards: int, skipped: set[tuple[int, int]]
+    ) -> _Epoch:
+        assert self._plan is not None
+        by_key = {(u.file, u.row_group): u for u in units}
+        mine: list[_Unit] = []
+        windows: list[list[int]] = []
+        for piece in self._plan:
+            windows.append([])
+            for f, rg in piece["units"]:
+                unit = by_key.get((int(f), int(rg)))
+                if unit is None:
+                    raise ValueError(f"resume plan names row group {rg} of file {f}: not here")
+                windows[-1].append(len(mine))
+                mine.append(unit)
+        keys = [[int(k) for k in piece["key"]] for piece in self._plan]
+        starts = [int(piece["start"]) for piece in self._plan]
+        return _Epoch(shard, shards, mine, windows, keys, starts, skipped)
+
+    def _leftover(self) -> list[dict[str, Any]]:
+        """This shard's windows not yet fully delivered, as plan pieces."""
+        epoch = self._plan_epoch()
+        first, offset = self._locate(epoch, self._rows_delivered)
+        pieces = []
+        for w in range(first, len(epoch.windows)):
+            units = [epoch.units[i] for i in epoch.windows[w]]
+            pieces.append(
+                {
+                    "units": [[u.file, u.row_group] for u in units],
+                    "key": list(epoch.keys[w]),
+                    "start": epoch.starts[w] + (offset if w == first else 0),
+                }
+            )
+        return pieces
 
     # -- state -------------------------------------------------------------
 
@@ -599,6 +676,7 @@ class ParquetStream:
             "shuffle": self.shuffle,
             "shuffle_buffer_rows": self.shuffle_buffer_rows,
             "seed": self.seed,
+            "remainder": self.remainder,
             "shard": [shard, shards],
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -606,13 +684,16 @@ class ParquetStream:
     def state_dict(self) -> dict[str, Any]:
         """Where this stream (this shard) stands: enough for a new stream with
         the same arguments to continue with exactly the rows not delivered."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "epoch": self._epoch,
             "rows_delivered": self._rows_delivered,
             "skipped": [dict(s) for s in self.skipped],
             "fingerprint": self._fingerprint(),
         }
+        if self._plan is not None:
+            state["plan"] = [dict(piece) for piece in self._plan]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -625,6 +706,8 @@ class ParquetStream:
         self._epoch = int(state["epoch"])
         self._rows_delivered = int(state["rows_delivered"])
         self.skipped = [dict(s) for s in state["skipped"]]
+        plan = state.get("plan")
+        self._plan = None if plan is None else [dict(piece) for piece in plan]
 
     # -- reading -----------------------------------------------------------
 
@@ -632,17 +715,21 @@ class ParquetStream:
         return self._batches()
 
     def _locate(self, epoch: _Epoch, rows: int) -> tuple[int, int]:
-        """(window, row offset inside it) of the ``rows``-th row of the epoch."""
+        """(window, row offset inside what is left of it) of the
+        ``rows``-th row of the epoch; past the end: (windows, rows in all)."""
+        total = 0
         for w, window in enumerate(epoch.windows):
             n = sum(
                 epoch.units[i].num_rows
                 for i in window
                 if (epoch.units[i].file, epoch.units[i].row_group) not in epoch.skipped_keys
             )
+            n = max(0, n - epoch.starts[w])
             if rows < n:
                 return w, rows
             rows -= n
-        return len(epoch.windows), 0
+            total += n
+        return len(epoch.windows), total
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         epoch = self._plan_epoch()
@@ -680,12 +767,11 @@ class ParquetStream:
                 tables = [self._read_unit(epoch, epoch.units[i], stream) for i in epoch.windows[w]]
                 table = pa.concat_tables([t for t in tables if t is not None])
                 if self.shuffle and table.num_rows > 1:
-                    perm = np.random.default_rng(
-                        [self.seed, self._epoch, epoch.shard, epoch.shards, w]
-                    ).permutation(table.num_rows)
+                    perm = np.random.default_rng(epoch.keys[w]).permutation(table.num_rows)
                     table = table.take(pa.array(perm))
-                if w == start_window and offset:
-                    table = table.slice(offset)
+                skip = epoch.starts[w] + (offset if w == start_window else 0)
+                if skip:
+                    table = table.slice(skip)
                 if table.num_rows:
                     pending.append(table)
                     pending_rows += table.num_rows
@@ -812,6 +898,45 @@ class ParquetStream:
             _parse_footer(f, p) if f is not None else None
             for f, p in zip(self._footers, self.paths, strict=True)
         ]
+
+
+def redeal(
+    stream: ParquetStream, states: Sequence[dict[str, Any]], shard: int, shards: int
+) -> dict[str, Any]:
+    """The state that makes ``stream`` read, as shard ``shard`` of
+    ``shards``, its share of what an old layout had not delivered this
+    epoch; ``states[s]`` is the state old shard s (of ``len(states)``)
+    stopped at. See the module doc."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard must be in [0, {shards}), got {shard}")
+    if not states:
+        raise ValueError("redeal needs the state of every shard of the old layout")
+    epochs = {int(st["epoch"]) for st in states}
+    if len(epochs) != 1:
+        raise ValueError(f"the old shards are in different epochs {sorted(epochs)}")
+    saved_state, saved_shard = stream.state_dict(), stream._shard_override
+    pieces: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    try:
+        for old, st in enumerate(states):
+            stream._shard_override = (old, len(states))
+            stream.load_state_dict(st)
+            for piece in stream._leftover():
+                if piece["start"] or len(piece["units"]) == 1:
+                    pieces.append(piece)  # its permutation is fixed: keep it whole
+                    continue
+                # An untouched window: its row groups travel one by one.
+                pieces += [
+                    {"units": [unit], "key": [stream.seed, *epochs, *unit], "start": 0}
+                    for unit in piece["units"]
+                ]
+            skipped += [s for s in stream.skipped if s not in skipped]
+        stream._shard_override = (shard, shards)
+        stream._plan, stream._rows_delivered, stream.skipped = pieces[shard::shards], 0, skipped
+        return stream.state_dict()
+    finally:
+        stream._shard_override = saved_shard
+        stream.load_state_dict(saved_state)
 
 
 def _cut(pending: list[pa.Table], n: int) -> tuple[pa.RecordBatch, list[pa.Table], int]:

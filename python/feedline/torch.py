@@ -5,6 +5,7 @@ Needs ``torch`` (the ``feedline[torch]`` extra)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -12,9 +13,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import IterableDataset
+import torch.distributed
+from torch.utils.data import DataLoader, IterableDataset
 
-from feedline.arrow import ParquetStream, batch_to_numpy, batch_to_torch, tensor_from_numpy
+from feedline.arrow import (
+    ParquetStream,
+    batch_to_numpy,
+    batch_to_torch,
+    redeal,
+    tensor_from_numpy,
+)
+from feedline.distributed import find_rank
 from feedline.fs import FileSystem
 
 Batch = dict[str, Any]
@@ -99,7 +108,8 @@ class ParquetDataset(IterableDataset):  # type: ignore[type-arg]
         totals: dict[int, int] = {}
         left: list[int] = []  # batches still to come, per slot
         for j, w in enumerate(slots):
-            rows, state = self.stream._shard_rows(w, workers)
+            plan = self._worker_states[j].get("plan") if self._worker_states else None
+            rows, state = self.stream._shard_rows(w, workers, plan)
             base = self._start_rows(j)
             remaining = rows - base
             n = remaining // batch_rows
@@ -153,6 +163,51 @@ class ParquetDataset(IterableDataset):  # type: ignore[type-arg]
             self._worker_states = None
             self.stream.load_state_dict(state)
 
+    def _rank(self) -> tuple[int, int]:
+        """(rank, world size) this dataset reads as."""
+        if self.stream.rank is not None and self.stream.world_size is not None:
+            return self.stream.rank, self.stream.world_size
+        found = find_rank()
+        return (found.rank, found.world_size) if found is not None else (0, 1)
+
+    def load_job_state(self, job: dict[str, Any], num_workers: int) -> None:
+        """Loads a :meth:`ResumableLoader.state_dict` (every rank's state)
+        for this rank's DataLoader with ``num_workers``: exactly where this
+        rank stopped when the layout (world size, workers) is the same, else
+        this rank's share of every row the old layout had not delivered."""
+        rank, world = self._rank()
+        workers = max(1, int(num_workers))
+        ranks = job.get("ranks")
+        if job.get("version") != JOB_STATE_VERSION or not isinstance(ranks, list):
+            raise ValueError(f"not a ResumableLoader state: keys {sorted(job)}")
+        if len(ranks) != int(job["world_size"]):
+            raise ValueError(
+                f"the state holds {len(ranks)} of {job['world_size']} ranks; "
+                "gather every rank's (a process group makes state_dict() do it)"
+            )
+        order = [r.get("rank") for r in ranks]
+        if order != list(range(len(ranks))):
+            raise ValueError(f"the state holds ranks {order}, not 0..{len(ranks) - 1}")
+        old_workers = {int(r["num_workers"]) for r in ranks}
+        if len(ranks) == world and old_workers == {workers}:
+            self.load_state_dict(ranks[rank])
+            return
+        if len(old_workers) != 1:
+            raise ValueError(f"the old ranks ran different numbers of workers: {old_workers}")
+        old = old_workers.pop()
+        shards: list[dict[str, Any]] = [{}] * (len(ranks) * old)
+        for r, entry in enumerate(ranks):
+            for st in entry["workers"]:
+                shards[r * old + int(st["worker"])] = st
+        missing = [s for s, st in enumerate(shards) if not st]
+        if missing:
+            raise ValueError(f"the state has no worker state for old shard(s) {missing}")
+        states = []
+        for w in range(workers):
+            state = redeal(self.stream, shards, rank * workers + w, world * workers)
+            states.append(state | {"worker": w})
+        self.load_state_dict({"num_workers": workers, "workers": states})
+
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         if self._passes and info is not None:
@@ -180,6 +235,95 @@ class ParquetDataset(IterableDataset):  # type: ignore[type-arg]
                 yield batch_to_numpy(batch)
             else:
                 yield batch
+
+
+JOB_STATE_VERSION = 1
+
+
+class ResumableLoader(DataLoader):  # type: ignore[type-arg]
+    """``DataLoader(dataset, batch_size=None, **kwargs)`` over a
+    :class:`ParquetDataset` that counts the batches it hands out and speaks
+    the ``Stateful`` protocol (``torch.distributed.checkpoint`` saves it).
+
+    :meth:`state_dict` is the job's: every rank's worker states, gathered
+    with ``all_gather_object`` when a process group is initialised (so every
+    rank must call it, as for any checkpoint). :meth:`load_state_dict`
+    resumes exactly with the same world size and ``num_workers`` (the batch
+    stream continues bit-identical on every rank), and with another layout
+    reads this rank's share of what the epoch had not delivered, each row
+    exactly once across the new ranks and workers.
+    """
+
+    def __init__(self, dataset: ParquetDataset, **kwargs: Any) -> None:
+        if not isinstance(dataset, ParquetDataset):
+            raise TypeError(f"ResumableLoader reads a ParquetDataset, got {type(dataset)!r}")
+        if kwargs.pop("batch_size", None) is not None:
+            raise ValueError("ParquetDataset yields whole batches: leave batch_size out")
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.dataset: ParquetDataset
+        #: Batches handed out since the epoch (or the loaded state) began.
+        self.batches_taken = 0
+        self._pending_epoch: int | None = None
+        self._done = False
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self.batches_taken = 0
+        self._pending_epoch = None
+        self._done = False
+        for batch in super().__iter__():
+            self.batches_taken += 1
+            yield batch
+        self._done = True
+
+    def set_epoch(self, epoch: int) -> None:
+        """As ``DistributedSampler.set_epoch``; a no-op for the epoch a
+        loaded state is about to resume."""
+        if self._pending_epoch == int(epoch):
+            return
+        self._pending_epoch = None
+        self.batches_taken = 0
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, str]:
+        """``{"job_state": JSON}``: one string, because
+        ``torch.distributed.checkpoint`` loads into the structure of the
+        target's own state dict, and a nested one (plans in one layout, none
+        in another) would lose keys on the way."""
+        return {"job_state": json.dumps(self.job_state())}
+
+    def job_state(self) -> dict[str, Any]:
+        """Every rank's state (a collective under a process group)."""
+        rank, world = self.dataset._rank()
+        if self.num_workers == 0 and self.batches_taken:
+            mine = {"rank": rank, "num_workers": 1, "workers": [self._in_process_state()]}
+        else:
+            mine = {"rank": rank} | self.dataset.loader_state_dict(
+                self.batches_taken, self.num_workers
+            )
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        return {"version": JOB_STATE_VERSION, "world_size": world, "ranks": ranks}
+
+    def _in_process_state(self) -> dict[str, Any]:
+        """Without workers the stream ran here and knows where it stands;
+        once it has run dry, it stands at its end (not at a replay)."""
+        stream = self.dataset.stream
+        state = stream.state_dict() | {"worker": 0}
+        if self._done:
+            state["rows_delivered"] = stream._shard_rows(0, 1, stream._plan)[0]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict` (or a :meth:`job_state`)."""
+        job = json.loads(state["job_state"]) if "job_state" in state else state
+        self._done = False
+        self.dataset.load_job_state(job, self.num_workers)
+        self.batches_taken = 0
+        self._pending_epoch = self.dataset.stream.epoch
 
 
 def _as_tensor(value: Any) -> torch.Tensor | None:

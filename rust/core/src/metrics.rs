@@ -22,6 +22,11 @@ pub struct LatencySummary {
     pub max_ms: f64,
 }
 
+/// First bytes of [`LatencyHistogram::to_bytes`]: format 1, then a u64
+/// bucket count and per bucket (highest equivalent value in µs, count), all
+/// little-endian.
+pub const HISTOGRAM_MAGIC: &[u8] = b"FLH1";
+
 /// An HDR histogram of latencies in microseconds, 3 significant digits.
 #[derive(Debug, Clone)]
 pub struct LatencyHistogram {
@@ -69,6 +74,57 @@ impl LatencyHistogram {
 
     pub fn reset(&mut self) {
         self.hist.reset();
+    }
+
+    /// Every recorded bucket as bytes (see [`HISTOGRAM_MAGIC`]): ranks ship
+    /// these to one place, and [`LatencyHistogram::from_bytes`] rebuilds a
+    /// histogram whose merge is exact (same buckets, same counts), so the
+    /// job-wide p99.9 is that of all samples pooled.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let buckets: Vec<(u64, u64)> = self
+            .hist
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
+        let mut out = Vec::with_capacity(HISTOGRAM_MAGIC.len() + 8 + 16 * buckets.len());
+        out.extend_from_slice(HISTOGRAM_MAGIC);
+        out.extend_from_slice(&(buckets.len() as u64).to_le_bytes());
+        for (value, count) in buckets {
+            out.extend_from_slice(&value.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        out
+    }
+
+    /// The histogram [`LatencyHistogram::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> crate::Result<LatencyHistogram> {
+        let bad = |why: &str| {
+            crate::Error::InvalidArgument(format!(
+                "not a feedline latency histogram ({} bytes): {why}",
+                bytes.len()
+            ))
+        };
+        let body = bytes
+            .strip_prefix(HISTOGRAM_MAGIC)
+            .ok_or_else(|| bad("it does not start with FLH1"))?;
+        let (len, pairs) = body.split_at_checked(8).ok_or_else(|| bad("truncated"))?;
+        let n = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+        if pairs.len() as u64 != n.saturating_mul(16) {
+            return Err(bad(&format!(
+                "{n} buckets need {} bytes",
+                n.saturating_mul(16)
+            )));
+        }
+        let mut hist = LatencyHistogram::new();
+        for pair in pairs.chunks_exact(16) {
+            let value = u64::from_le_bytes(pair[..8].try_into().expect("8 bytes"));
+            let count = u64::from_le_bytes(pair[8..].try_into().expect("8 bytes"));
+            if !(1..=MAX_TRACKABLE_US).contains(&value) {
+                return Err(bad(&format!("bucket value {value} µs is out of range")));
+            }
+            hist.hist.saturating_record_n(value, count);
+        }
+        Ok(hist)
     }
 
     pub fn summary(&self) -> LatencySummary {
@@ -161,6 +217,48 @@ mod tests {
         assert_eq!(g.count(), 2);
         g.reset();
         assert_eq!(g.count(), 0);
+    }
+
+    #[test]
+    fn bytes_round_trip_merges_exactly() {
+        let (mut a, mut b, mut pooled) = (
+            LatencyHistogram::new(),
+            LatencyHistogram::new(),
+            LatencyHistogram::new(),
+        );
+        for i in 0..5_000u64 {
+            let us = 1 + i * i % 900_001;
+            if i % 3 == 0 {
+                a.record_us(us)
+            } else {
+                b.record_us(us)
+            }
+            pooled.record_us(us);
+        }
+        let mut merged = LatencyHistogram::from_bytes(&a.to_bytes()).unwrap();
+        merged.merge(&LatencyHistogram::from_bytes(&b.to_bytes()).unwrap());
+        assert_eq!(merged.summary(), pooled.summary());
+        for p in [50.0, 99.0, 99.9, 99.99] {
+            assert_eq!(merged.percentile_ms(p), pooled.percentile_ms(p));
+        }
+        let empty = LatencyHistogram::from_bytes(&LatencyHistogram::new().to_bytes()).unwrap();
+        assert_eq!(empty.count(), 0);
+    }
+
+    #[test]
+    fn bad_histogram_bytes_are_refused() {
+        let good = {
+            let mut h = LatencyHistogram::new();
+            h.record_us(5);
+            h.to_bytes()
+        };
+        for bad in [&b"nope"[..], &good[..good.len() - 1], b"FLH1"] {
+            let err = LatencyHistogram::from_bytes(bad).unwrap_err().to_string();
+            assert!(err.contains("not a feedline latency histogram"), "{err}");
+        }
+        let mut zero = good.clone();
+        zero[12..20].copy_from_slice(&0u64.to_le_bytes());
+        assert!(LatencyHistogram::from_bytes(&zero).is_err());
     }
 
     #[test]

@@ -157,10 +157,9 @@ impl Storage {
         Some(self.router.stats(reset))
     }
 
-    /// `stats` as JSON (`null` for a bare store).
-    pub fn stats_json(&self, reset: bool) -> String {
-        // Plain numbers and strings: serialising cannot fail.
-        serde_json::to_string(&self.stats(reset)).unwrap_or_else(|_| "null".into())
+    /// The end-to-end read latencies behind `stats`.
+    pub fn latency_histogram(&self) -> Option<crate::metrics::LatencyHistogram> {
+        Some(self.router.latency_histogram())
     }
 
     pub fn router(&self) -> &Arc<Router> {

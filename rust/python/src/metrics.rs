@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use feedline_core::metrics::LatencyHistogram;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::errors::IntoPyResult;
 
 #[pyclass(name = "LatencyHistogram", module = "feedline._core", frozen)]
 pub struct PyLatencyHistogram {
@@ -18,6 +20,14 @@ pub struct PyLatencyHistogram {
 impl PyLatencyHistogram {
     fn lock(&self) -> std::sync::MutexGuard<'_, LatencyHistogram> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl From<LatencyHistogram> for PyLatencyHistogram {
+    fn from(hist: LatencyHistogram) -> Self {
+        PyLatencyHistogram {
+            inner: Mutex::new(hist),
+        }
     }
 }
 
@@ -95,6 +105,17 @@ impl PyLatencyHistogram {
 
     fn reset(&self) {
         self.lock().reset();
+    }
+
+    /// Every recorded bucket as bytes, for shipping to another process.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.lock().to_bytes())
+    }
+
+    /// The histogram `to_bytes` wrote; merging such copies is exact.
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        Ok(LatencyHistogram::from_bytes(data).py()?.into())
     }
 }
 

@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::metadata::ObjectMeta;
+use crate::metrics::PyLatencyHistogram;
 use crate::reader::PyReader;
 use crate::stream::PyChunkStream;
 
@@ -351,6 +352,11 @@ impl PyStorage {
     fn stats<'py>(&self, py: Python<'py>, reset: bool) -> PyResult<Bound<'py, PyAny>> {
         let stats = py.detach(|| self.inner.stats(reset));
         crate::config::serialized(py, &stats)
+    }
+
+    /// The end-to-end read latencies behind `stats` (None for a bare store).
+    fn latency_histogram(&self) -> Option<PyLatencyHistogram> {
+        self.inner.latency_histogram().map(PyLatencyHistogram::from)
     }
 
     fn open_reader(&self, py: Python<'_>, key: &str) -> PyResult<PyReader> {

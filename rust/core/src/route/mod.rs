@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::counter::StripedCounter;
 use crate::error::{Error, ReplicaFailure, Result};
-use crate::metrics::{LatencySummary, LatencyWindow};
+use crate::metrics::{LatencyHistogram, LatencySummary, LatencyWindow};
 use crate::runtime;
 use crate::store::session::{self, AttemptSample};
 use crate::store::{BoxFuture, Store, Tally};
@@ -300,6 +300,13 @@ impl Router {
 
     pub fn preference_list(&self, key: &str) -> PreferenceList {
         self.placement.preference_list(key)
+    }
+
+    /// The end-to-end read latencies `stats` summarises, as a histogram
+    /// (ranks merge these exactly; percentiles do not merge).
+    pub fn latency_histogram(&self) -> LatencyHistogram {
+        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        latency.current().clone()
     }
 
     pub fn stats(&self, reset: bool) -> RouterStats {
