@@ -361,7 +361,9 @@ def test_writes_on_local_paths_create_parents_and_never_do_nothing(
     assert not (tmp_path / "c").exists()
 
 
-def test_writes_on_local_replicas_land_in_every_replica(replicas: list[Path]) -> None:
+def test_writes_on_local_replicas_land_in_every_replica(
+    replicas: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     fs = feedline.FileSystem([str(r) for r in replicas])
     with fs.open("ckpt/step-1/model.pt", "wb") as f:
         f.write(b"weights")
@@ -372,6 +374,27 @@ def test_writes_on_local_replicas_land_in_every_replica(replicas: list[Path]) ->
         assert (root / "logs" / "run-1").is_dir()
         assert (root / "moved" / "f.bin").read_bytes() == b"sub-f"
         assert not (root / "sub" / "f.bin").exists()
+    # A relative chained URL names a key in every replica (and fsspec's
+    # parent directories for it are keys too, not paths under the cwd).
+    cwd = replicas[0].parent / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    roots = [str(r) for r in replicas]
+    with fsspec.open("feedline::ckpt/step-2/model.pt", "wb", feedline={"replicas": roots}) as f:
+        f.write(b"step 2")
+    with fsspec.open("feedline::ckpt/step-2/model.pt", "rb", feedline={"replicas": roots}) as f:
+        assert f.read() == b"step 2"
+    for root in replicas:
+        assert (root / "ckpt" / "step-2" / "model.pt").read_bytes() == b"step 2"
+        assert sorted(p.name for p in root.iterdir()) == [
+            "ckpt",
+            "flat",
+            "hive",
+            "logs",
+            "moved",
+            "sub",
+        ]
+    assert list(cwd.iterdir()) == []
     for escaping in ("../outside.bin", "sub/../../outside.bin"):
         with pytest.raises(PermissionError, match="escapes the replica root"):
             fs.pipe_file(escaping, b"x")
