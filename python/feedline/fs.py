@@ -189,15 +189,16 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
         # In a chained URL ("feedline::/data/x") fsspec hands the inner path
         # over as `fo` and asks this filesystem for that path (or, before
         # ChainedFileSystem, for "").
-        self._fo_path = self._strip_protocol(fo) if fo else None
-        self._fo = self._fo_path
+        self._fo = self._strip_protocol(fo) if fo else None
+        #: With replicas a key is relative to each root, but fsspec's local
+        #: layer made a relative chained key ("feedline::shard/x") absolute
+        #: against the cwd: paths under that cwd prefix (the key, and the
+        #: parents fsspec derives from it for writes) take it back off.
+        self._cwd_prefix: str | None = None
         if self._fo and replicas:
-            # fsspec's local layer made a relative key ("feedline::shard/x")
-            # absolute against the cwd; with replicas a key is relative to
-            # each root, so take the cwd back off.
             cwd = os.getcwd().rstrip(os.sep) + os.sep
             if self._fo.startswith(cwd):
-                self._fo = self._fo[len(cwd) :]
+                self._cwd_prefix = cwd
         entries = _replica_entries(replicas)
         self.replicas = [e.url if isinstance(e, _core.Replica) else e for e in entries]
         # The registry entries live as long as this filesystem (also when
@@ -261,9 +262,11 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
 
     def _key(self, path: str) -> str:
         path = self._strip_protocol(path)
-        if self._fo and path in ("", self._fo_path):
+        if not path and self._fo:
             path = self._fo
         if self.replicas:
+            if self._cwd_prefix and path.startswith(self._cwd_prefix):
+                path = path[len(self._cwd_prefix) :]
             return path.lstrip("/")
         return os.path.abspath(path) if path else path
 

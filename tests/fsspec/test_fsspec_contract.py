@@ -89,7 +89,10 @@ def test_modified_and_created_on_local_paths_and_local_replicas(replicas: list[P
 
 def test_info_and_ls_through_an_fsspec_filesystem_replica(replicas: list[Path]) -> None:
     fs = feedline.FileSystem([(LocalFileSystem(), str(replicas[0]))])
-    assert fs.modified("sub/f.bin") == _stat_utc(replicas[0] / "sub" / "f.bin")
+    # fsspec's local info gives mtime as a float of seconds: about 0.24 us
+    # of precision today, so the microsecond may round either way.
+    mtime = _stat_utc(replicas[0] / "sub" / "f.bin")
+    assert abs(fs.modified("sub/f.bin") - mtime) <= datetime.timedelta(microseconds=1)
     assert fs.ls("sub", detail=False) == ["sub/deeper", "sub/f.bin"]
     assert fs.ls("sub/f.bin", detail=False) == ["sub/f.bin"]
     assert fs.info("sub/deeper")["type"] == "directory"
@@ -111,7 +114,8 @@ def test_modified_and_version_over_http_replicas(
     fs = feedline.FileSystem(served.urls)
     path = replicas[0] / "sub" / "f.bin"
     # HTTP's Last-Modified has whole seconds.
-    assert fs.modified("sub/f.bin") == _stat_utc(path).replace(microsecond=0)
+    whole = EPOCH + datetime.timedelta(seconds=path.stat().st_mtime_ns // 1_000_000_000)
+    assert fs.modified("sub/f.bin") == whole
     info = fs.info("sub/f.bin")
     assert info["size"] == 5 and info["version"].startswith('"')  # nginx's ETag
     with pytest.raises(NotImplementedError, match="HTTP has no listing API"):
@@ -361,7 +365,9 @@ def test_writes_on_local_paths_create_parents_and_never_do_nothing(
     assert not (tmp_path / "c").exists()
 
 
-def test_writes_on_local_replicas_land_in_every_replica(replicas: list[Path]) -> None:
+def test_writes_on_local_replicas_land_in_every_replica(
+    replicas: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     fs = feedline.FileSystem([str(r) for r in replicas])
     with fs.open("ckpt/step-1/model.pt", "wb") as f:
         f.write(b"weights")
@@ -372,6 +378,27 @@ def test_writes_on_local_replicas_land_in_every_replica(replicas: list[Path]) ->
         assert (root / "logs" / "run-1").is_dir()
         assert (root / "moved" / "f.bin").read_bytes() == b"sub-f"
         assert not (root / "sub" / "f.bin").exists()
+    # A relative chained URL names a key in every replica (and fsspec's
+    # parent directories for it are keys too, not paths under the cwd).
+    cwd = replicas[0].parent / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    roots = [str(r) for r in replicas]
+    with fsspec.open("feedline::ckpt/step-2/model.pt", "wb", feedline={"replicas": roots}) as f:
+        f.write(b"step 2")
+    with fsspec.open("feedline::ckpt/step-2/model.pt", "rb", feedline={"replicas": roots}) as f:
+        assert f.read() == b"step 2"
+    for root in replicas:
+        assert (root / "ckpt" / "step-2" / "model.pt").read_bytes() == b"step 2"
+        assert sorted(p.name for p in root.iterdir()) == [
+            "ckpt",
+            "flat",
+            "hive",
+            "logs",
+            "moved",
+            "sub",
+        ]
+    assert list(cwd.iterdir()) == []
     for escaping in ("../outside.bin", "sub/../../outside.bin"):
         with pytest.raises(PermissionError, match="escapes the replica root"):
             fs.pipe_file(escaping, b"x")
