@@ -193,7 +193,7 @@ impl Readahead {
         loop {
             match self.stream.next_chunk(Duration::from_millis(100))? {
                 Next::Chunk(c) => return Ok(c),
-                Next::Pending => continue,
+                Next::Pending => crate::runtime::check_interrupt()?,
                 Next::End => return Err(Error::Closed("readahead ended early".into())),
             }
         }

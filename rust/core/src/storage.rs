@@ -438,7 +438,11 @@ impl Storage {
             .into_iter()
             .map(|size| match size {
                 Some(size) => Ok(size),
-                None => asked_sizes.next().expect("one size per asked key"),
+                // An interrupted call returns no sizes (see
+                // `runtime::Interruptible`): its caller discards them.
+                None => asked_sizes
+                    .next()
+                    .unwrap_or_else(|| Err(runtime::INTERRUPTED.into())),
             })
             .collect()
     }

@@ -13,6 +13,7 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
+use crate::signals::detach_interruptible;
 use crate::stream::PyChunkStream;
 
 #[pyclass(name = "Storage", module = "feedline._core", frozen)]
@@ -180,14 +181,14 @@ impl PyStorage {
     }
 
     fn size(&self, py: Python<'_>, key: &str) -> PyResult<u64> {
-        py.detach(|| self.inner.size(key)).py()
+        detach_interruptible(py, || self.inner.size(key))?.py()
     }
 
     /// `((key, size, modified_unix_s) per object, prefix keys)` directly
     /// under `prefix`.
     #[allow(clippy::type_complexity)]
     fn ls(&self, py: Python<'_>, prefix: &str) -> PyResult<(Vec<(String, u64, i64)>, Vec<String>)> {
-        let listing = py.detach(|| self.inner.list(prefix)).py()?;
+        let listing = detach_interruptible(py, || self.inner.list(prefix))?.py()?;
         let objects = listing
             .objects
             .into_iter()
@@ -205,29 +206,28 @@ impl PyStorage {
         end: Option<i64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let whole = is_whole(start, end);
-        let plan = py
-            .detach(|| match whole {
-                true => self.inner.whole_read(key),
-                false => Ok(WholeRead::OneRequest),
-            })
-            .py()?;
+        let plan = detach_interruptible(py, || match whole {
+            true => self.inner.whole_read(key),
+            false => Ok(WholeRead::OneRequest),
+        })?
+        .py()?;
         let (offset, len) = match (whole, plan) {
             (true, WholeRead::Sized(size)) => (0, size),
             (true, WholeRead::OneRequest) => {
                 // The size comes with the bytes: one copy into `bytes`.
-                let data = py.detach(|| self.inner.read_object(key)).py()?;
+                let data = detach_interruptible(py, || self.inner.read_object(key))?.py()?;
                 return Ok(PyBytes::new(py, &data));
             }
-            (false, _) => py
-                .detach(|| self.inner.resolve_slice(key, start, end))
-                .py()?,
+            (false, _) => {
+                detach_interruptible(py, || self.inner.resolve_slice(key, start, end))?.py()?
+            }
         };
         let (bytes, target) = new_bytes(py, len as usize)?;
-        py.detach(move || {
+        detach_interruptible(py, move || {
             // SAFETY: the only slice of this fresh bytes object.
             let buf = unsafe { target.slice() };
             self.inner.read_into(key, offset, buf)
-        })
+        })?
         .py()?;
         Ok(bytes)
     }
@@ -249,12 +249,13 @@ impl PyStorage {
             && index.len() == ends.len()
             && starts.iter().zip(&ends).all(|(s, e)| is_whole(*s, *e));
         if all_whole
-            && py.detach(|| self.inner.whole_read(distinct[0])).ok() == Some(WholeRead::OneRequest)
+            && detach_interruptible(py, || self.inner.whole_read(distinct[0]))?.ok()
+                == Some(WholeRead::OneRequest)
         {
-            let results = py.detach(|| {
+            let results = detach_interruptible(py, || {
                 let refs: Vec<&str> = index.iter().map(|&k| distinct[k]).collect();
                 self.inner.read_objects(&refs)
-            });
+            })?;
             return Ok(results
                 .into_iter()
                 .map(|r| match r {
@@ -263,12 +264,11 @@ impl PyStorage {
                 })
                 .collect());
         }
-        let spans = py
-            .detach(|| {
-                self.inner
-                    .resolve_slices_indexed(&distinct, &index, &starts, &ends)
-            })
-            .py()?;
+        let spans = detach_interruptible(py, || {
+            self.inner
+                .resolve_slices_indexed(&distinct, &index, &starts, &ends)
+        })?
+        .py()?;
         let mut out: Vec<Py<PyAny>> = Vec::with_capacity(index.len());
         let mut targets = Vec::with_capacity(index.len());
         for span in spans {
@@ -284,7 +284,7 @@ impl PyStorage {
                 }
             }
         }
-        let results = py.detach(|| {
+        let results = detach_interruptible(py, || {
             let mut requests: Vec<RangeRequest<'_>> = Vec::with_capacity(targets.len());
             let mut requested = Vec::with_capacity(targets.len());
             for (i, (&k, t)) in index.iter().zip(&targets).enumerate() {
@@ -302,7 +302,7 @@ impl PyStorage {
             let threads = threads_for_ranges(requests.len());
             let results = self.inner.read_many(&mut requests, threads);
             requested.into_iter().zip(results).collect::<Vec<_>>()
-        });
+        })?;
         for (i, result) in results {
             if let Err(e) = result {
                 out[i] = to_py(e).into_value(py).into_any();
@@ -329,7 +329,7 @@ impl PyStorage {
         if let Some(budget) = memory_budget_bytes {
             config.memory_budget_bytes = budget;
         }
-        let stream = py.detach(|| self.inner.stream(&items, &config)).py()?;
+        let stream = detach_interruptible(py, || self.inner.stream(&items, &config))?.py()?;
         Ok(PyChunkStream::new(stream))
     }
 
@@ -354,9 +354,9 @@ impl PyStorage {
             depth,
             direct_bytes,
         };
-        let reader = py
-            .detach(|| Reader::open(Arc::clone(&self.inner), key, config))
-            .py()?;
+        let reader =
+            detach_interruptible(py, || Reader::open(Arc::clone(&self.inner), key, config))?
+                .py()?;
         Ok(PyReader::new(reader))
     }
 
