@@ -328,6 +328,14 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
             return found
         raise FileNotFoundError(2, f"no such file on any replica: {key!r}", key)
 
+    def size(self, path: str) -> int | None:
+        info = self.info(path)
+        if info["type"] == "directory" or self._first_replica_is_url:
+            return info.get("size")
+        # What reads see: `stat` says 0 for `/proc` files that hold bytes,
+        # and FIFOs or devices (refused by reads) must not look empty.
+        return self._storage.size(self._key(path))
+
     # -- routing figures ------------------------------------------------------
 
     def stats(self, reset: bool = False) -> dict[str, Any]:
