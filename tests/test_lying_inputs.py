@@ -97,3 +97,75 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     assert len(lines) == 6, child.stdout
     for line in lines:
         assert ' ValueError "pipe" is a FIFO, not a regular file' in line, line
+
+
+@pytest.fixture
+def ten_bytes(tmp_path: Path) -> str:
+    path = tmp_path / "ten"
+    path.write_bytes(b"0123456789")
+    return str(path)
+
+
+def test_a_fractional_plan_entry_is_a_type_error_not_truncated(ten_bytes: str) -> None:
+    fs = feedline.FileSystem()
+    with pytest.raises(TypeError, match=r"offset must be an int, got 1\.9"):
+        fs.stream([(ten_bytes, 1.9, 10.7)])
+    with pytest.raises(TypeError, match=r"length must be an int, got 3\.0"):
+        fs.stream([(ten_bytes, 1, 3.0)])
+    # As cat_file and cat_ranges do.
+    with pytest.raises(TypeError):
+        fs.cat_file(ten_bytes, 1.9, 10.7)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        fs.cat_ranges([ten_bytes], [1.9], [10.7])  # type: ignore[list-item]
+    # Integers of any kind (`__index__`) still work.
+    np = pytest.importorskip("numpy")
+    (chunk,) = fs.stream([(ten_bytes, np.int64(2), np.uint8(3))])
+    assert bytes(chunk) == b"234"
+
+
+HUGE = [2**64, -(2**64), 2**100]
+
+
+@pytest.mark.parametrize("value", HUGE)
+def test_an_offset_past_64_bits_is_a_value_error_naming_it(ten_bytes: str, value: int) -> None:
+    fs = feedline.FileSystem()
+    named = rf"{value} is out of range"
+    calls: list[Callable[[], Any]] = [
+        lambda: fs.cat_file(ten_bytes, value),
+        lambda: fs.cat_file(ten_bytes, 0, value),
+        lambda: fs.cat_ranges([ten_bytes], [value], [None]),
+        lambda: fs.cat_ranges([ten_bytes], [0], [value]),
+        lambda: fs.stream([(ten_bytes, value, 1)]),
+        lambda: fs.stream([(ten_bytes, 0, value)]),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=named):
+            call()
+    with fs.open(ten_bytes) as f:
+        if value > 0:
+            with pytest.raises(ValueError, match=named):
+                f.seek(value)
+            with pytest.raises(ValueError, match=named):
+                f.seek(value, os.SEEK_CUR)
+        # A read of more than any file holds reads to the end.
+        assert f.read(abs(value)) == b"0123456789"
+
+
+def test_writes_cannot_escape_the_replica_root(tmp_path: Path) -> None:
+    root = tmp_path / "replica"
+    root.mkdir()
+    fs = feedline.FileSystem([str(root)])
+    for key in ("../x", "a/../../x", "/../x"):
+        for mode in ("wb", "ab", "xb"):
+            with pytest.raises(ValueError, match="escapes the replica root"):
+                fs.open(key, mode)
+        with pytest.raises(ValueError, match="escapes the replica root"):
+            fs.pipe_file(key, b"data")
+    # Reads refuse the same keys.
+    with pytest.raises(ValueError, match="escapes the replica root"):
+        fs.cat_file("../x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replica"]
+    # Inside the root, writes work as before.
+    with fs.open("ok.bin", "wb") as f:
+        f.write(b"ok")
+    assert fs.cat_file("ok.bin") == b"ok"

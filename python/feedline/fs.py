@@ -290,7 +290,13 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def _local_path(self, path: str) -> str:
         key = self._key(path)
-        return os.path.join(self.replicas[0], key) if self.replicas else key
+        if not self.replicas:
+            return key
+        # As reads refuse it (the core's local store): no write or listing
+        # outside the replica.
+        if ".." in key.split("/"):
+            raise ValueError(f"key {key!r} escapes the replica root")
+        return os.path.join(self.replicas[0], key)
 
     # -- metadata -------------------------------------------------------------
     # Local replicas: fsspec's local filesystem on the replicas. URL replicas:
@@ -570,7 +576,8 @@ class FeedlineFile(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         self._check_open()
-        return self._reader.read(-1 if size is None else size)
+        # More than any file holds means "to the end" (the core counts in i64).
+        return self._reader.read(-1 if size is None else min(size, sys.maxsize))
 
     def readall(self) -> bytes:
         return self.read(-1)
@@ -590,6 +597,8 @@ class FeedlineFile(io.RawIOBase):
             raise ValueError(f"invalid whence {whence!r}; use 0, 1 or 2")
         if target < 0:
             raise ValueError(f"negative seek position {target}")
+        if target >= 1 << 64:
+            raise ValueError(f"seek position {target} is out of range: positions are below 2**64")
         return self._reader.seek(target)
 
     def tell(self) -> int:

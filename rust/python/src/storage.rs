@@ -7,9 +7,9 @@ use feedline_core::plan::PlanItem;
 use feedline_core::prefetch::StreamConfig;
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig, WholeRead};
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
@@ -94,6 +94,33 @@ fn distinct_keys(keys: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<usize>)>
     Ok((distinct, index))
 }
 
+/// A byte offset, end or length from Python: an int (or `__index__`),
+/// never a float; one past `i64` is a `ValueError` naming it, not C-long
+/// jargon.
+struct Offset(i64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Offset {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i64>() {
+            Ok(v) => Ok(Offset(v)),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+                Err(PyValueError::new_err(format!(
+                    "byte position {} is out of range: offsets and lengths must lie within \
+                     ±2**63",
+                    obj.as_any()
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn offsets(values: Vec<Option<Offset>>) -> Vec<Option<i64>> {
+    values.into_iter().map(|v| v.map(|o| o.0)).collect()
+}
+
 /// Converts a Python plan to plan items. Plans run to hundreds of thousands
 /// of entries naming a few files, so a path object is recognised by
 /// identity (then by value) and `key_of` runs once per distinct path.
@@ -132,21 +159,31 @@ fn plan_items<'py>(
         last = Some((path, Arc::clone(&key)));
         Ok(key)
     };
-    // `int()` semantics for offsets and lengths, as the Python plan had:
-    // ints (and anything with `__index__`) directly, others through int().
-    let int = |v: Bound<'py, PyAny>| -> PyResult<i64> {
-        match v.extract::<i64>() {
-            Ok(i) => Ok(i),
-            Err(_) => py.get_type::<PyInt>().call1((v,))?.extract(),
-        }
+    // Ints (and anything with `__index__`) only: `int(1.9)` would read
+    // from offset 1 without a word.
+    let int = |entry: &Bound<'py, PyAny>, what: &str, v: Bound<'py, PyAny>| -> PyResult<i64> {
+        v.extract::<Offset>().map(|o| o.0).map_err(|e| {
+            let detail = match e.is_instance_of::<PyTypeError>(py) {
+                true => format!("must be an int, got {}", describe(&v)),
+                false => format!(
+                    "{} is out of range: offsets and lengths must lie within ±2**63",
+                    describe(&v)
+                ),
+            };
+            let err = format!("plan entry {}: {what} {detail}", describe(entry));
+            match e.is_instance_of::<PyTypeError>(py) {
+                true => PyTypeError::new_err(err),
+                false => PyValueError::new_err(err),
+            }
+        })
     };
     for entry in entries.try_iter()? {
         let entry = entry?;
         if let Ok(t) = entry.cast::<PyTuple>() {
             if t.len() == 3 {
                 let key = key_for(t.get_item(0)?)?;
-                let offset = int(t.get_item(1)?)?;
-                let len = int(t.get_item(2)?)?;
+                let offset = int(&entry, "offset", t.get_item(1)?)?;
+                let len = int(&entry, "length", t.get_item(2)?)?;
                 items.push(PlanItem::Range { key, offset, len });
                 continue;
             }
@@ -202,9 +239,10 @@ impl PyStorage {
         &self,
         py: Python<'py>,
         key: &str,
-        start: Option<i64>,
-        end: Option<i64>,
+        start: Option<Offset>,
+        end: Option<Offset>,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        let (start, end) = (start.map(|o| o.0), end.map(|o| o.0));
         let whole = is_whole(start, end);
         let plan = detach_interruptible(py, || match whole {
             true => self.inner.whole_read(key),
@@ -237,9 +275,10 @@ impl PyStorage {
         &self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
-        starts: Vec<Option<i64>>,
-        ends: Vec<Option<i64>>,
+        starts: Vec<Option<Offset>>,
+        ends: Vec<Option<Offset>>,
     ) -> PyResult<Vec<Py<PyAny>>> {
+        let (starts, ends) = (offsets(starts), offsets(ends));
         let (distinct, index) = distinct_keys(keys)?;
         let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
         // Whole objects on a store where one request brings the size: no
