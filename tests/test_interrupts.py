@@ -5,6 +5,8 @@ process), not at the read's deadline."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from feedline_helpers import wait_for
@@ -170,3 +173,105 @@ def test_a_silent_replica_still_times_out_without_a_signal() -> None:
             fs.cat_file("k", 0, 10)
         assert not isinstance(raised.value, InterruptedError)
         assert "interrupted" not in str(raised.value)
+
+
+# -- plans that never end, streams across fork -------------------------------
+
+
+def test_an_endless_plan_streams_lazily_in_bounded_look_ahead(tmp_path: Path) -> None:
+    import feedline
+
+    path = tmp_path / "sample.bin"
+    path.write_bytes(bytes(range(256)) * 16)
+    fs = feedline.FileSystem()
+    pulled = 0
+
+    def plan() -> Iterator[tuple[str, int, int]]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield (str(path), i % 4000, 7)
+
+    want = path.read_bytes()
+    with fs.stream(plan()) as stream:
+        with pytest.raises(TypeError, match="length is not known"):
+            len(stream)
+        for i, chunk in zip(range(20_000), stream, strict=False):
+            assert bytes(chunk) == want[i % 4000 : i % 4000 + 7]
+            chunk.release()
+            # Bounded look-ahead: the plan is taken a window at a time.
+            assert pulled <= i + 1 + 2 * 4096
+    with fs.stream(itertools.repeat(str(path))) as stream:
+        for _, chunk in zip(range(100), stream, strict=False):
+            assert bytes(chunk) == want
+
+
+def test_a_generator_plan_reads_what_a_list_plan_reads(tmp_path: Path) -> None:
+    import feedline
+
+    paths = []
+    for i in range(50):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes([i]) * (1000 + i))
+        paths.append(str(p))
+    fs = feedline.FileSystem()
+    # Several windows, entries of both kinds, and a window of nothing but
+    # empty ranges.
+    entries = [p for p in paths] * 100 + [(p, 10, 0) for p in paths] * 100 + [(paths[3], 5, 9)]
+    listed = [bytes(c) for c in fs.stream(entries, chunk_bytes=512)]
+    generated = [bytes(c) for c in fs.stream((e for e in entries), chunk_bytes=512)]
+    assert generated == listed
+    bad = itertools.chain(entries[:5000], [(paths[0], 1.5, 3)])
+    stream = fs.stream(bad)
+    with pytest.raises(TypeError, match=r"offset must be an int, got 1\.5"):
+        for chunk in stream:
+            chunk.release()
+    assert stream.closed
+
+
+FORK_CHILD = textwrap.dedent(
+    """
+    import gc, os, sys
+    import feedline
+    path = sys.argv[1]
+    fs = feedline.FileSystem()
+    stream = fs.stream([path] * 64, chunk_bytes=4096, depth=4)
+    bytes(next(stream))
+    f = fs.open(path)
+    head = f.read(10) + f.read(10)  # sequential: a readahead is running
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            next(stream)
+        except RuntimeError as e:
+            print("stream:", e, flush=True)
+        else:
+            code = 4
+        rest = f.read(30)
+        print("file:", (head + rest) == open(path, "rb").read()[:50], flush=True)
+        del stream, f
+        gc.collect()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+    """
+)
+
+
+def test_a_stream_used_in_a_forked_child_raises_and_a_file_keeps_reading(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    run = subprocess.run(
+        [sys.executable, "-c", FORK_CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("stream: this stream was started in process"), run.stdout
+    assert "a forked child" in lines[0]
+    assert lines[1:] == ["file: True", "child exit 0"], run.stdout

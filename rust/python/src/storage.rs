@@ -4,12 +4,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use feedline_core::plan::PlanItem;
-use feedline_core::prefetch::StreamConfig;
+use feedline_core::prefetch::{Stream, StreamConfig};
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig, WholeRead};
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyIterator, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::reader::PyReader;
@@ -121,15 +121,45 @@ fn offsets(values: Vec<Option<Offset>>) -> Vec<Option<i64>> {
     values.into_iter().map(|v| v.map(|o| o.0)).collect()
 }
 
-/// Converts a Python plan to plan items. Plans run to hundreds of thousands
-/// of entries naming a few files, so a path object is recognised by
-/// identity (then by value) and `key_of` runs once per distinct path.
+/// Entries taken at a time from a plan that is an iterator (a generator,
+/// `itertools.repeat`): the look-ahead of such a stream. Each window
+/// starts a core stream of its own; the pause between two is one read's
+/// latency per this many entries.
+const PLAN_WINDOW: usize = 4096;
+
+/// The part of a plan not yet taken from its iterator, and what reading it
+/// needs.
+pub struct LazyPlan {
+    entries: Py<PyIterator>,
+    key_of: Py<PyAny>,
+    storage: Arc<Storage>,
+    config: StreamConfig,
+}
+
+impl LazyPlan {
+    /// A stream over the next window of entries; `None` once the iterator
+    /// is exhausted.
+    pub fn next_window(&self, py: Python<'_>) -> PyResult<Option<Stream>> {
+        let items = plan_items(self.entries.bind(py), self.key_of.bind(py), PLAN_WINDOW)?;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let stream = detach_interruptible(py, || self.storage.stream(&items, &self.config))?;
+        stream.py().map(Some)
+    }
+}
+
+/// Converts up to `limit` entries of a Python plan to plan items. Plans run
+/// to hundreds of thousands of entries naming a few files, so a path object
+/// is recognised by identity (then by value) and `key_of` runs once per
+/// distinct path.
 fn plan_items<'py>(
-    entries: &Bound<'py, PyAny>,
+    entries: &Bound<'py, PyIterator>,
     key_of: &Bound<'py, PyAny>,
+    limit: usize,
 ) -> PyResult<Vec<PlanItem>> {
     let py = entries.py();
-    let mut items = Vec::with_capacity(entries.len().unwrap_or(0));
+    let mut items = Vec::new();
     let mut keys: HashMap<String, Arc<str>> = HashMap::new();
     // The previous path object, held so its address is not reused by
     // another object while it is compared against.
@@ -177,7 +207,7 @@ fn plan_items<'py>(
             }
         })
     };
-    for entry in entries.try_iter()? {
+    for entry in entries.clone().take(limit) {
         let entry = entry?;
         if let Ok(t) = entry.cast::<PyTuple>() {
             if t.len() == 3 {
@@ -363,13 +393,28 @@ impl PyStorage {
         depth: usize,
         memory_budget_bytes: Option<usize>,
     ) -> PyResult<PyChunkStream> {
-        let items = plan_items(entries, key_of)?;
         let mut config = StreamConfig::new(chunk_bytes, depth);
         if let Some(budget) = memory_budget_bytes {
             config.memory_budget_bytes = budget;
         }
+        // A sized plan (a list) is planned whole; any other iterable is
+        // taken a window at a time, so an endless one streams for ever in
+        // bounded memory.
+        let sized = entries.len().is_ok();
+        let iter = entries.try_iter()?;
+        let limit = if sized { usize::MAX } else { PLAN_WINDOW };
+        let items = plan_items(&iter, key_of, limit)?;
         let stream = detach_interruptible(py, || self.inner.stream(&items, &config))?.py()?;
-        Ok(PyChunkStream::new(stream))
+        if sized {
+            return Ok(PyChunkStream::new(stream));
+        }
+        let rest = LazyPlan {
+            entries: iter.unbind(),
+            key_of: key_of.clone().unbind(),
+            storage: Arc::clone(&self.inner),
+            config,
+        };
+        Ok(PyChunkStream::lazy(stream, rest))
     }
 
     /// Per-replica and end-to-end read figures as JSON; `reset` clears
