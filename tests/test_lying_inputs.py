@@ -169,3 +169,10 @@ def test_writes_cannot_escape_the_replica_root(tmp_path: Path) -> None:
     with fs.open("ok.bin", "wb") as f:
         f.write(b"ok")
     assert fs.cat_file("ok.bin") == b"ok"
+
+
+@pytest.mark.parametrize("endpoint", ["http://local host:9000", "http://h:9000/a\tb", "ftp://h"])
+def test_an_endpoint_url_requests_cannot_use_is_refused_at_construction(endpoint: str) -> None:
+    """It used to pass construction and panic on the first read."""
+    with pytest.raises(ValueError, match='storage option "endpoint_url"'):
+        feedline.FileSystem(["s3://bucket"], storage_options={"endpoint_url": endpoint})
