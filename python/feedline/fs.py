@@ -469,7 +469,9 @@ class FileSystem(AbstractFileSystem):  # type: ignore[misc]
     ) -> _core.ChunkStream:
         """Prefetches whole files (``"path"``) or ranges (``(path, offset,
         length)``) in order, as zero-copy :class:`feedline.Chunk` buffers of at
-        most ``chunk_bytes`` each, keeping ``depth`` reads in flight."""
+        most ``chunk_bytes`` each, keeping ``depth`` reads in flight. A list is
+        planned whole; any other iterable (a generator, even an endless one) is
+        taken 4,096 entries at a time, and ``len()`` of that stream is unknown."""
         entries: Iterable[PlanEntry] = (
             [paths_or_plan] if isinstance(paths_or_plan, str) else paths_or_plan
         )
