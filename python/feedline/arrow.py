@@ -764,8 +764,11 @@ class ParquetStream:
         )
         try:
             for w in range(start_window, len(epoch.windows)):
-                tables = [self._read_unit(epoch, epoch.units[i], stream) for i in epoch.windows[w]]
-                table = pa.concat_tables([t for t in tables if t is not None])
+                read = (self._read_unit(epoch, epoch.units[i], stream) for i in epoch.windows[w])
+                tables = [t for t in read if t is not None]
+                if not tables:
+                    continue  # every row group of the window was skipped (and recorded)
+                table = pa.concat_tables(tables)
                 if self.shuffle and table.num_rows > 1:
                     perm = np.random.default_rng(epoch.keys[w]).permutation(table.num_rows)
                     table = table.take(pa.array(perm))

@@ -9,6 +9,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import urllib.parse
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -291,7 +292,8 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
             return [key]
         rel = posixpath.normpath(key or ".")
         if rel == ".." or rel.startswith("../"):
-            raise PermissionError(13, f"path {path!r} escapes the replica root", path)
+            # As reads refuse it (the core's local store).
+            raise ValueError(f"key {key!r} escapes the replica root")
         return [os.path.join(root, rel) for root in self._write_roots]
 
     # -- metadata -------------------------------------------------------------
@@ -316,6 +318,20 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
         file's inode, mtime and size); fsspec's caches key on it."""
         meta = self._storage.info(self._key(path))
         return meta.version or f"{meta.key}:{meta.size}:{meta.modified_unix_ns}"
+
+    def size(self, path: str) -> int | None:
+        # What reads see, routed like a read (hedged, failed over): `stat`
+        # says 0 for `/proc` files that hold bytes, and FIFOs or devices
+        # (refused by reads) must not look empty. A directory or prefix has
+        # no size of its own: its info says what it is.
+        try:
+            return self._storage.size(self._key(path))
+        except (FileNotFoundError, IsADirectoryError):
+            info = self.info(path)
+            if info["type"] != "directory":
+                raise
+            size: int | None = info.get("size")
+            return size
 
     # -- routing figures ------------------------------------------------------
 
@@ -466,7 +482,9 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
     ) -> _core.ChunkStream:
         """Prefetches whole files (``"path"``) or ranges (``(path, offset,
         length)``) in order, as zero-copy :class:`feedline.Chunk` buffers of at
-        most ``chunk_bytes`` each, keeping ``depth`` reads in flight."""
+        most ``chunk_bytes`` each, keeping ``depth`` reads in flight. A list is
+        planned whole; any other iterable (a generator, even an endless one) is
+        taken 4,096 entries at a time, and ``len()`` of that stream is unknown."""
         entries: Iterable[PlanEntry] = (
             [paths_or_plan] if isinstance(paths_or_plan, str) else paths_or_plan
         )
@@ -677,9 +695,11 @@ class FeedlineFile(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         self._check_open()
+        # More than any file holds means "to the end" (the core counts in i64).
+        n = -1 if size is None else min(size, sys.maxsize)
         if self.cache is not None:
-            return self._read_cached(-1 if size is None else size)
-        return self._reader.read(-1 if size is None else size)
+            return self._read_cached(n)
+        return self._reader.read(n)
 
     def _read_cached(self, size: int) -> bytes:
         """A read through the installed cache; the position is the reader's
@@ -714,6 +734,8 @@ class FeedlineFile(io.RawIOBase):
             raise ValueError(f"invalid whence {whence!r}; use 0, 1 or 2")
         if target < 0:
             raise ValueError(f"negative seek position {target}")
+        if target >= 1 << 64:
+            raise ValueError(f"seek position {target} is out of range: positions are below 2**64")
         return self._reader.seek(target)
 
     def tell(self) -> int:

@@ -64,6 +64,47 @@ def object_sizes(ds: Dataset) -> list[int]:
     ]
 
 
+def check_fits(scenario: Scenario, workdir: str | None = None) -> None:
+    """Refuses a generated dataset this machine cannot hold: each object is
+    built in memory (at most half of RAM), the replicas share one copy on
+    the disk under ``workdir`` (default: the temp directory), one file each."""
+    ds = scenario.dataset
+    if not ds.generated:
+        return
+    largest = {
+        "fixed": ds.size_bytes,
+        "uniform": ds.size_max_bytes,
+        # The lognormal tail is clamped there (see object_sizes).
+        "lognormal": 64 * ds.size_bytes,
+    }.get(ds.size_distribution, ds.size_bytes)
+    # Expected bytes on disk: the mean size, times the objects.
+    mean = {
+        "uniform": (ds.size_min_bytes + ds.size_max_bytes) / 2,
+        "lognormal": min(ds.size_bytes * math.exp(min(ds.size_sigma, 10.0) ** 2 / 2), largest),
+    }.get(ds.size_distribution, ds.size_bytes)
+    where = workdir or tempfile.gettempdir()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    disk = shutil.disk_usage(where)
+    inodes = os.statvfs(where).f_favail
+    source = f"{scenario.source}: [dataset]"
+    if largest > memory // 2:
+        raise ScenarioError(
+            f"{source} objects of up to {largest:,} bytes are built in memory, and this machine "
+            f"has {memory:,} bytes of RAM: use objects of at most {memory // 2:,} bytes"
+        )
+    if ds.objects * mean > disk.free:
+        raise ScenarioError(
+            f"{source} {ds.objects:,} objects of ~{int(mean):,} bytes need "
+            f"~{int(ds.objects * mean):,} bytes, and {where} has {disk.free:,} free"
+        )
+    # statvfs reports 0 free inodes on filesystems without a fixed table.
+    if inodes and ds.objects > inodes:
+        raise ScenarioError(
+            f"{source} {ds.objects:,} objects need a file each, and {where} has room for "
+            f"{inodes:,} more files"
+        )
+
+
 def _parquet_bytes(rng: random.Random, size: int) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -85,6 +85,7 @@ def check_runnable(scenario: Scenario, *, is_root: bool | None = None) -> None:
     scenario.check_requirements(is_root=is_root)
     # Also for scenarios built in code (``override``), not only parsed ones.
     check_systems_fit_load(scenario)
+    _dataset.check_fits(scenario)
     kind = scenario.replicas.kind
     if kind == "nginx":
         why = nginx_support()

@@ -732,10 +732,22 @@ def loads(text: str, *, source: str = "<string>", base: Path | None = None) -> S
 
 def load(path: str | os.PathLike[str]) -> Scenario:
     p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():
+        # A FIFO or a device would block or never end.
+        raise ScenarioError(f"{p}: not a regular file, not a scenario file")
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ScenarioError(f"{p}: scenario file not found") from None
+    except IsADirectoryError:
+        raise ScenarioError(f"{p}: is a directory, not a scenario file") from None
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start]
+        raise ScenarioError(
+            f"{p}: not a TOML scenario (not UTF-8 text: byte {exc.start} is 0x{bad:02x})"
+        ) from None
+    except OSError as exc:
+        raise ScenarioError(f"{p}: cannot read the scenario file: {exc.strerror or exc}") from None
     return loads(text, source=str(p), base=p.parent)
 
 

@@ -45,6 +45,8 @@ struct Readahead {
     next_offset: u64,
     /// Object offset where this window's plan ends.
     end_offset: u64,
+    /// The process whose thread drives `stream` (see `Reader::stop_readahead`).
+    pid: u32,
 }
 
 pub struct Reader {
@@ -115,7 +117,7 @@ impl Reader {
         let buf = &mut buf[..n];
         let sequential = self.last_end == Some(self.pos);
         if !sequential || n >= self.config.direct_bytes {
-            self.readahead = None;
+            self.stop_readahead();
         }
         if n >= self.config.direct_bytes {
             self.storage
@@ -130,7 +132,19 @@ impl Reader {
         Ok(n)
     }
 
+    /// Ends the readahead. In a forked child (a DataLoader worker reading a
+    /// file opened before the fork) its driver thread stayed in the parent:
+    /// joining it would wait for ever, so it is left alone.
+    fn stop_readahead(&mut self) {
+        if let Some(ra) = self.readahead.take() {
+            if ra.pid != std::process::id() {
+                std::mem::forget(ra);
+            }
+        }
+    }
+
     fn start_readahead(&mut self) -> Result<()> {
+        self.stop_readahead();
         let window = WINDOW_CHUNKS * self.config.chunk_bytes as u64;
         let len = (self.size - self.pos).min(window);
         let mut plan: Vec<ReadRange> = Vec::new();
@@ -149,6 +163,7 @@ impl Reader {
             used: 0,
             next_offset: self.pos,
             end_offset: self.pos + len,
+            pid: std::process::id(),
         });
         Ok(())
     }
@@ -158,7 +173,9 @@ impl Reader {
         while filled < buf.len() {
             let fresh = match &self.readahead {
                 Some(ra) => {
-                    ra.next_offset != self.pos + filled as u64 || ra.next_offset >= ra.end_offset
+                    ra.next_offset != self.pos + filled as u64
+                        || ra.next_offset >= ra.end_offset
+                        || ra.pid != std::process::id()
                 }
                 None => true,
             };
@@ -172,6 +189,12 @@ impl Reader {
             filled += ra.copy_into(&mut buf[filled..])?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop_readahead();
     }
 }
 
@@ -196,7 +219,7 @@ impl Readahead {
         loop {
             match self.stream.next_chunk(Duration::from_millis(100))? {
                 Next::Chunk(c) => return Ok(c),
-                Next::Pending => continue,
+                Next::Pending => crate::runtime::check_interrupt()?,
                 Next::End => return Err(Error::Closed("readahead ended early".into())),
             }
         }

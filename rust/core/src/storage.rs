@@ -246,8 +246,8 @@ impl Storage {
         let mut pending: futures::stream::FuturesUnordered<_> = asks.collect();
         let mut failures = Vec::new();
         let mut all_not_found = true;
-        let outcome = runtime::block_on(async {
-            tokio::time::timeout(deadline, async {
+        let outcome: Result<Option<T>> = runtime::block_on(async {
+            let first = tokio::time::timeout(deadline, async {
                 while let Some((i, answer)) = pending.next().await {
                     match answer {
                         Ok(found) => return Some(Ok(found)),
@@ -266,17 +266,18 @@ impl Storage {
                 }
                 None
             })
-            .await
-        });
-        match outcome {
-            Ok(Some(answer)) => return answer,
-            Ok(None) => {}
-            Err(_) => {
-                return Err(Error::Timeout {
+            .await;
+            match first {
+                Ok(Some(answer)) => answer.map(Some),
+                Ok(None) => Ok(None),
+                Err(_) => Err(Error::Timeout {
                     what: format!("metadata of {key:?} from any replica"),
                     elapsed_ms: deadline.as_millis() as u64,
-                })
+                }),
             }
+        });
+        if let Some(found) = outcome? {
+            return Ok(found);
         }
         if all_not_found {
             return Err(Error::NotFound {
@@ -437,7 +438,11 @@ impl Storage {
             .into_iter()
             .map(|size| match size {
                 Some(size) => Ok(size),
-                None => asked_sizes.next().expect("one size per asked key"),
+                // An interrupted call returns no sizes (see
+                // `runtime::Interruptible`): its caller discards them.
+                None => asked_sizes
+                    .next()
+                    .unwrap_or_else(|| Err(runtime::INTERRUPTED.into())),
             })
             .collect()
     }

@@ -15,6 +15,7 @@ mod metrics;
 mod proxy;
 mod reader;
 mod route;
+mod signals;
 mod storage;
 mod stream;
 

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::errors::IntoPyResult;
+use crate::signals::detach_interruptible;
 
 #[pyclass(name = "Reader", module = "feedline._core", frozen)]
 pub struct PyReader {
@@ -73,12 +74,12 @@ impl PyReader {
             ));
         }
         let target = Target(buffer.buf_ptr() as *mut u8, buffer.len_bytes());
-        py.detach(move || {
+        detach_interruptible(py, move || {
             let target = target;
             // SAFETY: see `Target`.
             let buf = unsafe { std::slice::from_raw_parts_mut(target.0, target.1) };
             self.with(|r| r.read_into(buf))
-        })
+        })?
     }
 
     /// Reads up to `size` bytes (all that is left when `size` < 0).
@@ -91,7 +92,7 @@ impl PyReader {
             (size as u64).min(left)
         };
         PyBytes::new_with(py, n as usize, |buf| {
-            py.detach(|| self.with(|r| r.read_into(buf)).map(|_| ()))
+            detach_interruptible(py, || self.with(|r| r.read_into(buf)))?.map(|_| ())
         })
     }
 

@@ -4,16 +4,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use feedline_core::plan::PlanItem;
+use feedline_core::prefetch::{Stream, StreamConfig};
 use feedline_core::reader::{Reader, ReaderConfig};
 use feedline_core::storage::{threads_for_ranges, RangeRequest, Storage, StorageConfig, WholeRead};
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyIterator, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
 use crate::metadata::ObjectMeta;
 use crate::metrics::PyLatencyHistogram;
 use crate::reader::PyReader;
+use crate::signals::detach_interruptible;
 use crate::stream::PyChunkStream;
 
 #[pyclass(name = "Storage", module = "feedline._core", frozen)]
@@ -94,15 +96,72 @@ fn distinct_keys(keys: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<usize>)>
     Ok((distinct, index))
 }
 
-/// Converts a Python plan to plan items. Plans run to hundreds of thousands
-/// of entries naming a few files, so a path object is recognised by
-/// identity (then by value) and `key_of` runs once per distinct path.
+/// A byte offset, end or length from Python: an int (or `__index__`),
+/// never a float; one past `i64` is a `ValueError` naming it, not C-long
+/// jargon.
+struct Offset(i64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Offset {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i64>() {
+            Ok(v) => Ok(Offset(v)),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+                Err(PyValueError::new_err(format!(
+                    "byte position {} is out of range: offsets and lengths must lie within \
+                     ±2**63",
+                    obj.as_any()
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn offsets(values: Vec<Option<Offset>>) -> Vec<Option<i64>> {
+    values.into_iter().map(|v| v.map(|o| o.0)).collect()
+}
+
+/// Entries taken at a time from a plan that is an iterator (a generator,
+/// `itertools.repeat`): the look-ahead of such a stream. Each window
+/// starts a core stream of its own; the pause between two is one read's
+/// latency per this many entries.
+const PLAN_WINDOW: usize = 4096;
+
+/// The part of a plan not yet taken from its iterator, and what reading it
+/// needs.
+pub struct LazyPlan {
+    entries: Py<PyIterator>,
+    key_of: Py<PyAny>,
+    storage: Arc<Storage>,
+    config: StreamConfig,
+}
+
+impl LazyPlan {
+    /// A stream over the next window of entries; `None` once the iterator
+    /// is exhausted.
+    pub fn next_window(&self, py: Python<'_>) -> PyResult<Option<Stream>> {
+        let items = plan_items(self.entries.bind(py), self.key_of.bind(py), PLAN_WINDOW)?;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let stream = detach_interruptible(py, || self.storage.stream(&items, &self.config))?;
+        stream.py().map(Some)
+    }
+}
+
+/// Converts up to `limit` entries of a Python plan to plan items. Plans run
+/// to hundreds of thousands of entries naming a few files, so a path object
+/// is recognised by identity (then by value) and `key_of` runs once per
+/// distinct path.
 fn plan_items<'py>(
-    entries: &Bound<'py, PyAny>,
+    entries: &Bound<'py, PyIterator>,
     key_of: &Bound<'py, PyAny>,
+    limit: usize,
 ) -> PyResult<Vec<PlanItem>> {
     let py = entries.py();
-    let mut items = Vec::with_capacity(entries.len().unwrap_or(0));
+    let mut items = Vec::new();
     let mut keys: HashMap<String, Arc<str>> = HashMap::new();
     // The previous path object, held so its address is not reused by
     // another object while it is compared against.
@@ -132,21 +191,31 @@ fn plan_items<'py>(
         last = Some((path, Arc::clone(&key)));
         Ok(key)
     };
-    // `int()` semantics for offsets and lengths, as the Python plan had:
-    // ints (and anything with `__index__`) directly, others through int().
-    let int = |v: Bound<'py, PyAny>| -> PyResult<i64> {
-        match v.extract::<i64>() {
-            Ok(i) => Ok(i),
-            Err(_) => py.get_type::<PyInt>().call1((v,))?.extract(),
-        }
+    // Ints (and anything with `__index__`) only: `int(1.9)` would read
+    // from offset 1 without a word.
+    let int = |entry: &Bound<'py, PyAny>, what: &str, v: Bound<'py, PyAny>| -> PyResult<i64> {
+        v.extract::<Offset>().map(|o| o.0).map_err(|e| {
+            let detail = match e.is_instance_of::<PyTypeError>(py) {
+                true => format!("must be an int, got {}", describe(&v)),
+                false => format!(
+                    "{} is out of range: offsets and lengths must lie within ±2**63",
+                    describe(&v)
+                ),
+            };
+            let err = format!("plan entry {}: {what} {detail}", describe(entry));
+            match e.is_instance_of::<PyTypeError>(py) {
+                true => PyTypeError::new_err(err),
+                false => PyValueError::new_err(err),
+            }
+        })
     };
-    for entry in entries.try_iter()? {
+    for entry in entries.clone().take(limit) {
         let entry = entry?;
         if let Ok(t) = entry.cast::<PyTuple>() {
             if t.len() == 3 {
                 let key = key_for(t.get_item(0)?)?;
-                let offset = int(t.get_item(1)?)?;
-                let len = int(t.get_item(2)?)?;
+                let offset = int(&entry, "offset", t.get_item(1)?)?;
+                let len = int(&entry, "length", t.get_item(2)?)?;
                 items.push(PlanItem::Range { key, offset, len });
                 continue;
             }
@@ -188,20 +257,20 @@ impl PyStorage {
     }
 
     fn size(&self, py: Python<'_>, key: &str) -> PyResult<u64> {
-        py.detach(|| self.inner.size(key)).py()
+        detach_interruptible(py, || self.inner.size(key))?.py()
     }
 
     /// `(objects, prefix keys)` directly under `prefix`, from the first
     /// replica that answers.
     fn ls(&self, py: Python<'_>, prefix: &str) -> PyResult<(Vec<ObjectMeta>, Vec<String>)> {
-        let listing = py.detach(|| self.inner.list(prefix)).py()?;
+        let listing = detach_interruptible(py, || self.inner.list(prefix))?.py()?;
         let objects = listing.objects.into_iter().map(ObjectMeta::from).collect();
         Ok((objects, listing.prefixes))
     }
 
     /// The metadata of `key` from the first replica that has it.
     fn info(&self, py: Python<'_>, key: &str) -> PyResult<ObjectMeta> {
-        py.detach(|| self.inner.info(key))
+        detach_interruptible(py, || self.inner.info(key))?
             .py()
             .map(ObjectMeta::from)
     }
@@ -211,33 +280,33 @@ impl PyStorage {
         &self,
         py: Python<'py>,
         key: &str,
-        start: Option<i64>,
-        end: Option<i64>,
+        start: Option<Offset>,
+        end: Option<Offset>,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        let (start, end) = (start.map(|o| o.0), end.map(|o| o.0));
         let whole = is_whole(start, end);
-        let plan = py
-            .detach(|| match whole {
-                true => self.inner.whole_read(key),
-                false => Ok(WholeRead::OneRequest),
-            })
-            .py()?;
+        let plan = detach_interruptible(py, || match whole {
+            true => self.inner.whole_read(key),
+            false => Ok(WholeRead::OneRequest),
+        })?
+        .py()?;
         let (offset, len) = match (whole, plan) {
             (true, WholeRead::Sized(size)) => (0, size),
             (true, WholeRead::OneRequest) => {
                 // The size comes with the bytes: one copy into `bytes`.
-                let data = py.detach(|| self.inner.read_object(key)).py()?;
+                let data = detach_interruptible(py, || self.inner.read_object(key))?.py()?;
                 return Ok(PyBytes::new(py, &data));
             }
-            (false, _) => py
-                .detach(|| self.inner.resolve_slice(key, start, end))
-                .py()?,
+            (false, _) => {
+                detach_interruptible(py, || self.inner.resolve_slice(key, start, end))?.py()?
+            }
         };
         let (bytes, target) = new_bytes(py, len as usize)?;
-        py.detach(move || {
+        detach_interruptible(py, move || {
             // SAFETY: the only slice of this fresh bytes object.
             let buf = unsafe { target.slice() };
             self.inner.read_into(key, offset, buf)
-        })
+        })?
         .py()?;
         Ok(bytes)
     }
@@ -247,9 +316,10 @@ impl PyStorage {
         &self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
-        starts: Vec<Option<i64>>,
-        ends: Vec<Option<i64>>,
+        starts: Vec<Option<Offset>>,
+        ends: Vec<Option<Offset>>,
     ) -> PyResult<Vec<Py<PyAny>>> {
+        let (starts, ends) = (offsets(starts), offsets(ends));
         let (distinct, index) = distinct_keys(keys)?;
         let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
         // Whole objects on a store where one request brings the size: no
@@ -259,12 +329,13 @@ impl PyStorage {
             && index.len() == ends.len()
             && starts.iter().zip(&ends).all(|(s, e)| is_whole(*s, *e));
         if all_whole
-            && py.detach(|| self.inner.whole_read(distinct[0])).ok() == Some(WholeRead::OneRequest)
+            && detach_interruptible(py, || self.inner.whole_read(distinct[0]))?.ok()
+                == Some(WholeRead::OneRequest)
         {
-            let results = py.detach(|| {
+            let results = detach_interruptible(py, || {
                 let refs: Vec<&str> = index.iter().map(|&k| distinct[k]).collect();
                 self.inner.read_objects(&refs)
-            });
+            })?;
             return Ok(results
                 .into_iter()
                 .map(|r| match r {
@@ -273,12 +344,11 @@ impl PyStorage {
                 })
                 .collect());
         }
-        let spans = py
-            .detach(|| {
-                self.inner
-                    .resolve_slices_indexed(&distinct, &index, &starts, &ends)
-            })
-            .py()?;
+        let spans = detach_interruptible(py, || {
+            self.inner
+                .resolve_slices_indexed(&distinct, &index, &starts, &ends)
+        })?
+        .py()?;
         let mut out: Vec<Py<PyAny>> = Vec::with_capacity(index.len());
         let mut targets = Vec::with_capacity(index.len());
         for span in spans {
@@ -294,7 +364,7 @@ impl PyStorage {
                 }
             }
         }
-        let results = py.detach(|| {
+        let results = detach_interruptible(py, || {
             let mut requests: Vec<RangeRequest<'_>> = Vec::with_capacity(targets.len());
             let mut requested = Vec::with_capacity(targets.len());
             for (i, (&k, t)) in index.iter().zip(&targets).enumerate() {
@@ -312,7 +382,7 @@ impl PyStorage {
             let threads = threads_for_ranges(requests.len());
             let results = self.inner.read_many(&mut requests, threads);
             requested.into_iter().zip(results).collect::<Vec<_>>()
-        });
+        })?;
         for (i, result) in results {
             if let Err(e) = result {
                 out[i] = to_py(e).into_value(py).into_any();
@@ -341,9 +411,24 @@ impl PyStorage {
             .with(crate::config::kwargs_value(prefetch)?)
             .py()?;
         let config = options.stream_config().py()?;
-        let items = plan_items(entries, key_of)?;
-        let stream = py.detach(|| self.inner.stream(&items, &config)).py()?;
-        Ok(PyChunkStream::new(stream))
+        // A sized plan (a list) is planned whole; any other iterable is
+        // taken a window at a time, so an endless one streams for ever in
+        // bounded memory.
+        let sized = entries.len().is_ok();
+        let iter = entries.try_iter()?;
+        let limit = if sized { usize::MAX } else { PLAN_WINDOW };
+        let items = plan_items(&iter, key_of, limit)?;
+        let stream = detach_interruptible(py, || self.inner.stream(&items, &config))?.py()?;
+        if sized {
+            return Ok(PyChunkStream::new(stream));
+        }
+        let rest = LazyPlan {
+            entries: iter.unbind(),
+            key_of: key_of.clone().unbind(),
+            storage: Arc::clone(&self.inner),
+            config,
+        };
+        Ok(PyChunkStream::lazy(stream, rest))
     }
 
     /// Per-replica and end-to-end read figures (see `RouterStats`); `reset`
@@ -362,9 +447,9 @@ impl PyStorage {
     fn open_reader(&self, py: Python<'_>, key: &str) -> PyResult<PyReader> {
         let prefetch = &self.inner.config().prefetch;
         let config = ReaderConfig::try_from(prefetch).py()?;
-        let reader = py
-            .detach(|| Reader::open(Arc::clone(&self.inner), key, config))
-            .py()?;
+        let reader =
+            detach_interruptible(py, || Reader::open(Arc::clone(&self.inner), key, config))?
+                .py()?;
         Ok(PyReader::new(reader))
     }
 

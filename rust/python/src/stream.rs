@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use feedline_core::prefetch::{Chunk, Next, Stream};
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
 
 use crate::errors::IntoPyResult;
+use crate::storage::LazyPlan;
 
 /// How long one wait for a chunk lasts before Python signals are checked.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
@@ -27,7 +29,13 @@ pub struct PyChunkStream {
     /// Chunks taken from the ring and not yet handed to Python, in plan
     /// order, and the error that ended the stream after them.
     ready: Mutex<Ready>,
-    len: usize,
+    /// Chunks in the plan; `None` for a plan taken from an iterator.
+    len: Option<usize>,
+    /// The rest of a plan given as an iterator (see `LazyPlan`).
+    more: Mutex<Option<LazyPlan>>,
+    /// The process that started the prefetch threads: a forked child has
+    /// none of them.
+    pid: u32,
 }
 
 #[derive(Default)]
@@ -48,11 +56,65 @@ impl Ready {
 
 impl PyChunkStream {
     pub fn new(stream: Stream) -> Self {
-        let len = stream.len();
         PyChunkStream {
+            len: Some(stream.len()),
             inner: Mutex::new(Some(stream)),
             ready: Mutex::new(Ready::default()),
-            len,
+            more: Mutex::new(None),
+            pid: std::process::id(),
+        }
+    }
+
+    /// A stream over `first`, then over each window of `rest` in turn.
+    pub fn lazy(first: Stream, rest: LazyPlan) -> Self {
+        PyChunkStream {
+            inner: Mutex::new(Some(first)),
+            ready: Mutex::new(Ready::default()),
+            len: None,
+            more: Mutex::new(Some(rest)),
+            pid: std::process::id(),
+        }
+    }
+
+    fn forked(&self) -> bool {
+        self.pid != std::process::id()
+    }
+
+    fn check_process(&self) -> PyResult<()> {
+        if self.forked() {
+            return Err(PyRuntimeError::new_err(format!(
+                "this stream was started in process {} and its prefetch threads stayed there; \
+                 a forked child (a DataLoader worker) must start its own stream",
+                self.pid
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts the stream over the next window of a lazy plan; false when
+    /// there is none (or the plan was given whole).
+    fn next_window(&self, py: Python<'_>) -> PyResult<bool> {
+        let mut more = self
+            .more
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(plan) = more.as_ref() else {
+            return Ok(false);
+        };
+        match plan.next_window(py) {
+            Ok(Some(stream)) => {
+                *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+                Ok(true)
+            }
+            Ok(None) => {
+                *more = None;
+                Ok(false)
+            }
+            Err(e) => {
+                // A bad entry ends the stream, as it ends a whole plan.
+                *more = None;
+                Err(e)
+            }
         }
     }
 
@@ -90,7 +152,11 @@ impl PyChunkStream {
 
     fn close_inner(&self) {
         let stream = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(stream);
+        match self.forked() {
+            // Joining the parent's driver thread would wait for ever.
+            true => std::mem::forget(stream),
+            false => drop(stream),
+        }
         // Chunks taken ahead but never handed out go back to the ring; as
         // before batching, a closed stream yields nothing more.
         let ready = std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()));
@@ -105,25 +171,38 @@ impl PyChunkStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyChunk>> {
+        self.check_process()?;
         if let Some(next) = self.pop_ready() {
             return Ok(Some(PyChunk::new(next.py()?)));
         }
         loop {
             match py.detach(|| self.next_batch()).py()? {
                 Next::Chunk(chunk) => return Ok(Some(PyChunk::new(chunk))),
+                Next::End if self.next_window(py)? => {}
                 Next::End => return Ok(None),
                 Next::Pending => py.check_signals()?,
             }
         }
     }
 
-    fn __len__(&self) -> usize {
-        self.len
+    fn __len__(&self) -> PyResult<usize> {
+        self.len.ok_or_else(|| {
+            PyTypeError::new_err(
+                "this stream's plan is an iterator, taken a window at a time: its length is \
+                 not known",
+            )
+        })
     }
 
     /// Stops the prefetch workers and joins them. Chunks already taken stay
     /// valid. Idempotent.
     fn close(&self, py: Python<'_>) {
+        let rest = self
+            .more
+            .lock_py_attached(py)
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(rest);
         py.detach(|| self.close_inner());
     }
 
@@ -133,6 +212,11 @@ impl PyChunkStream {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
+            && self
+                .more
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -147,6 +231,20 @@ impl PyChunkStream {
         _tb: Option<&Bound<'_, PyAny>>,
     ) {
         self.close(py);
+    }
+}
+
+impl Drop for PyChunkStream {
+    fn drop(&mut self) {
+        if self.forked() {
+            // The driver thread is the parent's: joining it would wait for ever.
+            let stream = self
+                .inner
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            std::mem::forget(stream);
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! Local files through `pread`, straight into the caller's buffer.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::fs::{File, FileType, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -19,6 +19,11 @@ const MAX_OPEN_FILES: usize = 1024;
 /// every reader thread shares). Larger reads take a reference and drop the
 /// lock, so opening a new file never waits behind a long read.
 const READ_UNDER_LOCK_BYTES: usize = 64 << 10;
+
+/// The most a file whose `stat` size is 0 but that has content (`/proc`,
+/// `/sys` and other pseudo-files) is read to find its length; longer ones
+/// (`/proc/self/pagemap` would go on for gigabytes) are refused.
+const UNSIZED_MAX_BYTES: u64 = 64 << 20;
 
 /// A cached descriptor and the identity of the file it was opened on.
 #[derive(Debug)]
@@ -106,10 +111,22 @@ impl LocalStore {
     /// Opens `key` and caches the descriptor (replacing any older one).
     fn open(&self, key: &str) -> Result<Arc<OpenFile>> {
         let path = self.path_of(key)?;
-        let file = File::open(&path).map_err(|e| Error::from_io(key, e))?;
+        // Non-blocking: opening a FIFO for reading would otherwise wait for
+        // a writer for ever (regular files ignore the flag).
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| Error::from_io(key, e))?;
         let meta = file.metadata().map_err(|e| Error::from_io(key, e))?;
         if meta.is_dir() {
             return Err(Error::IsADirectory { path: key.into() });
+        }
+        if !meta.is_file() {
+            return Err(Error::invalid(format!(
+                "{key:?} is {}, not a regular file: feedline reads files whose bytes stay put",
+                special_kind(meta.file_type())
+            )));
         }
         let open = Arc::new(OpenFile {
             file,
@@ -175,16 +192,57 @@ impl LocalStore {
                         return Err(Error::from_io(key, e));
                     }
                 };
-                if (meta.dev(), meta.ino()) == identity && !meta.is_dir() {
+                if (meta.dev(), meta.ino()) == identity && meta.is_file() && meta.len() > 0 {
                     return Ok(meta.len());
                 }
-                // Replaced: open the file the path names now.
+                // Replaced, or a length `stat` may not tell: open the file
+                // the path names now.
                 self.forget(key);
                 self.open(key)?
             }
         };
         let meta = open.file.metadata().map_err(|e| Error::from_io(key, e))?;
-        Ok(meta.len())
+        match meta.len() {
+            0 => unsized_len(key, &open.file),
+            len => Ok(len),
+        }
+    }
+}
+
+/// The length of a file whose `stat` says 0: 0 for an empty file; for a
+/// pseudo-file with content (`/proc/cpuinfo`), the bytes read to its end.
+fn unsized_len(key: &str, file: &File) -> Result<u64> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut len = 0u64;
+    loop {
+        match file.read_at(&mut buf, len) {
+            Ok(0) => return Ok(len),
+            Ok(n) => len += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::from_io(key, e)),
+        }
+        if len > UNSIZED_MAX_BYTES {
+            return Err(Error::invalid(format!(
+                "{key:?} reports size 0 but holds more than {UNSIZED_MAX_BYTES} bytes \
+                 (a pseudo-file whose length stat does not tell): refused rather than \
+                 read partly"
+            )));
+        }
+    }
+}
+
+/// "a FIFO", "a character device", ... for errors about `kind`.
+fn special_kind(kind: FileType) -> &'static str {
+    if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
     }
 }
 
@@ -394,6 +452,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(small[..], data[1000..1100]);
+    }
+
+    #[test]
+    fn fifos_and_devices_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let store = LocalStore::rooted(dir.path()).unwrap();
+        let err = store.stat("pipe").unwrap_err();
+        assert!(err.to_string().contains("a FIFO"), "{err}");
+        let err = LocalStore::unrooted().stat("/dev/zero").unwrap_err();
+        assert!(err.to_string().contains("a character device"), "{err}");
+    }
+
+    #[test]
+    fn a_pseudo_file_is_sized_by_reading_it_and_an_empty_file_is_empty() {
+        let store = LocalStore::unrooted();
+        let size = store.stat("/proc/self/status").unwrap();
+        let mut buf = vec![0u8; size as usize];
+        store.pread_exact("/proc/self/status", 0, &mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf).contains("Name:"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("empty"), b"").unwrap();
+        let rooted = LocalStore::rooted(dir.path()).unwrap();
+        assert_eq!(rooted.stat("empty").unwrap(), 0);
     }
 
     #[test]

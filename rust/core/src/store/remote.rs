@@ -575,6 +575,34 @@ fn as_string(key: &str, v: &Value) -> Result<String> {
     }
 }
 
+/// An endpoint URL that requests can be built on: checked here, since the
+/// HTTP client only finds out (with a panic) when the first request is made.
+/// The message names the option and the fault, not the URL, which may carry
+/// credentials.
+fn as_endpoint(key: &str, v: &Value) -> Result<String> {
+    let endpoint = as_string(key, v)?;
+    let invalid = |why: String| Error::invalid(format!("storage option {key:?} {why}"));
+    if let Some((i, c)) = endpoint
+        .char_indices()
+        .find(|(_, c)| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(format!(
+            "is not a valid URL: it holds {c:?} at byte {i}"
+        )));
+    }
+    let url =
+        url::Url::parse(&endpoint).map_err(|e| invalid(format!("is not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(format!(
+            "must be an http:// or https:// URL with a host, got scheme {:?}",
+            url.scheme()
+        )));
+    }
+    http::Uri::try_from(endpoint.as_str())
+        .map_err(|e| invalid(format!("is not a valid URL: {e}")))?;
+    Ok(endpoint)
+}
+
 fn as_bool(key: &str, v: &Value) -> Result<bool> {
     match v {
         Value::Bool(b) => Ok(*b),
@@ -648,7 +676,7 @@ fn parse_options(url: &Url, options: &StorageOptions) -> Result<Parsed> {
     for (k, v) in flat {
         match k.as_str() {
             "endpoint" | "endpoint_url" | "aws_endpoint" | "aws_endpoint_url" => {
-                p.endpoint = Some(as_string(&k, &v)?)
+                p.endpoint = Some(as_endpoint(&k, &v)?)
             }
             "region" | "region_name" | "aws_region" => p.region = Some(as_string(&k, &v)?),
             "key" | "access_key" | "access_key_id" | "aws_access_key_id" => {
@@ -894,6 +922,27 @@ mod tests {
         assert!(e.to_string().contains("timeout"), "{e}");
         let e = RemoteStore::open("http://pw:zzsecretzz@[::1", &opts("{}")).unwrap_err();
         assert!(!e.to_string().contains("zzsecretzz"), "{e}");
+    }
+
+    #[test]
+    fn an_endpoint_requests_cannot_be_built_on_is_refused_at_open() {
+        for (endpoint, why) in [
+            ("http://local host:9000", "' ' at byte 12"),
+            ("http://h:9000/a\tb", "'\\t' at byte 15"),
+            ("ftp://h", "scheme \"ftp\""),
+            ("not a url", "' '"),
+            ("http://u:zzsecretzz@[::1", "not a valid URL"),
+        ] {
+            let json = serde_json::json!({ "endpoint_url": endpoint, "anon": true }).to_string();
+            let e = RemoteStore::open("s3://b/", &opts(&json)).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{text}");
+            assert!(
+                text.contains("\"endpoint_url\"") && text.contains(why),
+                "{text}"
+            );
+            assert!(!text.contains("zzsecretzz"), "{text}");
+        }
     }
 
     #[test]
