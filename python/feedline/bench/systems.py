@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 import shutil
 import tempfile
@@ -58,15 +57,6 @@ def has_module(name: str) -> bool:
 def chaos_module() -> Any:
     """``feedline.chaos`` (imported late: the bench CLI starts without it)."""
     return importlib.import_module("feedline.chaos")
-
-
-def accepts(func: Callable[..., Any], name: str) -> bool:
-    """Whether ``func`` names parameter ``name`` explicitly (``**kwargs`` does not count:
-    fsspec filesystems swallow unknown options)."""
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # -- faults -> chaos specs ------------------------------------------------------
@@ -210,24 +200,13 @@ class FeedlineSystem(System):
         super().__init__(scenario, data, chaos, roots)
         import feedline
 
-        init = feedline.FileSystem.__init__
         kwargs: dict[str, Any] = dict(scenario.feedline)
         if self.chaos:
-            if accepts(init, "chaos"):
-                kwargs["chaos"] = dict(self.chaos)
-            else:
-                self.notes.append("faults NOT applied to feedline: FileSystem has no chaos=")
-        if accepts(init, "manifest"):
-            manifest = feedline_manifest(data)
-            if manifest is not None:
-                kwargs["manifest"] = manifest
+            kwargs["chaos"] = dict(self.chaos)
+        manifest = feedline_manifest(data)
+        if manifest is not None:
+            kwargs["manifest"] = manifest
         replicas = list(self.roots)
-        if len(replicas) > 1 and not accepts(init, "hedge_after_ms"):
-            # A build without replica routing refuses several replicas.
-            self.notes.append("no replica routing in this build: feedline read replica 0 only")
-            replicas = replicas[:1]
-            if 0 not in self.chaos:
-                kwargs.pop("chaos", None)
         self.fs = feedline.FileSystem(replicas=replicas, **kwargs)
 
     def read(self, key: str, start: int | None, end: int | None) -> bytes:

@@ -440,7 +440,6 @@ fn explain(section: &str, path: &str, given: &Value, message: &str) -> Error {
         let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
         let place = match path.rsplit_once('.') {
             Some((parent, _)) => parent.to_owned(),
-            None if path.is_empty() || path == "." => section.to_owned(),
             None => section.to_owned(),
         };
         return unknown_option(unknown, &known, Some(&place));
