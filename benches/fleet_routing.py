@@ -4,7 +4,8 @@ dying and coming back, against a ketama ring (``uhashring``) on the same
 trace in the same run. Prints the tables and draws docs/fleet_routing.svg.
 
 Run: ``.venv/bin/python benches/fleet_routing.py`` (``--clients 100`` for a
-quick look). The simulation is seeded: the figures repeat run to run.
+quick look; `--runs FILE` keeps the runs, and re-plots from them when the
+file exists). The simulation is seeded: the figures repeat run to run.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ EXAMPLE = [
     "fleet_routing",
     "--",
 ]
-WORKLOADS = {
-    "shuffled": "training epochs, each client its own shuffle",
-    "zipf:0.8": "hot shards, Zipf(0.8)",
-}
+# (title, flags): per-client routers (each process its own, as feedline
+# runs today) and one router seeing every client's reads (a node-level
+# router or proxy: the fleet's load in one view).
+WORKLOADS = [
+    ("training epochs, per-client routers", ["--popularity", "shuffled"]),
+    ("hot shards (Zipf 0.8), per-client routers", ["--popularity", "zipf:0.8"]),
+    ("hot shards (Zipf 0.8), one shared router", ["--popularity", "zipf:0.8", "--shared"]),
+]
 
 
 def example(*args: str) -> str:
@@ -89,7 +94,7 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
     fig, axes = plt.subplots(
         2, len(results), figsize=(6 * len(results), 7), sharex=True, squeeze=False
     )
-    for col, (workload, doc) in enumerate(results.items()):
+    for col, (title, doc) in enumerate(results.items()):
         spec = doc["spec"]
         outage = spec["outage"]
         for run in doc["runs"]:
@@ -109,37 +114,45 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> None:
         axes[0][col].axhline(1.25, color="black", linestyle=":", linewidth=1)
         axes[1][col].axhline(90, color="black", linestyle=":", linewidth=1)
         axes[0][col].set_title(
-            f"{WORKLOADS[workload]}\n(grey: replicas {outage['replicas']} down)", fontsize=10
+            f"{title}, {spec['clients']} x {spec['in_flight']} in flight\n"
+            f"(grey: replicas {outage['replicas']} down)",
+            fontsize=10,
         )
         axes[0][col].set_ylabel("peak / mean reads in flight (live replicas, 1 s)")
         axes[1][col].set_ylabel("reads that kept their affinity (%)")
         axes[1][col].set_xlabel("virtual time (s)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(
-        f"{spec['clients']} clients x {spec['in_flight']} reads in flight, "
-        f"{spec['replicas']} replicas"
-    )
+    fig.suptitle(f"{spec['replicas']} replicas, feedline's router on a virtual clock vs ketama")
     fig.tight_layout()
-    fig.savefig(out, format="svg", metadata={"Date": None})
+    if out.suffix == ".svg":
+        fig.savefig(out, metadata={"Date": None})
+    else:
+        fig.savefig(out, dpi=80)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "fleet_routing.svg")
+    parser.add_argument("--runs", type=Path, help="JSON of the runs: written, or read to re-plot")
     args = parser.parse_args()
+    if args.runs and args.runs.exists():
+        plot(json.loads(args.runs.read_text()), args.plot)
+        return 0
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for workload in WORKLOADS:
-            common = ["--clients", str(args.clients), "--popularity", workload]
+        for title, flags in WORKLOADS:
+            common = ["--clients", str(args.clients), *flags]
             described = json.loads(example(*common, "--describe"))
             ring = Path(tmp) / "ketama.txt"
             ketama_placement(described, ring)
             out = Path(tmp) / "runs.json"
             print(example(*common, "--ketama", str(ring), "--json", str(out)))
-            results[workload] = json.loads(out.read_text())
+            results[title] = json.loads(out.read_text())
+    if args.runs:
+        args.runs.write_text(json.dumps(results))
     plot(results, args.plot)
-    print(f"plot: {args.plot.relative_to(ROOT)}")
+    print(f"plot: {args.plot}")
     return 0
 
 

@@ -4,7 +4,10 @@
 //!
 //! cargo run --release -p feedline-core --example fleet_routing -- \
 //!     [--clients N] [--in-flight N] [--objects N] [--popularity shuffled|zipf:S]
-//!     [--ketama FILE] [--json FILE] [--describe]
+//!     [--ketama FILE] [--json FILE] [--describe] [--shared]
+//!
+//! `--shared`: one router carries every client's reads in flight (a
+//! node-level router or a proxy), instead of one router per client.
 //!
 //! `--ketama FILE`: one line per object, "home degraded" replica indices
 //! (a ring built elsewhere, e.g. `benches/fleet_routing.py` with uhashring);
@@ -68,12 +71,16 @@ fn main() -> Result<()> {
         }),
         seed: 2026,
     };
-    let (mut ketama_file, mut json, mut describe) = (None, None, false);
+    let (mut ketama_file, mut json, mut describe, mut shared) = (None, None, false, false);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        if flag == "--describe" {
-            describe = true;
-            continue;
+        match flag.as_str() {
+            "--describe" | "--shared" => {
+                describe |= flag == "--describe";
+                shared |= flag == "--shared";
+                continue;
+            }
+            _ => {}
         }
         let value = args
             .next()
@@ -104,6 +111,12 @@ fn main() -> Result<()> {
             "--json" => json = Some(value),
             other => return Err(Error::invalid(format!("unknown flag {other:?}"))),
         }
+    }
+    if shared {
+        // One router sees every client's reads (a node-level router or a
+        // proxy): the same reads in flight, one view of the load.
+        spec.in_flight *= spec.clients;
+        spec.clients = 1;
     }
     if describe {
         // What a ring built elsewhere needs: replica names and object keys.
