@@ -151,9 +151,9 @@ fn main() -> Result<()> {
         spec.duration_ms / 1000
     );
     println!(
-        "| routing | steady peak/mean | steady affinity | outage peak/mean | outage peak / steady mean | worst 1 s in outage | outage affinity | refused attempts | affinity, 5 s after return | rebalance after return |"
+        "| routing | steady peak/mean | steady affinity | outage peak/mean | outage peak / steady mean | worst 1 s in outage | outage affinity | refused attempts | worst 1 s after return | affinity, 5 s after return | rebalance after return |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let all: Vec<usize> = (0..spec.replicas).collect();
     let live = spec.live_during(o.down_ms);
     let mut runs: Vec<FleetRun> = Vec::new();
@@ -167,7 +167,7 @@ fn main() -> Result<()> {
             None => "not in the run".into(),
         };
         println!(
-            "| {name} | {:.3} | {:.1}% | {:.3} | {:.3} | {:.3} | {:.1}% | {} | {:.1}% | {rebalance} |",
+            "| {name} | {:.3} | {:.1}% | {:.3} | {:.3} | {:.3} | {:.1}% | {} | {:.3} | {:.1}% | {rebalance} |",
             steady.peak_to_mean,
             steady.affinity * 100.0,
             outage.peak_to_mean,
@@ -175,6 +175,7 @@ fn main() -> Result<()> {
             run.worst(&spec, o.down_ms, o.up_ms, 1000),
             outage.affinity * 100.0,
             outage.refused,
+            run.worst(&spec, o.up_ms, o.up_ms + 5_000, 1000),
             after.affinity * 100.0,
         );
         runs.push(run);
