@@ -3,6 +3,7 @@
 //! * [`ring`]: the bounded, ordered slot ring that fetched bytes land in.
 //! * [`prefetch`]: runs a [`plan`] through a [`store`] into the ring.
 //! * [`store`]: the storage boundary (local files, remote, chaos, routing).
+//! * [`evict`]: eviction policies for the node cache (S3-FIFO, LRU, plan-aware).
 //!
 //! No Python here: `cargo test` covers it all.
 
@@ -10,6 +11,7 @@ pub mod chaos;
 pub mod config;
 pub mod counter;
 pub mod error;
+pub mod evict;
 pub mod layers;
 pub mod manifest;
 pub mod metrics;

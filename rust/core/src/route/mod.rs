@@ -15,6 +15,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod fleet;
 pub mod health;
 pub mod hrw;
 
@@ -353,10 +354,22 @@ impl Router {
         tried: Tried,
         last_resort: bool,
     ) -> Option<(usize, bool)> {
+        self.choose_at(prefs, tried, last_resort, Instant::now)
+    }
+
+    /// [`Router::choose`] reading time from `clock` (the fleet simulation
+    /// drives the real choice with a virtual clock).
+    fn choose_at(
+        &self,
+        prefs: &PreferenceList,
+        tried: Tried,
+        last_resort: bool,
+        clock: impl Fn() -> Instant,
+    ) -> Option<(usize, bool)> {
         // The clock is read only when health needs it (an ejected replica,
         // p2c's load): a healthy affinity read never asks.
-        let mut clock = None;
-        let mut now = || *clock.get_or_insert_with(Instant::now);
+        let mut read = None;
+        let mut now = || *read.get_or_insert_with(&clock);
         let mut candidates = [0u8; MAX_REPLICAS];
         let mut probes: Tried = 0;
         let mut n = 0;
