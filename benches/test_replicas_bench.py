@@ -23,6 +23,7 @@ from typing import Any
 import feedline
 import pytest
 from feedline.chaos import Chaos, LogNormal
+from trace_report import dump, tail_causes
 
 READS = int(os.environ.get("FEEDLINE_P5_READS", "10000"))
 ROUNDS = int(os.environ.get("FEEDLINE_P5_ROUNDS", "3"))
@@ -57,6 +58,7 @@ def run_once(
     fs = feedline.FileSystem(
         replicas=roots, hedge_after_ms="p95" if hedge else None, chaos=chaos or None
     )
+    fs.trace_reads(2 * READS)
     rng = random.Random(seed)
     for _ in range(READS):
         key = keys[rng.randrange(len(keys))]
@@ -64,6 +66,10 @@ def run_once(
     stats = fs.stats()
     assert stats["read_errors"] == 0
     latency = stats["latency"]
+    trace = fs.take_trace()
+    name = f"p5-{'spiky' if spiky else 'clean'}-{'hedge' if hedge else 'off'}-{base_ms}-{seed}"
+    dump(name, trace)
+    print(f"\n{name}: slowest 0.2%: {tail_causes(trace)}")
     return {
         "p50_ms": latency["p50_ms"],
         "p99_ms": latency["p99_ms"],

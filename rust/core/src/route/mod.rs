@@ -17,6 +17,7 @@ pub mod budget;
 pub mod config;
 pub mod health;
 pub mod hrw;
+pub mod trace;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ pub use budget::RetryBudget;
 pub use config::{HedgeAfter, HedgeAfterMs, Policy, RouterConfig, RoutingOptions};
 pub use health::{Availability, ReplicaHealth, ReplicaStats};
 pub use hrw::{PreferenceList, Rendezvous, MAX_REPLICAS};
+pub use trace::{HedgeNote, ReadTrace, Tracer, Winner};
 
 /// How long an adaptive hedge delay is reused before the histogram is read
 /// again (a percentile walk costs microseconds; reads cost less).
@@ -101,6 +103,7 @@ pub struct Router {
     eject_lock: Mutex<()>,
     counters: ReadCounters,
     latency: Mutex<LatencyWindow>,
+    tracer: Tracer,
 }
 
 /// What an attempt (with its hedge) came to.
@@ -144,6 +147,15 @@ impl Target<'_> {
     /// the percentiles that adaptive hedging waits for down.
     fn sampled(&self) -> bool {
         !matches!(self, Target::Size(_))
+    }
+
+    /// What the trace calls it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Target::Range { .. } => "range",
+            Target::Object(_) => "object",
+            Target::Size(_) => "size",
+        }
     }
 
     /// How a timeout names the request.
@@ -275,6 +287,7 @@ impl Router {
             eject_lock: Mutex::new(()),
             counters: ReadCounters::default(),
             latency: Mutex::new(LatencyWindow::new()),
+            tracer: Tracer::default(),
         })
     }
 
@@ -296,6 +309,17 @@ impl Router {
 
     pub fn health(&self, replica: usize) -> &ReplicaHealth {
         &self.replicas[replica].health
+    }
+
+    /// Records the next `capacity` reads' routing decisions (0 stops);
+    /// see [`trace`].
+    pub fn trace_reads(&self, capacity: usize) {
+        self.tracer.start(capacity);
+    }
+
+    /// The reads traced since `trace_reads` or the last call.
+    pub fn take_trace(&self) -> Vec<ReadTrace> {
+        self.tracer.take()
     }
 
     pub fn preference_list(&self, key: &str) -> PreferenceList {
@@ -457,12 +481,10 @@ impl Router {
     fn hedge_delay(&self, r: usize) -> Option<Duration> {
         let hedge_after = match self.config.hedge_after {
             Some(h) => h,
-            // By default only replicas that can fall silent are hedged, and
-            // only towards another replica: no timer per read otherwise.
-            None if self.config.hedge_auto
-                && self.replicas[r].remote
-                && self.replicas.len() > 1 =>
-            {
+            // By default only replicas that can fall silent or spike are
+            // hedged (towards another replica, or within a lone one): no
+            // timer per read otherwise.
+            None if self.config.hedge_auto && self.replicas[r].remote => {
                 config::DEFAULT_HEDGE_AFTER
             }
             None => return None,
@@ -735,7 +757,8 @@ impl Router {
 
     /// A hedge for the attempt on `r`: the next healthy replica not yet
     /// tried, once a token is spared (hedges leave the failover reserve of
-    /// the budget alone). `None` when nobody is left to hedge to.
+    /// the budget alone). Otherwise why not: nobody is left to hedge to, or
+    /// no token came before the deadline.
     async fn hedge_choice(
         &self,
         r: usize,
@@ -743,10 +766,10 @@ impl Router {
         tried: Tried,
         deadline: Instant,
         delay: Duration,
-    ) -> Option<(usize, bool)> {
+    ) -> std::result::Result<(usize, bool), HedgeNote> {
         loop {
             match self.choose(prefs, tried | bit(r), false) {
-                Some(choice) if self.budget.try_withdraw_hedge() => return Some(choice),
+                Some(choice) if self.budget.try_withdraw_hedge() => return Ok(choice),
                 Some((h, probe)) => {
                     if probe {
                         self.replicas[h].health.release_probe();
@@ -754,10 +777,10 @@ impl Router {
                 }
                 None if self.hedges_within(r) => {
                     if self.budget.try_withdraw_hedge() {
-                        return Some((r, false));
+                        return Ok((r, false));
                     }
                 }
-                None => return None,
+                None => return Err(HedgeNote::NoReplica),
             }
             // No token now (a busy spell spent the hedges' share): ask
             // again one hedge delay later rather than never. The floor
@@ -765,7 +788,7 @@ impl Router {
             // stopped server) is hedged within about a second instead of
             // holding the read until its deadline.
             if Instant::now() + delay >= deadline {
-                return None;
+                return Err(HedgeNote::Budget);
             }
             tokio::time::sleep(delay).await;
         }
@@ -774,11 +797,12 @@ impl Router {
     /// Whether a hedge of an attempt on `r` may go to `r` itself: one
     /// endpoint (or the only one not ejected) is the common case, and a
     /// per-request spike there is what a second request on a fresh
-    /// connection avoids. Only with `hedge_after_ms` given: by default a
-    /// lone replica is not asked twice for the same bytes.
+    /// connection avoids (the primary's connection is busy, so the
+    /// client's pool opens or takes another). The caller hedges `r` at all
+    /// only where [`Router::hedge_delay`] says so: by default, replicas
+    /// that wait on the network.
     fn hedges_within(&self, r: usize) -> bool {
-        self.config.hedge_after.is_some()
-            && !self.replicas[r].health.is_ejected()
+        !self.replicas[r].health.is_ejected()
             && self
                 .replicas
                 .iter()
@@ -799,6 +823,14 @@ impl Router {
                 .await;
             return Self::settle(r, result, &mut read.failures);
         };
+        let mut note = match read.note.as_deref_mut() {
+            Some(note) if a.kind == AttemptKind::First => {
+                note.hedge = HedgeNote::DelayNotReached;
+                note.hedge_delay = delay;
+                Some(note)
+            }
+            _ => None,
+        };
         let mut scratch = Vec::new();
         let mut hedge_target = read.target.scratch(&mut scratch);
         let (key, deadline) = (read.key, read.deadline);
@@ -809,20 +841,42 @@ impl Router {
             result = &mut primary => return Self::settle(r, result, &mut read.failures),
             _ = tokio::time::sleep_until(fire_at.into()) => {}
         }
+        let due = Instant::now();
         let choice = {
             let hedge = self.hedge_choice(r, &read.prefs, read.tried, deadline, delay);
             tokio::pin!(hedge);
             tokio::select! {
                 biased;
-                result = &mut primary => return Self::settle(r, result, &mut read.failures),
+                result = &mut primary => {
+                    // Only a wait for a token can outlast the primary.
+                    if let Some(note) = note.as_deref_mut() {
+                        note.hedge = HedgeNote::Budget;
+                        note.budget_wait = due.elapsed();
+                    }
+                    return Self::settle(r, result, &mut read.failures);
+                }
                 choice = &mut hedge => choice,
             }
         };
-        let Some((h, hedge_probe)) = choice else {
-            // Nobody to hedge to: the primary is the only hope.
-            let result = primary.await;
-            return Self::settle(r, result, &mut read.failures);
+        let (h, hedge_probe) = match choice {
+            Ok(choice) => choice,
+            Err(why) => {
+                if let Some(note) = note.as_deref_mut() {
+                    note.hedge = why;
+                    note.budget_wait = due.elapsed();
+                }
+                // Nobody to hedge to: the primary is the only hope.
+                let result = primary.await;
+                return Self::settle(r, result, &mut read.failures);
+            }
         };
+        if let Some(note) = note.as_deref_mut() {
+            let now = Instant::now();
+            note.hedge = HedgeNote::Sent;
+            note.hedge_sent = Some(now);
+            note.hedge_replica = Some(h);
+            note.budget_wait = now.saturating_duration_since(due);
+        }
         read.tried |= bit(h);
         let failures = &mut read.failures;
         // A hedge within the replica goes on a connection of its own: the
@@ -864,6 +918,9 @@ impl Router {
         drop(primary);
         match hedge_won {
             Ok(true) => {
+                if let Some(note) = note {
+                    note.winner = Winner::Hedge;
+                }
                 read.target.take_answer(&mut hedge_target);
                 self.replicas[h]
                     .health
@@ -907,6 +964,7 @@ impl Router {
             failures: Vec::new(),
             tried: 0,
             tries: 0,
+            note: self.tracer.is_on().then(Box::default),
         }
     }
 
@@ -952,6 +1010,10 @@ impl Router {
             AttemptKind::Retry
         };
         f.tries += 1;
+        if let (Some(note), AttemptKind::First) = (f.note.as_deref_mut(), kind) {
+            note.replica = Some(replica);
+            note.in_flight = self.replicas[replica].health.in_flight();
+        }
         Some(Attempt {
             replica,
             probe,
@@ -1027,6 +1089,16 @@ impl Router {
     }
 
     fn read_done(&self, read: &mut Read<'_, '_>) -> Result<()> {
+        if let Some(note) = read.note.as_deref_mut() {
+            if note.winner == Winner::Failed {
+                note.winner = if read.tries > 1 {
+                    Winner::Retry
+                } else {
+                    Winner::Primary
+                };
+            }
+        }
+        self.trace(read);
         if !read.target.sampled() {
             return Ok(());
         }
@@ -1054,8 +1126,17 @@ impl Router {
         }
     }
 
+    fn trace(&self, read: &Read<'_, '_>) {
+        if let Some(note) = read.note.as_deref() {
+            let end = read.end.unwrap_or_else(Instant::now);
+            self.tracer
+                .record(read.key, read.target.kind(), read.start, end, note);
+        }
+    }
+
     fn read_failed(&self, read: &Read<'_, '_>, err: Error) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
+        self.trace(read);
         if read.target.sampled() {
             self.counters.reads.add(1);
             self.counters.read_errors.fetch_add(1, Relaxed);
@@ -1172,6 +1253,8 @@ struct Read<'a, 'b> {
     failures: Vec<(usize, Error)>,
     tried: Tried,
     tries: u32,
+    /// What the trace records of this read, while tracing is on.
+    note: Option<Box<trace::Note>>,
 }
 
 impl Store for Router {
