@@ -224,6 +224,8 @@ struct AttemptGuard<'r> {
     probe: bool,
     /// Whether its latency is a sample (see [`Target::sampled`]).
     sampled: bool,
+    /// Not a hedge: a first try or a retry.
+    primary: bool,
     finished: bool,
 }
 
@@ -238,8 +240,18 @@ impl Drop for AttemptGuard<'_> {
                 .fetch_add(1, Ordering::Relaxed);
             // A cancelled attempt was at least this slow: let p2c know.
             let now = Instant::now();
-            self.health
-                .observe_latency(now.saturating_duration_since(self.start), now);
+            let elapsed = now.saturating_duration_since(self.start);
+            self.health.observe_latency(elapsed, now);
+            // A primary that lost a hedge race goes into the histogram the
+            // adaptive delay reads, at least this slow: left out, the
+            // spikes that hedges cut off would vanish from the replica's
+            // latencies, its p95 would sink to the p95 of its fast reads,
+            // and ever more reads would be hedged (9% instead of 5% behind
+            // one spiky endpoint). A losing hedge is left out: it was cut
+            // short by the primary's answer, not by its own speed.
+            if self.sampled && self.primary {
+                self.health.record_latency(elapsed);
+            }
         }
         if self.probe {
             self.health.release_probe();
@@ -520,6 +532,13 @@ impl Router {
                             // must still cost one bounded delay.
                             (None, None) => config::hedge_fallback(),
                         };
+                        let median = replica
+                            .health
+                            .latency_percentile(50.0, config::MIN_HEDGE_SAMPLES);
+                        let delay = match median {
+                            Some(m) => delay.min(m.mul_f64(config::HEDGE_MAX_MEDIANS)),
+                            None => delay,
+                        };
                         *cached = Some((now, Some(delay)));
                         Some(delay)
                     }
@@ -548,6 +567,7 @@ impl Router {
             start,
             probe: a.probe,
             sampled,
+            primary: a.kind != AttemptKind::Hedge,
             finished: false,
         }
     }
