@@ -83,6 +83,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("base_ms", [None, 1.0], ids=["page-cache", "1ms-base"])
 @pytest.mark.parametrize("hedge", [True, False], ids=["hedge-p95", "no-hedge"])
 def test_p5_spiky_replica(
