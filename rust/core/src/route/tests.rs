@@ -990,3 +990,56 @@ fn the_trace_is_off_by_default_and_bounded() {
     runtime::block_on(router.read_into("obj", 0, &mut buf)).unwrap();
     assert!(router.take_trace().is_empty());
 }
+
+/// Answers sizes after `delay`; reads as `inner`. Waits on the network.
+#[derive(Debug)]
+struct SlowSize {
+    inner: Arc<dyn Store>,
+    delay: Duration,
+}
+
+impl Store for SlowSize {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.size(key).await
+        })
+    }
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        self.inner.read_into(key, offset, buf)
+    }
+    fn waits_on_network(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_lone_replica_hedges_sizes_within_itself_only_when_asked() {
+    // A plan stats its objects in a burst that queues at a lone server:
+    // by default those sizes are not hedged to the same server; with
+    // `hedge_after_ms` given they are.
+    let data = pattern(9, 4096);
+    let reps = Replicas::new(1, |_| Some(data.clone()));
+    for (hedge_after_ms, hedges) in [(None, 0), (Some(HedgeAfterMs::Ms(5.0)), 1)] {
+        let store: Arc<dyn Store> = Arc::new(SlowSize {
+            inner: reps.local().remove(0),
+            delay: Duration::from_millis(150),
+        });
+        let mut options = RoutingOptions::default();
+        if hedge_after_ms.is_some() {
+            options.hedge_after_ms = hedge_after_ms;
+        }
+        let config = RouterConfig::from_options(&options).unwrap();
+        let router = Router::new(reps.names(), vec![store], config).unwrap();
+        assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+        assert_eq!(router.stats(false).replicas[0].hedges_sent, hedges);
+    }
+}
