@@ -105,9 +105,19 @@ def test_p5_spiky_replica(
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     clean, spiky = median_of(results["no_faults"]), median_of(results["spiky"])
     ratio = spiky["p99.9_ms"] / clean["p99.9_ms"] if clean["p99.9_ms"] else float("nan")
+    per_round = [
+        {
+            "p99.9_no_faults_ms": c["p99.9_ms"],
+            "p99.9_spiky_ms": s["p99.9_ms"],
+            "ratio": round(s["p99.9_ms"] / c["p99.9_ms"], 2) if c["p99.9_ms"] else float("nan"),
+            "extra_request_pct": round(s["extra_request_pct"], 2),
+        }
+        for c, s in zip(results["no_faults"], results["spiky"], strict=True)
+    ]
     info = {
         "reads": READS,
         "rounds": ROUNDS,
+        "per_round": per_round,
         "no_faults": clean,
         "spiky": spiky,
         "p99.9_ratio": round(ratio, 2),
