@@ -274,6 +274,13 @@ def test_p4_through_proxy(benchmark: Any, rig: netns.NetnsRig, dataset: Dataset)
         proxy_processes(addresses, [[wan]] * 3) as clean_procs,
     ):
         urls = [url for _, url in procs]
+        if os.environ.get("FEEDLINE_P4_PIN") and (os.cpu_count() or 1) > 1:
+            # The proxies on the last CPU, this client on the others: does
+            # the tail come from the client and the proxies sharing cores?
+            last = (os.cpu_count() or 1) - 1
+            for pid, _ in procs + clean_procs:
+                os.sched_setaffinity(pid, {last})
+            os.sched_setaffinity(0, set(range(last)))
         fs = feedline.FileSystem(replicas=urls, **P4_ROUTING)
         fs_clean = feedline.FileSystem(replicas=[u for _, u in clean_procs], **P4_ROUTING)
         systems: dict[str, Reader] = {
