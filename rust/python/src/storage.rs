@@ -439,6 +439,17 @@ impl PyStorage {
         crate::config::serialized(py, &stats)
     }
 
+    /// Records the routing decisions of the next `capacity` reads (0 stops).
+    fn trace_reads(&self, capacity: usize) {
+        self.inner.router().trace_reads(capacity);
+    }
+
+    /// The reads traced since `trace_reads` or the last call, as dicts.
+    fn take_trace<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let reads = py.detach(|| self.inner.router().take_trace());
+        crate::config::serialized(py, &reads)
+    }
+
     /// The end-to-end read latencies behind `stats` (None for a bare store).
     fn latency_histogram(&self) -> Option<PyLatencyHistogram> {
         self.inner.latency_histogram().map(PyLatencyHistogram::from)

@@ -364,7 +364,8 @@ pub struct ReplicaStats {
     pub in_flight: u64,
     pub consecutive_failures: u32,
     pub peak_ewma_ms: f64,
-    /// Completed attempts' latency (success or error).
+    /// Completed attempts' latency (success or error), and primaries that
+    /// lost a hedge race, as long as they had run.
     pub latency: LatencySummary,
 }
 

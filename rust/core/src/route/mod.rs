@@ -18,6 +18,7 @@ pub mod config;
 pub mod fleet;
 pub mod health;
 pub mod hrw;
+pub mod trace;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ pub use budget::RetryBudget;
 pub use config::{HedgeAfter, HedgeAfterMs, Policy, RouterConfig, RoutingOptions};
 pub use health::{Availability, ReplicaHealth, ReplicaStats};
 pub use hrw::{PreferenceList, Rendezvous, MAX_REPLICAS};
+pub use trace::{HedgeNote, ReadTrace, Tracer, Winner};
 
 /// How long an adaptive hedge delay is reused before the histogram is read
 /// again (a percentile walk costs microseconds; reads cost less).
@@ -102,6 +104,7 @@ pub struct Router {
     eject_lock: Mutex<()>,
     counters: ReadCounters,
     latency: Mutex<LatencyWindow>,
+    tracer: Tracer,
 }
 
 /// What an attempt (with its hedge) came to.
@@ -145,6 +148,15 @@ impl Target<'_> {
     /// the percentiles that adaptive hedging waits for down.
     fn sampled(&self) -> bool {
         !matches!(self, Target::Size(_))
+    }
+
+    /// What the trace calls it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Target::Range { .. } => "range",
+            Target::Object(_) => "object",
+            Target::Size(_) => "size",
+        }
     }
 
     /// How a timeout names the request.
@@ -213,6 +225,8 @@ struct AttemptGuard<'r> {
     probe: bool,
     /// Whether its latency is a sample (see [`Target::sampled`]).
     sampled: bool,
+    /// Not a hedge: a first try or a retry.
+    primary: bool,
     finished: bool,
 }
 
@@ -227,8 +241,18 @@ impl Drop for AttemptGuard<'_> {
                 .fetch_add(1, Ordering::Relaxed);
             // A cancelled attempt was at least this slow: let p2c know.
             let now = Instant::now();
-            self.health
-                .observe_latency(now.saturating_duration_since(self.start), now);
+            let elapsed = now.saturating_duration_since(self.start);
+            self.health.observe_latency(elapsed, now);
+            // A primary that lost a hedge race goes into the histogram the
+            // adaptive delay reads, at least this slow: left out, the
+            // spikes that hedges cut off would vanish from the replica's
+            // latencies, its p95 would sink to the p95 of its fast reads,
+            // and ever more reads would be hedged (9% instead of 5% behind
+            // one spiky endpoint). A losing hedge is left out: it was cut
+            // short by the primary's answer, not by its own speed.
+            if self.sampled && self.primary {
+                self.health.record_latency(elapsed);
+            }
         }
         if self.probe {
             self.health.release_probe();
@@ -276,6 +300,7 @@ impl Router {
             eject_lock: Mutex::new(()),
             counters: ReadCounters::default(),
             latency: Mutex::new(LatencyWindow::new()),
+            tracer: Tracer::default(),
         })
     }
 
@@ -297,6 +322,17 @@ impl Router {
 
     pub fn health(&self, replica: usize) -> &ReplicaHealth {
         &self.replicas[replica].health
+    }
+
+    /// Records the next `capacity` reads' routing decisions (0 stops);
+    /// see [`trace`].
+    pub fn trace_reads(&self, capacity: usize) {
+        self.tracer.start(capacity);
+    }
+
+    /// The reads traced since `trace_reads` or the last call.
+    pub fn take_trace(&self) -> Vec<ReadTrace> {
+        self.tracer.take()
     }
 
     pub fn preference_list(&self, key: &str) -> PreferenceList {
@@ -470,12 +506,10 @@ impl Router {
     fn hedge_delay(&self, r: usize) -> Option<Duration> {
         let hedge_after = match self.config.hedge_after {
             Some(h) => h,
-            // By default only replicas that can fall silent are hedged, and
-            // only towards another replica: no timer per read otherwise.
-            None if self.config.hedge_auto
-                && self.replicas[r].remote
-                && self.replicas.len() > 1 =>
-            {
+            // By default only replicas that can fall silent or spike are
+            // hedged (towards another replica, or within a lone one): no
+            // timer per read otherwise.
+            None if self.config.hedge_auto && self.replicas[r].remote => {
                 config::DEFAULT_HEDGE_AFTER
             }
             None => return None,
@@ -511,6 +545,13 @@ impl Router {
                             // must still cost one bounded delay.
                             (None, None) => config::hedge_fallback(),
                         };
+                        let median = replica
+                            .health
+                            .latency_percentile(50.0, config::MIN_HEDGE_SAMPLES);
+                        let delay = match median {
+                            Some(m) => delay.min(m.mul_f64(config::HEDGE_MAX_MEDIANS)),
+                            None => delay,
+                        };
                         *cached = Some((now, Some(delay)));
                         Some(delay)
                     }
@@ -539,6 +580,7 @@ impl Router {
             start,
             probe: a.probe,
             sampled,
+            primary: a.kind != AttemptKind::Hedge,
             finished: false,
         }
     }
@@ -748,7 +790,8 @@ impl Router {
 
     /// A hedge for the attempt on `r`: the next healthy replica not yet
     /// tried, once a token is spared (hedges leave the failover reserve of
-    /// the budget alone). `None` when nobody is left to hedge to.
+    /// the budget alone). Otherwise why not: nobody is left to hedge to, or
+    /// no token came before the deadline.
     async fn hedge_choice(
         &self,
         r: usize,
@@ -756,21 +799,22 @@ impl Router {
         tried: Tried,
         deadline: Instant,
         delay: Duration,
-    ) -> Option<(usize, bool)> {
+        sampled: bool,
+    ) -> std::result::Result<(usize, bool), HedgeNote> {
         loop {
             match self.choose(prefs, tried | bit(r), false) {
-                Some(choice) if self.budget.try_withdraw_hedge() => return Some(choice),
+                Some(choice) if self.budget.try_withdraw_hedge() => return Ok(choice),
                 Some((h, probe)) => {
                     if probe {
                         self.replicas[h].health.release_probe();
                     }
                 }
-                None if self.hedges_within(r) => {
+                None if self.hedges_within(r, sampled) => {
                     if self.budget.try_withdraw_hedge() {
-                        return Some((r, false));
+                        return Ok((r, false));
                     }
                 }
-                None => return None,
+                None => return Err(HedgeNote::NoReplica),
             }
             // No token now (a busy spell spent the hedges' share): ask
             // again one hedge delay later rather than never. The floor
@@ -778,7 +822,7 @@ impl Router {
             // stopped server) is hedged within about a second instead of
             // holding the read until its deadline.
             if Instant::now() + delay >= deadline {
-                return None;
+                return Err(HedgeNote::Budget);
             }
             tokio::time::sleep(delay).await;
         }
@@ -787,10 +831,16 @@ impl Router {
     /// Whether a hedge of an attempt on `r` may go to `r` itself: one
     /// endpoint (or the only one not ejected) is the common case, and a
     /// per-request spike there is what a second request on a fresh
-    /// connection avoids. Only with `hedge_after_ms` given: by default a
-    /// lone replica is not asked twice for the same bytes.
-    fn hedges_within(&self, r: usize) -> bool {
-        self.config.hedge_after.is_some()
+    /// connection avoids (the primary's connection is busy, so the
+    /// client's pool opens or takes another). The caller hedges `r` at all
+    /// only where [`Router::hedge_delay`] says so: by default, replicas
+    /// that wait on the network. By default sizes are not hedged within a
+    /// replica: a plan stats its objects in a burst (64 at a time), the
+    /// burst queues at the one server past the reads' hedge delay, and
+    /// hedging it only doubled the queue (279 of 450 sizes hedged behind
+    /// one endpoint, extra requests 13-16% instead of 6%).
+    fn hedges_within(&self, r: usize, sampled: bool) -> bool {
+        (sampled || self.config.hedge_after.is_some())
             && !self.replicas[r].health.is_ejected()
             && self
                 .replicas
@@ -812,9 +862,17 @@ impl Router {
                 .await;
             return Self::settle(r, result, &mut read.failures);
         };
+        let mut note = match read.note.as_deref_mut() {
+            Some(note) if a.kind == AttemptKind::First => {
+                note.hedge = HedgeNote::DelayNotReached;
+                note.hedge_delay = delay;
+                Some(note)
+            }
+            _ => None,
+        };
         let mut scratch = Vec::new();
         let mut hedge_target = read.target.scratch(&mut scratch);
-        let (key, deadline) = (read.key, read.deadline);
+        let (key, deadline, sampled) = (read.key, read.deadline, read.target.sampled());
         let mut primary = Box::pin(self.attempt(a, key, &mut *read.target, deadline));
         let fire_at = deadline.min(Instant::now() + delay);
         tokio::select! {
@@ -822,20 +880,42 @@ impl Router {
             result = &mut primary => return Self::settle(r, result, &mut read.failures),
             _ = tokio::time::sleep_until(fire_at.into()) => {}
         }
+        let due = Instant::now();
         let choice = {
-            let hedge = self.hedge_choice(r, &read.prefs, read.tried, deadline, delay);
+            let hedge = self.hedge_choice(r, &read.prefs, read.tried, deadline, delay, sampled);
             tokio::pin!(hedge);
             tokio::select! {
                 biased;
-                result = &mut primary => return Self::settle(r, result, &mut read.failures),
+                result = &mut primary => {
+                    // Only a wait for a token can outlast the primary.
+                    if let Some(note) = note.as_deref_mut() {
+                        note.hedge = HedgeNote::Budget;
+                        note.budget_wait = due.elapsed();
+                    }
+                    return Self::settle(r, result, &mut read.failures);
+                }
                 choice = &mut hedge => choice,
             }
         };
-        let Some((h, hedge_probe)) = choice else {
-            // Nobody to hedge to: the primary is the only hope.
-            let result = primary.await;
-            return Self::settle(r, result, &mut read.failures);
+        let (h, hedge_probe) = match choice {
+            Ok(choice) => choice,
+            Err(why) => {
+                if let Some(note) = note.as_deref_mut() {
+                    note.hedge = why;
+                    note.budget_wait = due.elapsed();
+                }
+                // Nobody to hedge to: the primary is the only hope.
+                let result = primary.await;
+                return Self::settle(r, result, &mut read.failures);
+            }
         };
+        if let Some(note) = note.as_deref_mut() {
+            let now = Instant::now();
+            note.hedge = HedgeNote::Sent;
+            note.hedge_sent = Some(now);
+            note.hedge_replica = Some(h);
+            note.budget_wait = now.saturating_duration_since(due);
+        }
         read.tried |= bit(h);
         let failures = &mut read.failures;
         // A hedge within the replica goes on a connection of its own: the
@@ -877,6 +957,9 @@ impl Router {
         drop(primary);
         match hedge_won {
             Ok(true) => {
+                if let Some(note) = note {
+                    note.winner = Winner::Hedge;
+                }
                 read.target.take_answer(&mut hedge_target);
                 self.replicas[h]
                     .health
@@ -920,6 +1003,7 @@ impl Router {
             failures: Vec::new(),
             tried: 0,
             tries: 0,
+            note: self.tracer.is_on().then(Box::default),
         }
     }
 
@@ -965,6 +1049,10 @@ impl Router {
             AttemptKind::Retry
         };
         f.tries += 1;
+        if let (Some(note), AttemptKind::First) = (f.note.as_deref_mut(), kind) {
+            note.replica = Some(replica);
+            note.in_flight = self.replicas[replica].health.in_flight();
+        }
         Some(Attempt {
             replica,
             probe,
@@ -1040,6 +1128,16 @@ impl Router {
     }
 
     fn read_done(&self, read: &mut Read<'_, '_>) -> Result<()> {
+        if let Some(note) = read.note.as_deref_mut() {
+            if note.winner == Winner::Failed {
+                note.winner = if read.tries > 1 {
+                    Winner::Retry
+                } else {
+                    Winner::Primary
+                };
+            }
+        }
+        self.trace(read);
         if !read.target.sampled() {
             return Ok(());
         }
@@ -1067,8 +1165,17 @@ impl Router {
         }
     }
 
+    fn trace(&self, read: &Read<'_, '_>) {
+        if let Some(note) = read.note.as_deref() {
+            let end = read.end.unwrap_or_else(Instant::now);
+            self.tracer
+                .record(read.key, read.target.kind(), read.start, end, note);
+        }
+    }
+
     fn read_failed(&self, read: &Read<'_, '_>, err: Error) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
+        self.trace(read);
         if read.target.sampled() {
             self.counters.reads.add(1);
             self.counters.read_errors.fetch_add(1, Relaxed);
@@ -1185,6 +1292,8 @@ struct Read<'a, 'b> {
     failures: Vec<(usize, Error)>,
     tried: Tried,
     tries: u32,
+    /// What the trace records of this read, while tracing is on.
+    note: Option<Box<trace::Note>>,
 }
 
 impl Store for Router {
