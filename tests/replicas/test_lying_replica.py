@@ -246,3 +246,31 @@ def test_with_a_third_replica_the_consistent_liar_is_outvoted(
     assert stats["read_errors"] == 0, stats
     assert stats["replicas"][0]["size_disagreements"] >= 1, stats
     assert all(r["size_disagreements"] == 0 for r in stats["replicas"][1:]), stats
+
+
+def test_parquet_stream_reads_every_row_past_a_lying_replica(
+    nginx_replicas: Any, tmp_path: Path
+) -> None:
+    # Footers are read from the end, which the size places: a wrong size is
+    # a footer read at the wrong offset.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from feedline import arrow
+    from parquet_data import write_dataset
+
+    paths = write_dataset(tmp_path, files=8, rows_per_file=120, row_group_rows=40, columns=2)
+    nginx = nginx_replicas(tmp_path, 2)
+    upstream = int(nginx.url(0).rsplit(":", 1)[1])
+    keys = [p.name for p in paths]
+    with lying_proxy(upstream) as (liar, heads):
+        fs = FileSystem([liar, nginx.url(1)], deadline_ms=DEADLINE_MS, skip_instance_cache=True)
+        arrow._FOOTER_CACHE.clear()
+        stream = arrow.ParquetStream(keys, fs=fs, columns=["row_id", "c1"], batch_rows=50)
+        assert stream._sizes == [p.stat().st_size for p in paths]
+        got = pa.Table.from_batches(list(stream))
+        stats = fs.stats()
+    want = pa.concat_tables(pq.read_table(p, columns=["row_id", "c1"]) for p in paths)
+    assert got.equals(want)
+    assert heads[0] >= 1 and stats["read_errors"] == 0, stats
+    # Every size asks both replicas (first choice and second opinion).
+    assert stats["replicas"][0]["size_disagreements"] >= 1, stats
