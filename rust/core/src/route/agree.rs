@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{bit, config, Router, Target, Tried};
+use super::{bit, Router, Target, Tried};
 use crate::error::{Error, ReplicaFailure, Result};
 
 /// How long the evidence of a disagreement (each claimant's ranged GET, the
@@ -42,9 +42,14 @@ impl Router {
                 biased;
                 first = &mut first => {
                     // The second opinion may take as long again as the
-                    // first did (both are one round trip), at least one
-                    // hedge delay: a silent replica costs that, no more.
-                    let grace = start.elapsed().max(config::hedge_fallback());
+                    // first did (both are one round trip), at least the
+                    // hedge delay its replica's reads get: a silent replica
+                    // costs that, no more. Without hedging, reads wait for
+                    // a slow replica, and so does its opinion.
+                    let grace = match self.hedge_delay(second_choice) {
+                        Some(delay) => start.elapsed().max(delay),
+                        None => self.config.deadline.saturating_sub(start.elapsed()),
+                    };
                     let second = tokio::time::timeout(grace, &mut second).await.ok();
                     (first, second)
                 }
