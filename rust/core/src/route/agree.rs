@@ -122,6 +122,8 @@ impl Router {
             .unwrap_or(EVIDENCE_TIMEOUT)
             .min(self.config.deadline);
         let ask = |r: usize, own_bytes: bool| async move {
+            // Counted in the replica's requests like any attempt.
+            self.replicas[r].health.counters.requests.add(1);
             let store = self.replicas[r].store.as_ref();
             let answer = match own_bytes {
                 true => store.read_size(key),
