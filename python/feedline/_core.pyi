@@ -173,6 +173,7 @@ class ReplicaStats(TypedDict):
     not_found: int
     timeouts: int
     checksum_mismatches: int
+    size_disagreements: int
     ejected: bool
     in_flight: int
     consecutive_failures: int

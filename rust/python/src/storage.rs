@@ -268,7 +268,7 @@ impl PyStorage {
         Ok((objects, listing.prefixes))
     }
 
-    /// The metadata of `key` from the first replica that has it.
+    /// The metadata of `key`: one routed request (see `Storage::info`).
     fn info(&self, py: Python<'_>, key: &str) -> PyResult<ObjectMeta> {
         detach_interruptible(py, || self.inner.info(key))?
             .py()

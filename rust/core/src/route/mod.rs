@@ -13,6 +13,7 @@
 //! same code in blocking mode, where nothing waits on the executor, so one
 //! poll drives it to the end without a task or a wake-up.
 
+mod agree;
 pub mod budget;
 pub mod config;
 pub mod fleet;
@@ -30,7 +31,7 @@ use crate::error::{Error, ReplicaFailure, Result};
 use crate::metrics::{LatencyHistogram, LatencySummary, LatencyWindow};
 use crate::runtime;
 use crate::store::session::{self, AttemptSample};
-use crate::store::{BoxFuture, Store, Tally};
+use crate::store::{BoxFuture, ObjectMeta, Store, Tally};
 
 pub use budget::RetryBudget;
 pub use config::{HedgeAfter, HedgeAfterMs, Policy, RouterConfig, RoutingOptions};
@@ -118,12 +119,13 @@ enum Outcome {
 
 /// What one read asks and where the answer goes: a range into the caller's
 /// buffer, a whole object whose size comes with the data (see
-/// [`Store::read_object`]), or the object's size. All go through the same
-/// choice, timeouts, hedging, failover and budget.
+/// [`Store::read_object`]), the object's size, or its metadata. All go
+/// through the same choice, timeouts, hedging, failover and budget.
 pub enum Target<'b> {
     Range { offset: u64, buf: &'b mut [u8] },
     Object(&'b mut Vec<u8>),
     Size(u64),
+    Info(Box<ObjectMeta>),
 }
 
 impl Target<'_> {
@@ -132,13 +134,14 @@ impl Target<'_> {
         match self {
             Target::Range { buf, .. } => buf.len(),
             Target::Object(out) => out.len(),
-            Target::Size(_) => 0,
+            Target::Size(_) | Target::Info(_) => 0,
         }
     }
 
     fn size(&self) -> u64 {
         match self {
             Target::Size(size) => *size,
+            Target::Info(meta) => meta.size,
             _ => self.len() as u64,
         }
     }
@@ -147,7 +150,7 @@ impl Target<'_> {
     /// size (a HEAD, a `stat`) is far quicker than a read, and would pull
     /// the percentiles that adaptive hedging waits for down.
     fn sampled(&self) -> bool {
-        !matches!(self, Target::Size(_))
+        !matches!(self, Target::Size(_) | Target::Info(_))
     }
 
     /// What the trace calls it.
@@ -156,6 +159,7 @@ impl Target<'_> {
             Target::Range { .. } => "range",
             Target::Object(_) => "object",
             Target::Size(_) => "size",
+            Target::Info(_) => "info",
         }
     }
 
@@ -163,6 +167,7 @@ impl Target<'_> {
     fn what(&self) -> &'static str {
         match self {
             Target::Size(_) => "size of",
+            Target::Info(_) => "metadata of",
             _ => "read of",
         }
     }
@@ -176,6 +181,10 @@ impl Target<'_> {
                 *size = store.size(key).await?;
                 Ok(())
             }),
+            Target::Info(meta) => Box::pin(async move {
+                **meta = store.info(key).await?;
+                Ok(())
+            }),
         }
     }
 
@@ -183,7 +192,7 @@ impl Target<'_> {
     fn read_blocking(&mut self, store: &dyn Store, key: &str) -> Option<Result<()>> {
         match self {
             Target::Range { offset, buf } => store.read_into_blocking(key, *offset, buf),
-            Target::Object(_) => None,
+            Target::Object(_) | Target::Info(_) => None,
             Target::Size(size) => Some(store.size_blocking(key)?.map(|s| *size = s)),
         }
     }
@@ -200,6 +209,25 @@ impl Target<'_> {
             }
             Target::Object(_) => Target::Object(bytes),
             Target::Size(_) => Target::Size(0),
+            Target::Info(meta) => Target::Info(Box::new(ObjectMeta::file(&meta.key, 0))),
+        }
+    }
+
+    /// An empty target of the same shape, for a second opinion on a size or
+    /// metadata answer.
+    fn second_opinion(&self) -> Target<'static> {
+        match self {
+            Target::Info(meta) => Target::Info(Box::new(ObjectMeta::file(&meta.key, 0))),
+            _ => Target::Size(0),
+        }
+    }
+
+    /// Replaces a size or metadata answer's size with the agreed one.
+    fn set_size(&mut self, agreed: u64) {
+        match self {
+            Target::Size(size) => *size = agreed,
+            Target::Info(meta) => meta.size = agreed,
+            _ => {}
         }
     }
 
@@ -210,6 +238,7 @@ impl Target<'_> {
             // The hedge's object replaces whatever the primary left.
             (Target::Object(out), Target::Object(src)) => std::mem::swap(*out, *src),
             (Target::Size(size), Target::Size(src)) => *size = *src,
+            (Target::Info(meta), Target::Info(src)) => std::mem::swap(meta, src),
             // A scratch target has its read's shape: nothing else occurs.
             _ => {}
         }
@@ -961,6 +990,7 @@ impl Router {
                     note.winner = Winner::Hedge;
                 }
                 read.target.take_answer(&mut hedge_target);
+                read.answered = Some(h);
                 self.replicas[h]
                     .health
                     .counters
@@ -1004,6 +1034,7 @@ impl Router {
             tried: 0,
             tries: 0,
             note: self.tracer.is_on().then(Box::default),
+            answered: None,
         }
     }
 
@@ -1091,7 +1122,10 @@ impl Router {
                 self.attempt_hedged(a, read).await
             };
             match outcome {
-                Outcome::Done => return Some(self.read_done(read)),
+                Outcome::Done => {
+                    read.answered.get_or_insert(a.replica);
+                    return Some(self.read_done(read));
+                }
                 Outcome::Fatal(e) => return Some(self.read_failed(read, e)),
                 Outcome::Failed => {}
             }
@@ -1294,6 +1328,8 @@ struct Read<'a, 'b> {
     tries: u32,
     /// What the trace records of this read, while tracing is on.
     note: Option<Box<trace::Note>>,
+    /// The replica whose answer the read returned.
+    answered: Option<usize>,
 }
 
 impl Store for Router {
@@ -1301,11 +1337,25 @@ impl Store for Router {
         &self.name
     }
 
+    /// Confirmed by a second replica (see [`agree`]).
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             let mut target = Target::Size(0);
-            self.route(key, &mut target).await?;
+            self.route_agreed(key, &mut target).await?;
             Ok(target.size())
+        })
+    }
+
+    /// One routed request (hedged and failed over like a read), its size
+    /// confirmed as `size`'s is.
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(async move {
+            let mut target = Target::Info(Box::new(ObjectMeta::file(key, 0)));
+            self.route_agreed(key, &mut target).await?;
+            match target {
+                Target::Info(meta) => Ok(*meta),
+                _ => Err(Error::Remote(format!("no metadata for {key:?}"))),
+            }
         })
     }
 

@@ -1043,3 +1043,97 @@ fn a_lone_replica_hedges_sizes_within_itself_only_when_asked() {
         assert_eq!(router.stats(false).replicas[0].hedges_sent, hedges);
     }
 }
+
+/// A network replica that reports `extra` more bytes than the object has:
+/// in its metadata (`size`, `info`), and with `consistent` also in what a
+/// read of its bytes says (`read_size`). Its bytes are true.
+#[derive(Debug)]
+struct LyingSize {
+    inner: Arc<dyn Store>,
+    extra: u64,
+    consistent: bool,
+}
+
+impl Store for LyingSize {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move { Ok(self.inner.size(key).await? + self.extra) })
+    }
+    fn read_size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        match self.consistent {
+            true => self.size(key),
+            false => self.inner.size(key),
+        }
+    }
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        self.inner.read_into(key, offset, buf)
+    }
+    fn waits_on_network(&self) -> bool {
+        true
+    }
+}
+
+/// `n` network replicas holding the same 4 KiB "obj"; the key's first
+/// choice lies about its size. Returns the router and the liar's index.
+fn with_a_liar(n: usize, consistent: bool) -> (Replicas, Router, usize) {
+    let data = pattern(9, 4096);
+    let reps = Replicas::new(n, |_| Some(data.clone()));
+    let names = reps.names();
+    let liar = Rendezvous::new(&names, None).unwrap().primary("obj");
+    let stores = reps
+        .local()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| match i == liar {
+            true => Arc::new(LyingSize {
+                inner: s,
+                extra: 1000,
+                consistent,
+            }) as Arc<dyn Store>,
+            false => Arc::new(Networked(s)) as Arc<dyn Store>,
+        })
+        .collect();
+    let router = Router::new(names, stores, RouterConfig::default()).unwrap();
+    (reps, router, liar)
+}
+
+#[test]
+fn a_size_its_own_bytes_contradict_is_outvoted_and_its_replica_ejected() {
+    let (_reps, router, liar) = with_a_liar(2, false);
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    let info = runtime::block_on(router.info("obj")).unwrap();
+    assert_eq!(info.size, 4096);
+    let s = router.stats(false);
+    let (lying, honest) = (&s.replicas[liar], &s.replicas[1 - liar]);
+    assert!(lying.size_disagreements == 1 && lying.ejected, "{lying:?}");
+    assert_eq!(honest.size_disagreements, 0, "{honest:?}");
+    // Ejected, it is no longer asked first: the next size is the honest
+    // replica's alone, and nothing more is held against the liar.
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    assert_eq!(router.stats(false).replicas[liar].size_disagreements, 1);
+}
+
+#[test]
+fn a_consistent_liar_fails_the_size_with_two_replicas_and_is_outvoted_by_three() {
+    let (_reps, router, _) = with_a_liar(2, true);
+    let err = runtime::block_on(router.size("obj")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::ReplicasUnavailable { .. }) && text.contains("disagree"),
+        "{text}"
+    );
+    assert!(text.contains("4096") && text.contains("5096"), "{text}");
+    let (_reps, router, liar) = with_a_liar(3, true);
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    let s = router.stats(false);
+    assert_eq!(s.replicas[liar].size_disagreements, 1, "{s:?}");
+    let others: u64 = s.replicas.iter().map(|r| r.size_disagreements).sum();
+    assert_eq!(others, 1, "only the liar is counted: {s:?}");
+}
