@@ -99,7 +99,13 @@ def test_whole_object_read_is_one_get_per_object(
     requests = _requests(log)
     assert [(m, p) for m, p, _ in requests if m != "GET"] == [], "no HEAD before a GET"
     per_key = Counter(path for _, path, _ in requests)
-    assert per_key == Counter({f"/{k}": 2 for k in files}), "one request per read"
+    # A read slower than the adaptive hedge delay (a busy machine) sends
+    # one more GET to another replica (unless the primary answers before it
+    # leaves); every other request is one per read.
+    hedges = sum(r["hedges_sent"] for r in fs.stats()["replicas"])
+    assert set(per_key) == {f"/{k}" for k in files}
+    assert min(per_key.values()) == 2, "one request per read"
+    assert 2 * len(files) <= per_key.total() <= 2 * len(files) + hedges, (per_key, hedges)
     assert {status for _, _, status in requests} == {206}
     # An empty object has no byte 0: nginx answers 200, then a plain GET.
     assert fs.cat_file("empty.bin") == b""
