@@ -129,7 +129,8 @@ def test_manifest_sizes_mean_no_stats_for_reads_or_streams(
     assert streamed == list(files.values())
     requests = _requests(log)
     assert [(m, p) for m, p, _ in requests if m != "GET"] == []
-    assert len(requests) == 3 * len(files)
+    hedges = sum(r["hedges_sent"] for r in fs.stats()["replicas"])
+    assert 3 * len(files) <= len(requests) <= 3 * len(files) + hedges, (requests, hedges)
     verified = sum(s["verified_bytes"] for s in fs.fault_stats())
     assert verified >= 3 * sum(len(d) for d in files.values())
 
@@ -153,7 +154,11 @@ def test_info_is_one_request_per_replica_asked(
     _mark(log, urls)  # each replica's lines so far come before its marker
     requests = [r for r in _lines(log)[before:] if not r[1].startswith(MARK.format(""))]
     per_key = Counter((m, p) for m, p, _ in requests)
-    assert per_key == Counter({("HEAD", f"/{k}"): n for k in files}), requests
+    assert set(per_key) == {("HEAD", f"/{k}") for k in files}, requests
+    assert min(per_key.values()) == n, requests
+    # A HEAD slower than the hedge delay (a busy machine) may add one more.
+    hedges = sum(r["hedges_sent"] for r in fs.stats()["replicas"])
+    assert per_key.total() <= n * len(files) + hedges, (requests, hedges)
 
 
 @pytest.mark.parametrize("mode", ["short", "wrong-range", "wrong-total"])
