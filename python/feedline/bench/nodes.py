@@ -314,6 +314,12 @@ class TwoNodes:
         m = re.search(r"counter packets (\d+)", text)
         return int(m.group(1)) if m else 0
 
+    def figures(self) -> dict[str, Any]:
+        return {
+            "link_drops": {str(i): self.link_drops(i) for i in range(len(self.nodes))},
+            "replica_sent_bytes": self.replicas.sent_bytes(),
+        }
+
     def commands(self, nproc: int, program: list[str]) -> list[tuple[list[str], dict[str, str]]]:
         from feedline.bench.ranks import torchrun_argv
 

@@ -87,6 +87,10 @@ class Agents(Protocol):
         """(argv, extra environment) of each node's torchrun agent."""
         ...
 
+    def figures(self) -> dict[str, Any]:
+        """What the rig itself measured (packets dropped per link...)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -114,6 +118,9 @@ class OneNode:
 
     def commands(self, nproc: int, program: list[str]) -> list[tuple[list[str], dict[str, str]]]:
         return [(torchrun_argv(nproc, program), {})]
+
+    def figures(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         self.replicas.close()
@@ -369,6 +376,7 @@ def run(
     results: list[dict[str, Any]] = []
     data = _dataset.materialize(scenario)
     agents: Agents | None = None
+    rig: dict[str, Any] = {}
     try:
         kw = {"link_loss": link_loss or {}} if nnodes == 2 else {}
         agents = open_agents(scenario, data, nnodes, **kw)
@@ -396,6 +404,8 @@ def run(
         stop.set()
     finally:
         if agents is not None:
+            with contextlib.suppress(Exception):  # figures are a bonus; cleanup is not
+                rig = agents.figures()
             agents.close()
         data.cleanup()
     plan = fault_plan(scenario)
@@ -427,6 +437,7 @@ def run(
             "world_size": nproc * nnodes,
             "workers": workers,
             "link_loss_percent": {str(k): v for k, v in (link_loss or {}).items()},
+            **rig,
         },
         "repeat": 1,
         "systems": results,
