@@ -100,9 +100,7 @@ def check_every_sample_once(system: dict[str, Any], world: int) -> None:
     assert system["mismatches"] == 0 and system["errors"] == 0
 
 
-def test_two_ranks_two_workers_give_rank_rows_and_a_job_row(
-    scenario: Path, tmp_path: Path
-) -> None:
+def test_two_ranks_two_workers_give_rank_rows_and_a_job_row(scenario: Path, tmp_path: Path) -> None:
     report, text = run_json(tmp_path, str(scenario), "--nproc", "2", "--workers", "2")
     assert report["ranks"]["world_size"] == 2 and report["ranks"]["workers"] == 2
     (system,) = report["systems"]
