@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +39,7 @@ from feedline.bench import dataset as _dataset
 from feedline.bench.metrics import histogram_result
 from feedline.bench.replicas import ReplicaSet, open_replicas
 from feedline.bench.scenario import Scenario, ScenarioError
-from feedline.bench.systems import FOREVER_S, fault_plan
+from feedline.bench.systems import FOREVER_S, SystemUnavailable, fault_plan, make_system
 from feedline.bench.workload import plan_batches
 from feedline.distributed import RankFigures
 
@@ -220,6 +221,9 @@ def run_system(
     if name == SAME_AS_FSSPEC:
         note = "skipped with --nproc: every system reads in DataLoader workers here (see fsspec)"
         return {**base, "status": "skipped", "notes": [note]}
+    why = _unavailable(name, scenario, data, list(agents.replicas.roots))
+    if why is not None:
+        return {**base, "status": "skipped", "notes": [why]}
     with tempfile.TemporaryDirectory(prefix="feedline-ranks-") as tmp:
         out = Path(tmp)
         spec = RankSpec(scenario, data, list(agents.replicas.roots), name, workers, str(out))
@@ -245,6 +249,25 @@ def run_system(
         finally:
             job.close()
         return _collect(base, status, scenario, data, out, nproc * agents.nnodes)
+
+
+def _unavailable(
+    name: str, scenario: Scenario, data: _dataset.Materialized, roots: list[str]
+) -> str | None:
+    """Why ``name`` cannot run here (a missing module, replicas of the wrong
+    kind), found before any rank starts; None when it may. feedline always
+    can, and its FileSystem would check the manifest against replicas that
+    only the ranks may reach (``--nnodes 2``); other failures are the ranks'
+    to report."""
+    if name == "feedline":
+        return None
+    try:
+        make_system(name, scenario, data, None, roots).close()
+    except SystemUnavailable as exc:
+        return str(exc)
+    except Exception:  # the ranks report it, where it counts
+        return None
+    return None
 
 
 def _wait_started(job: Job, marker: Path, stop: threading.Event) -> bool:
@@ -360,9 +383,12 @@ def run(
     stop: threading.Event | None = None,
     on_system_done: Callable[[dict[str, Any]], None] | None = None,
     run_timeout_s: float = RUN_TIMEOUT_S,
+    agents_factory: Callable[[Scenario, _dataset.Materialized], Agents] | None = None,
 ) -> dict[str, Any]:
     """Runs every system of ``scenario`` as ``nnodes`` x ``nproc`` ranks
-    with ``workers`` DataLoader workers each; returns the report dict."""
+    with ``workers`` DataLoader workers each; returns the report dict.
+    ``agents_factory`` replaces the rig (:class:`OneNode`, or the two-node
+    one) with the caller's, given the generated dataset."""
     from feedline.bench import runner
 
     check_layout(nproc, nnodes, workers)
@@ -370,6 +396,10 @@ def run(
     runner.check_runnable(scenario)
     if link_loss and nnodes == 1:
         raise ScenarioError("--link-loss needs --nnodes 2 (a link to each node)")
+    if nnodes == 2:
+        # The replicas are nginx in the store namespace: events act on the
+        # servers, not as in-process outages of local directories.
+        scenario = replace(scenario, replicas=replace(scenario.replicas, kind="nginx"))
     stop = stop or threading.Event()
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
@@ -379,7 +409,10 @@ def run(
     rig: dict[str, Any] = {}
     try:
         kw = {"link_loss": link_loss or {}} if nnodes == 2 else {}
-        agents = open_agents(scenario, data, nnodes, **kw)
+        if agents_factory is not None:
+            agents = agents_factory(scenario, data)
+        else:
+            agents = open_agents(scenario, data, nnodes, **kw)
         for name in scenario.systems:
             result = run_system(
                 name,
