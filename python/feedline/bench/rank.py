@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -54,8 +55,9 @@ GROUP_TIMEOUT_S = 120
 #: A DataLoader batch that takes longer than this is a hung worker.
 BATCH_TIMEOUT_S = 300
 
-# A read as a worker ships it: (key, start, end (perf_counter), payload, verified, error).
-ReadRecord = tuple[str, float, float, torch.Tensor, bool | None, str | None]
+# A read as a worker ships it: (key, start, end (perf_counter), bytes, verified, error);
+# the bytes themselves travel in the batch's one tensor.
+ReadRecord = tuple[str, float, float, int, bool | None, str | None]
 
 
 @dataclass
@@ -98,7 +100,7 @@ class BatchReads(Dataset[dict[str, Any]]):
         self._verify = manifest_verifier(self.spec.data)
         return system
 
-    def _read(self, sample: Sample) -> ReadRecord:
+    def _read(self, sample: Sample) -> tuple[ReadRecord, bytes]:
         assert self._system is not None
         start = time.perf_counter()
         try:
@@ -106,17 +108,24 @@ class BatchReads(Dataset[dict[str, Any]]):
         except Exception as exc:  # errors that reach the consumer are a measured figure
             end = time.perf_counter()
             error = f"{sample[0]}: {type(exc).__name__}: {exc}"[:300]
-            return sample[0], start, end, torch.empty(0, dtype=torch.uint8), None, error
+            return (sample[0], start, end, 0, None, error), b""
         end = time.perf_counter()
-        verified = self._verify(sample, payload)
-        tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        return sample[0], start, end, tensor, verified, None
+        return (sample[0], start, end, len(payload), self._verify(sample, payload), None), payload
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         system = self._system or self._setup()
         assert self._pool is not None
-        reads = list(self._pool.map(self._read, self.batches[j]))
-        return {"reads": reads, "pid": os.getpid(), "stats": system.stats()}
+        done = list(self._pool.map(self._read, self.batches[j]))
+        # One tensor per batch, as a collated batch would be: one shared-memory
+        # hand-off to the training loop instead of one per sample.
+        data = torch.empty(sum(len(p) for _, p in done), dtype=torch.uint8)
+        view = data.numpy()
+        offset = 0
+        for _, payload in done:
+            view[offset : offset + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+            offset += len(payload)
+        reads = [record for record, _ in done]
+        return {"reads": reads, "data": data, "pid": os.getpid(), "stats": system.stats()}
 
 
 def _keep(batch: Any) -> Any:
@@ -172,11 +181,11 @@ def _measure(spec: RankSpec, rank: int, world: int) -> None:
         batch = next(iterator)
         ready_at = time.perf_counter()
         c = compute()
-        for key, start, end, tensor, verified, error in batch["reads"]:
+        for key, start, end, nbytes, verified, error in batch["reads"]:
             rec.record_read(
                 latency_s=end - start,
                 end_s=end - rec.t0,
-                nbytes=int(tensor.numel()),
+                nbytes=nbytes,
                 ok=error is None,
                 verified=verified,
                 error=error,
