@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,73 @@ def test_bad_values_are_one_line_errors(scenario: Path, args: list[str], needle:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert needle in lines[0]
+
+
+def netns_of(pid: int) -> list[str]:
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return [n for n in names.stdout.split() if n.startswith(f"{nodes.PREFIX}-{pid}-")]
+
+
+@pytest.mark.root
+@pytest.mark.nginx
+@pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="needs root")
+def test_ctrl_c_during_two_nodes_removes_namespaces_and_ranks(
+    scenario: Path, tmp_path: Path
+) -> None:
+    endless = tmp_path / "endless.toml"
+    endless.write_text(SCENARIO.replace("steps = 16", "steps = 100000"))
+    out = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "feedline.cli", "bench", str(endless), "--no-progress",
+         "--nproc", "1", "--nnodes", "2", "--workers", "1", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        # Bounded wait for the rig, then for the ranks to be reading.
+        for _ in range(300):
+            if len(netns_of(proc.pid)) == 3 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(netns_of(proc.pid)) == 3, proc.poll()
+        # 3 nginx (master, worker), 2 agents, 2 ranks, 2 DataLoader workers.
+        started: list[int] = []
+        for _ in range(600):
+            started = descendants(proc.pid)
+            if len(started) >= 12 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(started) >= 12, f"the ranks never started: {started}"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert json.loads(out.read_text())["partial"] is True
+    assert netns_of(proc.pid) == []
+    left = [p for p in started if alive(p)]
+    assert not left, f"processes outlived the launcher: {left}"
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, theirs, and so on (torchrun agents, ranks, workers)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = subprocess.run(
+            ["pgrep", "-P", str(todo.pop())], capture_output=True, text=True
+        ).stdout.split()
+        found += [int(c) for c in children]
+        todo += [int(c) for c in children]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
