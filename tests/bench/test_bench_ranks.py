@@ -251,3 +251,28 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="needs root")
+def test_a_killed_launchers_namespaces_and_servers_are_swept() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a launcher pid that no longer runs
+    name = f"{nodes.PREFIX}-{gone.pid}-abc123-node0"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    server = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "60"])
+    try:
+        for _ in range(100):  # bounded: until `ip netns exec` has entered it
+            if subprocess.run(["ip", "netns", "pids", name], capture_output=True).stdout:
+                break
+            time.sleep(0.05)
+        assert nodes.sweep_stale() >= 1
+        assert server.wait(timeout=10) == -signal.SIGKILL
+        assert (
+            name
+            not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        )
+    finally:
+        server.kill()
+        server.wait()
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)

@@ -113,9 +113,19 @@ def sweep_stale() -> int:
             m = re.fullmatch(rf"{PREFIX}-(\d+)-[0-9a-f]+-\w+", name)
             if m and not _alive(int(m.group(1))):
                 with contextlib.suppress(RuntimeError):
-                    _run("ip", "netns", "delete", name)
+                    _delete_netns(name)
                     removed += 1
     return removed
+
+
+def _delete_netns(name: str) -> None:
+    """Kills whatever still runs in namespace ``name`` (a server or rank a
+    killed launcher left), then removes it with its links."""
+    with contextlib.suppress(RuntimeError):
+        for pid in _run("ip", "netns", "pids", name).split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+    _run("ip", "netns", "delete", name)
 
 
 class NodeReplicas(ServerReplicaSet):
@@ -346,6 +356,6 @@ class TwoNodes:
                 self.replicas.close()
         for ns in reversed(self.made):
             with contextlib.suppress(RuntimeError):
-                _run("ip", "netns", "delete", ns)
+                _delete_netns(ns)
         self.made = []
         shutil.rmtree(self.workdir, ignore_errors=True)
