@@ -17,7 +17,7 @@ goal is 1.00x. The cached run needs the ``cache_dir`` option and is skipped,
 saying so, on a build without it.
 
 Run: ``pytest benches/test_ranks_bench.py --benchmark-only -o testpaths=benches -s``
-(``FEEDLINE_P12_STEPS``, ``FEEDLINE_P12_ROUNDS`` scale it down).
+(``FEEDLINE_P12_STEPS``, ``FEEDLINE_P12_ROUNDS`` or ``FEEDLINE_BENCH_QUICK=1`` scale it down).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from feedline.bench.replicas import ReplicaSet
 
 pytest.importorskip("torch")
 
-STEPS = int(os.environ.get("FEEDLINE_P12_STEPS", "200"))
+QUICK = os.environ.get("FEEDLINE_BENCH_QUICK", "") not in ("", "0")
+STEPS = int(os.environ.get("FEEDLINE_P12_STEPS", "50" if QUICK else "200"))
 ROUNDS = int(os.environ.get("FEEDLINE_P12_ROUNDS", "3"))
 GLOBAL_BATCH = 16
 EPOCHS = 3
