@@ -456,6 +456,7 @@ def run(
         "notes": [
             *plan.notes,
             f"{nnodes} node(s) x {nproc} rank(s) x {workers} DataLoader worker(s) per rank; "
+            "every system, baselines too, reads in each rank's workers; "
             "faults drawn in each worker process from the scenario's seed",
         ],
         "scenario": runner.scenario_summary(scenario),
