@@ -133,6 +133,8 @@ def body_bytes(log: Path) -> int:
 
 
 def remote_bytes_ratio(tmp: Path, cache: bool) -> tuple[float, dict[str, Any]]:
+    """One run in a fresh directory (its own access log and cache)."""
+    tmp = Path(tempfile.mkdtemp(prefix="run-", dir=tmp))
     sc = _scenario.default()
     options: dict[str, Any] = {}
     if cache:
