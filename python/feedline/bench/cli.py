@@ -1,4 +1,5 @@
-"""``feedline bench [SCENARIO.toml] [--json PATH] [--report DIR] [--repeat N]``."""
+"""``feedline bench [SCENARIO.toml] [--json PATH] [--report DIR] [--repeat N]
+[--nproc N [--nnodes 2] [--workers W] [--link-loss NODE:PERCENT]]``."""
 
 from __future__ import annotations
 
@@ -41,7 +42,85 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--check", action="store_true", help="validate the scenario and exit without running"
     )
+    # Parsed here, not by argparse: a bad value is one line naming it.
+    p.add_argument(
+        "--nproc",
+        metavar="N",
+        help="run as N ranks per node through torch.distributed.run (gloo, CPU)",
+    )
+    p.add_argument(
+        "--nnodes",
+        metavar="1|2",
+        help="with --nproc: 2 runs two nodes as network namespaces joined over TCP (root)",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="W",
+        help="with --nproc: DataLoader worker processes per rank (default: [torch_dataloader])",
+    )
+    p.add_argument(
+        "--link-loss",
+        action="append",
+        metavar="NODE:PERCENT",
+        help="with --nnodes 2: drop PERCENT%% of the packets on the link to NODE (repeatable)",
+    )
     p.set_defaults(func=run_command, run=run_command)
+
+
+def _int_flag(flag: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value, 10)
+    except ValueError:
+        raise _scenario.ScenarioError(f"{flag} must be an integer, got {value!r}") from None
+
+
+def _link_loss(values: list[str] | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for value in values or []:
+        node, sep, percent = value.partition(":")
+        try:
+            index, share = int(node, 10), float(percent)
+        except ValueError:
+            index, share = -1, -1.0
+        if not sep or index not in (0, 1) or not 0 <= share <= 100:
+            raise _scenario.ScenarioError(
+                f"--link-loss must be NODE:PERCENT with NODE 0 or 1 and PERCENT in [0, 100], "
+                f"got {value!r}"
+            )
+        out[index] = share
+    return out
+
+
+def _layout(args: argparse.Namespace, sc: _scenario.Scenario) -> dict[str, Any] | None:
+    """``--nproc`` and friends checked; None without ``--nproc``."""
+    from feedline.bench import ranks
+
+    nproc = _int_flag("--nproc", args.nproc)
+    nnodes = _int_flag("--nnodes", args.nnodes)
+    workers = _int_flag("--workers", args.workers)
+    if nproc is None:
+        used = [f for f, v in (("--nnodes", nnodes), ("--workers", workers)) if v is not None]
+        if args.link_loss:
+            used.append("--link-loss")
+        if used:
+            raise _scenario.ScenarioError(f"{', '.join(used)} needs --nproc")
+        return None
+    nnodes = 1 if nnodes is None else nnodes
+    workers = sc.torch_dataloader.workers if workers is None else workers
+    ranks.check_layout(nproc, nnodes, workers)
+    ranks.check_scenario(sc)
+    if args.repeat != 1:
+        raise _scenario.ScenarioError("--repeat is not supported with --nproc: run it again")
+    loss = _link_loss(args.link_loss)
+    if loss and nnodes != 2:
+        raise _scenario.ScenarioError("--link-loss needs --nnodes 2 (a link to each node)")
+    if nnodes == 2:
+        from feedline.bench.nodes import check_support
+
+        check_support()
+    return {"nproc": nproc, "nnodes": nnodes, "workers": workers, "link_loss": loss}
 
 
 def _apply_overrides(sc: _scenario.Scenario, args: argparse.Namespace) -> _scenario.Scenario:
@@ -56,6 +135,21 @@ def _apply_overrides(sc: _scenario.Scenario, args: argparse.Namespace) -> _scena
             raise _scenario.ScenarioError(f"--steps must be at least 1, got {args.steps}")
         sc = replace(sc, workload=replace(sc.workload, steps=args.steps, epochs=None))
     return sc
+
+
+def _run_ranks(
+    sc: _scenario.Scenario, layout: dict[str, Any], stop: threading.Event, err: Any
+) -> dict[str, Any]:
+    from feedline.bench import ranks
+
+    def done(result: dict[str, Any]) -> None:
+        au = result.get("au")
+        err.print(
+            f"  {result['system']}: {result['status']}"
+            + (f", job AU {au:.3f}" if isinstance(au, float) else "")
+        )
+
+    return ranks.run(sc, stop=stop, on_system_done=done, **layout)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -73,6 +167,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.repeat < 1:
             raise _scenario.ScenarioError(f"--repeat must be at least 1, got {args.repeat}")
         runner.check_runnable(sc)
+        layout = _layout(args, sc)
     except (_scenario.ScenarioError, _scenario.NeedsRootError) as exc:
         # Plain print: messages name TOML tables ("[workload]"), not markup.
         print(f"error: {exc}", file=sys.stderr)
@@ -99,7 +194,13 @@ def run_command(args: argparse.Namespace) -> int:
     err.print(f"feedline bench {sc.name}: {sc.description or sc.source}", markup=False)
     live = None if args.no_progress or not err.is_terminal else _report.LiveProgress()
     try:
-        if live is not None:
+        if layout is not None:
+            try:
+                rep = _run_ranks(sc, layout, stop, err)
+            except (RuntimeError, _scenario.ScenarioError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        elif live is not None:
             with live:
                 rep = runner.run(sc, repeat=args.repeat, progress=live.update, stop=stop)
         else:
@@ -115,6 +216,8 @@ def run_command(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     _report.render_table(rep, console)
+    if layout is not None:
+        _report.render_ranks(rep, console)
     if args.json:
         _report.write_json(rep, args.json)
         err.print(f"wrote {args.json}")

@@ -127,6 +127,78 @@ def render_table(report: dict[str, Any], console: Any | None = None) -> None:
         )
 
 
+#: Columns of the per-rank table: (label, dotted path, format).
+RANK_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("AU", "au", "{:.3f}"),
+    ("stall (s)", "stall_s", "{:.2f}"),
+    ("samples", "samples", "{:.0f}"),
+    ("p50 (ms)", "latency.p50_ms", "{:.2f}"),
+    ("p99 (ms)", "latency.p99_ms", "{:.2f}"),
+    ("p99.9 (ms)", "latency.p99.9_ms", "{:.2f}"),
+    ("errors", "errors", "{:.0f}"),
+    ("mismatches", "mismatches", "{:.0f}"),
+    ("duration (s)", "duration_s", "{:.2f}"),
+)
+
+
+def rank_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-rank table: each rank, then the job."""
+    header = ["system", "rank", "node"] + [label for label, _, _ in RANK_COLUMNS]
+    rows: list[list[str]] = []
+    for s in report["systems"]:
+        if s.get("status") == "skipped":
+            continue
+        for r in s.get("ranks", []):
+            rows.append([s["system"], str(r["rank"]), str(r["node"]), *_cells(r)])
+        slowest = s.get("slowest_rank") or {}
+        rows.append([s["system"], "job", f"slowest: rank {slowest.get('rank', '-')}", *_cells(s)])
+    return header, rows
+
+
+def _cells(result: dict[str, Any]) -> list[str]:
+    cells = []
+    for _, path, fmt in RANK_COLUMNS:
+        v = _value(result, path)
+        cells.append("-" if v is None else fmt.format(v))
+    return cells
+
+
+def render_ranks(report: dict[str, Any], console: Any | None = None) -> None:
+    """Per-rank rows and the job row of a ``--nproc`` run; the job's AU is
+    compute over the slowest rank's duration (MLPerf Storage), its
+    percentiles pool every rank's reads."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    layout = report["ranks"]
+    table = Table(
+        title=f"{layout['nnodes']} node(s) x {layout['nproc']} rank(s) x "
+        f"{layout['workers']} worker(s)",
+        caption="job: AU = compute over the slowest rank's duration; percentiles pooled",
+    )
+    header, rows = rank_rows(report)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 3 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for s in report["systems"]:
+        rep = s.get("slowest_replica")
+        if rep:
+            console.print(
+                f"{s['system']}: slowest replica {escape(str(rep['replica']))} "
+                f"(p99.9 {rep['p99.9_ms']:.2f} ms, seen by rank {rep['rank']})"
+            )
+        d = s.get("delivery")
+        if d:
+            console.print(
+                f"{s['system']}: {d['delivered']} of {d['planned']} planned samples delivered, "
+                f"{d['duplicates']} twice, {d['missing']} missing"
+            )
+
+
 def _caption(report: dict[str, Any]) -> str:
     sc = report["scenario"]
     w = sc["workload"]
