@@ -45,7 +45,7 @@ class NodeCache:
         entries (``(path, offset, length)``) in the background, block by
         block through the core (blocks already cached cost a local read;
         missing ones are fetched once for the node). Returns a future of the
-        bytes warmed; a read that fails fails the future."""
+        bytes of the blocks warmed; a read that fails fails the future."""
         spans = [_span(entry) for entry in plan_or_paths]
         done: Future[int] = Future()
         done.set_running_or_notify_cancel()
@@ -64,13 +64,15 @@ class NodeCache:
         starts: list[int | None] = []
         ends: list[int | None] = []
         for path, offset, length in spans:
+            # Whole blocks: the cache fills whole blocks anyway.
             key = self._key_of(path)
-            end = self._storage.size(key) if length is None else offset + length
+            size = self._storage.size(key)
+            end = size if length is None else min(offset + length, size)
             first = offset - offset % self._block_bytes
             for start in range(first, end, self._block_bytes):
                 keys.append(key)
                 starts.append(start)
-                ends.append(min(start + self._block_bytes, end))
+                ends.append(min(start + self._block_bytes, size))
         warmed = 0
         for i in range(0, len(keys), WARM_BATCH):
             batch = slice(i, i + WARM_BATCH)

@@ -312,3 +312,26 @@ def test_a_full_disk_bypasses_the_cache_and_reads_succeed(
     assert stats["bypasses"] >= 1 and stats["hits"] >= 1, stats
     # One warning, however many bypasses.
     assert capfd.readouterr().err.count("could not store a block") == 1
+
+
+def test_warm_fills_the_cache_in_the_background_and_later_reads_hit(
+    tmp_path: Path, dataset: dict[str, bytes], logged_replicas: tuple[NginxReplicas, Path]
+) -> None:
+    replicas, log = logged_replicas
+    fs = cached_fs(replicas.urls, tmp_path)
+    assert fs.cache is not None
+    plan = ["o08", ("o09", BLOCK + 10, 100)]
+    assert fs.cache.warm(plan).result(timeout=60) == OBJECT + BLOCK
+    assert fs.cache.stats()["fills"] == 4
+    assert fs.cat_file("o08") == dataset["o08"]
+    assert fs.cat_file("o09", start=BLOCK, end=2 * BLOCK) == dataset["o09"][BLOCK : 2 * BLOCK]
+    assert fs.cache.stats()["hits"] == 4
+    gets = {k: n for (m, k), n in fetches(log).items() if m == "GET"}
+    assert gets == {"o08": 3, "o09": 1}
+    failed = fs.cache.warm(["missing"])
+    with pytest.raises(FileNotFoundError):
+        failed.result(timeout=60)
+    with pytest.raises(TypeError, match="warm takes paths"):
+        fs.cache.warm([42])
+    fs.cache.clear()
+    assert fs.cache.stats()["resident_bytes"] == 0 and block_files(tmp_path) == []

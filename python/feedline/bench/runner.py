@@ -231,7 +231,7 @@ def _run_notes(scenario: Scenario) -> list[str]:
 
 def _feedline_options(s: Scenario) -> dict[str, Any]:
     config = _core.check_options(dict(s.feedline))
-    return {"routing": config["routing"], "prefetch": config["prefetch"]}
+    return {"routing": config["routing"], "prefetch": config["prefetch"], "cache": config["cache"]}
 
 
 def scenario_summary(s: Scenario) -> dict[str, Any]:
