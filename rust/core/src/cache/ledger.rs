@@ -209,9 +209,12 @@ pub fn admit(
     if let Some(shard) = target.parent() {
         fs::create_dir_all(shard)?;
     }
-    fs::rename(tmp, &target)?;
+    // Accounted before it is in place: if the rename fails, the ledger
+    // counts a block that is not there (safe: it is evicted like any
+    // other); if saving fails (a full disk), the block never lands.
     ledger.insert(id, bytes);
     ledger.save(layout)?;
+    fs::rename(tmp, &target)?;
     done.placed = true;
     Ok(done)
 }

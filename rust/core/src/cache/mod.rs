@@ -249,6 +249,22 @@ pub struct Heads {
 }
 
 impl Heads {
+    /// How long one replica may take to say an object's version: the
+    /// router's attempt timeout, else its deadline.
+    fn attempt_limit(&self) -> Duration {
+        match &self.router {
+            Some(r) => r.config().timeout.unwrap_or(r.config().deadline),
+            None => Duration::from_secs(30),
+        }
+    }
+
+    fn wait_limit(&self) -> Duration {
+        match &self.router {
+            Some(r) => r.config().deadline,
+            None => Duration::from_secs(30),
+        }
+    }
+
     async fn head(&self, key: &str) -> Result<ObjectMeta> {
         let order: Vec<usize> = match &self.router {
             Some(r) if r.len() == self.replicas.len() => {
@@ -262,7 +278,7 @@ impl Heads {
         let mut all_not_found = true;
         for i in order {
             let store = &self.replicas[i];
-            match tokio::time::timeout(Duration::from_secs(5), store.info(key)).await {
+            match tokio::time::timeout(self.attempt_limit(), store.info(key)).await {
                 Ok(Ok(meta)) => return Ok(meta),
                 Ok(Err(e @ Error::InvalidArgument(_))) => return Err(e),
                 Ok(Err(e)) => {
@@ -581,8 +597,9 @@ impl CachedStore {
         let mut pause = WAIT_FIRST;
         let mut waited = false;
         // A filler that is alive but slow is waited for as long as one
-        // read may take; then this read fetches for itself.
-        let give_up = Instant::now() + Duration::from_secs(60);
+        // read may take (the router's deadline); then this read fetches
+        // for itself.
+        let give_up = Instant::now() + self.heads.wait_limit();
         loop {
             let lock = match self.flight_lock(id) {
                 Ok(lock) => lock,
