@@ -138,6 +138,8 @@ def test_p11b_cold_epoch_replica_bytes_over_dataset_bytes(
                 "workers": 8,
             }
 
+            delivered: list[int] = []
+
             def epoch() -> None:
                 procs = [
                     subprocess.Popen(
@@ -150,7 +152,7 @@ def test_p11b_cold_epoch_replica_bytes_over_dataset_bytes(
                 for p in procs:
                     out, _ = p.communicate(timeout=600)
                     assert p.returncode == 0
-                    assert int(out.split()[-1]) == dataset_bytes
+                    delivered.append(int(out.split()[-1]))
 
             benchmark.pedantic(epoch, rounds=1, iterations=1)
             proxied = sum(p.stats()["bytes_downstream"] for p in proxies)
@@ -161,5 +163,9 @@ def test_p11b_cold_epoch_replica_bytes_over_dataset_bytes(
     ratio = body / dataset_bytes
     benchmark.extra_info["replica_bytes_over_dataset"] = f"{ratio:.2f}"
     benchmark.extra_info["proxy_bytes_over_dataset"] = f"{proxied / dataset_bytes:.2f}"
+    # fsspec's filecache shared by two processes has handed back short
+    # files here (a reader saw another's partial download): recorded, not
+    # asserted, for the baselines.
+    benchmark.extra_info["delivered_over_expected"] = f"{sum(delivered) / (2 * dataset_bytes):.4f}"
     if system == "feedline":
-        assert body == dataset_bytes
+        assert body == dataset_bytes and delivered == [dataset_bytes] * 2

@@ -97,16 +97,35 @@ pub fn mark_alive(file: &File) -> io::Result<()> {
     flock(file, libc::LOCK_EX | libc::LOCK_NB)
 }
 
+/// How old an unlocked temporary file must be to count as dead: a writer
+/// takes its `flock` just after creating the file, and a sweep must not
+/// remove one in between.
+pub const DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Removes `path` if no live process holds its `flock` (its writer died
-/// mid-fill). Whether it was removed.
+/// mid-fill) and it is older than [`DEAD_AFTER`]. Whether it was removed.
 pub fn try_claim_dead(path: &Path) -> bool {
     let Ok(file) = OpenOptions::new().read(true).open(path) else {
         return false;
     };
-    if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+    let old = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= DEAD_AFTER);
+    if !old || flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
         return false;
     }
     std::fs::remove_file(path).is_ok()
+}
+
+/// Sets `path`'s modification time `by` into the past (tests of the sweep).
+#[cfg(test)]
+pub fn age(path: &Path, by: std::time::Duration) {
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    file.set_modified(std::time::SystemTime::now() - by)
+        .unwrap();
 }
 
 #[cfg(test)]
@@ -132,6 +151,9 @@ mod tests {
         mark_alive(&writer).unwrap();
         assert!(!try_claim_dead(&path));
         drop(writer);
+        // Just created: perhaps its writer is about to lock it.
+        assert!(!try_claim_dead(&path));
+        age(&path, DEAD_AFTER);
         assert!(try_claim_dead(&path));
         assert!(!path.exists());
     }

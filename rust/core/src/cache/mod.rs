@@ -25,7 +25,7 @@
 //! * Crash safety: a block is written to a temporary file (held under a
 //!   `flock` while it is written) and renamed into place whole; a process
 //!   killed mid-fill leaves a temporary file that no read ever looks at and
-//!   that the next process to start removes.
+//!   that the next process to start removes (once it is [`flight::DEAD_AFTER`] old).
 //! * Faults are not errors: when the cache directory cannot be used
 //!   (disk full, read-only, deleted and not re-creatable) reads go to the
 //!   replicas and `bypasses` counts it. When no replica answers, cached

@@ -538,7 +538,12 @@ fn a_filler_killed_mid_block_is_taken_over_and_nothing_torn_is_read() {
     let mut litter = helper(&rig, "litter", 0);
     litter.wait().unwrap();
     let tmp = rig.cache.path().join("c").join("tmp");
-    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 1);
+    let left: Vec<PathBuf> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left.len(), 1);
+    flight::age(&left[0], flight::DEAD_AFTER);
     let options = CacheOptions {
         cache_dir: Some(rig.cache.path().join("c").display().to_string()),
         cache_bytes: 1 << 30,
