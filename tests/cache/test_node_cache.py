@@ -275,23 +275,47 @@ def test_the_directory_stays_within_the_bound_during_a_run(
     assert stats["resident_bytes"] <= capacity and stats["evictions"] > 0, stats
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def tmpfs(at: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``at`` (root only: skips otherwise), unmounted
+    after, also on failure."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
+    at.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)],
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield mount
+        yield at
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(at)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "tmpfs", "size=600k") as mount:
+        yield mount
+
+
+def test_a_read_only_cache_directory_bypasses_the_cache(
+    tmp_path: Path,
+    dataset: dict[str, bytes],
+    logged_replicas: tuple[NginxReplicas, Path],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    replicas, _ = logged_replicas
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
+        fs = cached_fs(replicas.urls, tmp_path, cache_dir=str(mount / "c"))
+        for _ in range(2):
+            assert fs.cat_file("o10") == dataset["o10"]
+        assert fs.cache is not None
+        stats = fs.cache.stats()
+        assert stats["bypasses"] >= 2 and stats["hits"] == 0, stats
+    assert capfd.readouterr().err.count("feedline: the node cache") == 1
 
 
 def test_a_full_disk_bypasses_the_cache_and_reads_succeed(
