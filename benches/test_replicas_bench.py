@@ -23,6 +23,7 @@ from typing import Any
 import feedline
 import pytest
 from feedline.chaos import Chaos, LogNormal
+from trace_report import dump, tail_causes
 
 READS = int(os.environ.get("FEEDLINE_P5_READS", "10000"))
 ROUNDS = int(os.environ.get("FEEDLINE_P5_ROUNDS", "3"))
@@ -57,6 +58,7 @@ def run_once(
     fs = feedline.FileSystem(
         replicas=roots, hedge_after_ms="p95" if hedge else None, chaos=chaos or None
     )
+    fs.trace_reads(2 * READS)
     rng = random.Random(seed)
     for _ in range(READS):
         key = keys[rng.randrange(len(keys))]
@@ -64,6 +66,10 @@ def run_once(
     stats = fs.stats()
     assert stats["read_errors"] == 0
     latency = stats["latency"]
+    trace = fs.take_trace()
+    name = f"p5-{'spiky' if spiky else 'clean'}-{'hedge' if hedge else 'off'}-{base_ms}-{seed}"
+    dump(name, trace)
+    print(f"\n{name}: slowest 0.2%: {tail_causes(trace)}")
     return {
         "p50_ms": latency["p50_ms"],
         "p99_ms": latency["p99_ms"],
@@ -77,6 +83,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("base_ms", [None, 1.0], ids=["page-cache", "1ms-base"])
 @pytest.mark.parametrize("hedge", [True, False], ids=["hedge-p95", "no-hedge"])
 def test_p5_spiky_replica(
@@ -98,9 +105,19 @@ def test_p5_spiky_replica(
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     clean, spiky = median_of(results["no_faults"]), median_of(results["spiky"])
     ratio = spiky["p99.9_ms"] / clean["p99.9_ms"] if clean["p99.9_ms"] else float("nan")
+    per_round = [
+        {
+            "p99.9_no_faults_ms": c["p99.9_ms"],
+            "p99.9_spiky_ms": s["p99.9_ms"],
+            "ratio": round(s["p99.9_ms"] / c["p99.9_ms"], 2) if c["p99.9_ms"] else float("nan"),
+            "extra_request_pct": round(s["extra_request_pct"], 2),
+        }
+        for c, s in zip(results["no_faults"], results["spiky"], strict=True)
+    ]
     info = {
         "reads": READS,
         "rounds": ROUNDS,
+        "per_round": per_round,
         "no_faults": clean,
         "spiky": spiky,
         "p99.9_ratio": round(ratio, 2),

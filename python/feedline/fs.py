@@ -355,6 +355,26 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
         keeps the latencies from before the reset until new ones come in)."""
         return self._storage.stats(reset)
 
+    def trace_reads(self, capacity: int) -> None:
+        """Records how the next ``capacity`` reads were routed (0 stops and
+        drops the record); :meth:`take_trace` hands them over. Off by
+        default: for finding where a latency tail comes from."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        self._storage.trace_reads(min(capacity, 1 << 32))
+
+    def take_trace(self) -> list[dict[str, Any]]:
+        """The reads traced since :meth:`trace_reads` (or the last call),
+        each a dict: ``key``, ``kind`` (``"range"``, ``"object"``, ``"size"``),
+        ``replica`` (an index into ``stats()["replicas"]``),
+        ``start_us`` and ``end_us`` (since tracing started), ``hedge``
+        (``"sent"``, ``"delay_not_reached"``, ``"budget"``: no retry token above
+        the failover reserve, ``"no_replica"``, ``"off"``), ``hedge_delay_us``,
+        ``hedge_sent_us``, ``hedge_replica``, ``budget_wait_us``, ``in_flight``
+        (attempts already on the replica) and ``winner`` (``"primary"``,
+        ``"hedge"``, ``"retry"``, ``"failed"``)."""
+        return self._storage.take_trace()
+
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         key = self._key(path)
         objects, prefixes = self._storage.ls(key)

@@ -128,6 +128,28 @@ def test_manifest_sizes_mean_no_stats_for_reads_or_streams(
     assert verified >= 3 * sum(len(d) for d in files.values())
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_info_is_one_request_per_replica_asked(
+    n: int, tmp_path: Path, nginx_replicas: Callable[..., NginxReplicas]
+) -> None:
+    """``info`` is one routed HEAD; with two network replicas the second
+    replica confirms the size with one HEAD of its own (asked at the same
+    time), so a replica that lies about sizes is outvoted."""
+    files = _dataset(tmp_path / "data", 12)
+    log = tmp_path / "access.log"
+    urls = _logged(tmp_path / "data", log, n, nginx_replicas)
+    fs = feedline.FileSystem(urls)
+    _mark(log, urls)  # construction's requests are in the log before this
+    before = len(_lines(log))
+    for key, data in files.items():
+        info = fs.info(key)
+        assert (info["size"], info["type"]) == (len(data), "file")
+    _mark(log, urls)  # each replica's lines so far come before its marker
+    requests = [r for r in _lines(log)[before:] if not r[1].startswith(MARK.format(""))]
+    per_key = Counter((m, p) for m, p, _ in requests)
+    assert per_key == Counter({("HEAD", f"/{k}"): n for k in files}), requests
+
+
 @pytest.mark.parametrize("mode", ["short", "wrong-range", "wrong-total"])
 def test_lying_whole_object_is_retried_elsewhere_never_short(
     mode: str, tmp_path: Path, nginx_replicas: Callable[..., NginxReplicas]

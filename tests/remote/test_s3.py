@@ -153,3 +153,43 @@ def test_each_replica_takes_its_own_endpoint(s3_server: S3Server, bucket: Any) -
     # Only the replica's own options: the shared ones point nowhere.
     alone = feedline.FileSystem([feedline.Replica(url, storage_options=good)], storage_options=dead)
     assert alone.cat_file("train/a.bin") == OBJECTS["train/a.bin"]
+
+
+def test_listing_and_info_pass_a_silent_endpoint(s3_server: S3Server, bucket: Any) -> None:
+    """One replica's endpoint accepts connections and never answers (gray
+    failure): listing (``ls``, ``find``, ``glob``) and ``info`` of objects
+    and prefixes still answer from the other, after a hedge delay, never the
+    deadline (a call that waited on the silent one would fail with it)."""
+    import socket
+
+    del bucket
+    url = f"s3://{BUCKET}/data"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        quiet = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        fs = feedline.FileSystem(
+            # Weighted so that the silent endpoint is every key's first choice.
+            [
+                feedline.Replica(url, storage_options=quiet, weight=1000),
+                feedline.Replica(url, storage_options={}, weight=0.001),
+            ],
+            storage_options=s3_server.options(),
+            deadline_ms=4000,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
+        for _ in range(3):
+            assert fs.ls("train", detail=False) == [
+                "train/a.bin",
+                "train/b.bin",
+                "train/sub",
+            ]
+            assert sorted(fs.find("train")) == ["train/a.bin", "train/b.bin", "train/sub/c.bin"]
+            assert fs.glob("val/*") == ["val/d.bin"]
+            assert fs.info("train/sub/c.bin")["size"] == len(OBJECTS["train/sub/c.bin"])
+            assert fs.info("train")["type"] == "directory"
+        stats = fs.stats()
+    # The routed calls (info) took the silent endpoint out.
+    assert stats["replicas"][0]["ejections"] >= 1, stats

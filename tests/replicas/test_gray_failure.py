@@ -165,11 +165,11 @@ def _assert_silent_replica_ejected(fs: FileSystem, silent: int) -> None:
     stats = fs.stats()
     replica = stats["replicas"][silent]
     assert stats["read_errors"] == 0, stats
-    # It was asked (it is the primary of about half the keys), lost its
-    # hedge races and was taken out.
+    # It was asked (it is the primary of about half the keys, and the
+    # second opinion on the others' sizes), lost its races (its attempts
+    # were dropped when the other replica answered) and was taken out.
     assert replica["ejections"] >= 1, replica
-    won = sum(r["hedges_won"] for r in stats["replicas"])
-    assert won >= 1, stats
+    assert replica["cancelled"] >= 1, replica
 
 
 @pytest.mark.parametrize("path", list(PATHS))

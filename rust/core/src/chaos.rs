@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::{BoxFuture, Store};
+use crate::store::{BoxFuture, ObjectMeta, Store};
 
 /// A single latency draw is capped so that a heavy-tailed distribution
 /// (Pareto with shape ≤ 1 has no mean) cannot hang a run by accident; hanging
@@ -560,6 +560,24 @@ impl Store for ChaosStore {
                 return Err(self.outage_error(key));
             }
             self.inner.size(key).await
+        })
+    }
+
+    fn read_size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            if self.sampler.down_now() {
+                return Err(self.outage_error(key));
+            }
+            self.inner.read_size(key).await
+        })
+    }
+
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(async move {
+            if self.sampler.down_now() {
+                return Err(self.outage_error(key));
+            }
+            self.inner.info(key).await
         })
     }
 

@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::runtime;
-use crate::store::{BoxFuture, Store};
+use crate::store::{BoxFuture, EntryKind, ObjectMeta, Store};
 
 /// The file name `write_for_dir` uses inside the directory it describes.
 pub const MANIFEST_FILE_NAME: &str = ".feedline-manifest.json";
@@ -516,6 +516,23 @@ impl Store for VerifyingStore {
                 Some(e) => Err(e),
                 None => Ok(size),
             }
+        })
+    }
+
+    fn read_size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        self.inner.read_size(key)
+    }
+
+    /// The replica's metadata, its size held to the manifest's like `size`.
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(async move {
+            let meta = self.inner.info(key).await?;
+            if meta.kind == EntryKind::File {
+                if let Some(e) = self.mismatched_size(key, meta.size) {
+                    return Err(e);
+                }
+            }
+            Ok(meta)
         })
     }
 

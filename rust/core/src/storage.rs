@@ -228,23 +228,12 @@ impl Storage {
         self.first_answer(prefix, |store| store.list(prefix))
     }
 
-    /// The metadata of `key` (an object or a directory) from the first
-    /// replica that has it: a replica that lags or fails is passed over, and
-    /// "not found" means no replica has it.
+    /// The metadata of `key` (an object or a directory): one request,
+    /// routed like a read (hedged, failed over, counted towards ejection),
+    /// its size confirmed by a second replica where a read's would be (see
+    /// `route::agree`). "Not found" means no replica has it.
     pub fn info(&self, key: &str) -> Result<ObjectMeta> {
-        // The size through the router first: hedged, failed over and
-        // counted towards ejection like any read, so a silent replica is
-        // found out (and ejected) here too, and is asked last below. A
-        // directory or prefix has no size: the replicas say what it is.
-        // (Two requests per object until the router routes `info` itself.)
-        if !key.is_empty() && !key.ends_with('/') {
-            match self.size(key) {
-                Ok(_) | Err(Error::NotFound { .. } | Error::IsADirectory { .. }) => {}
-                Err(e @ Error::InvalidArgument(_)) => return Err(e),
-                Err(_) => {}
-            }
-        }
-        self.first_answer(key, |store| store.info(key))
+        runtime::block_on(self.router.info(key))
     }
 
     /// Asks the replicas' own stores, hedged: the first (in the key's
@@ -924,8 +913,14 @@ mod tests {
         let listed = storage.list("sub").unwrap();
         assert_eq!(listed.objects[0].key, "sub/new.bin");
         assert_eq!(storage.info("sub").unwrap().kind, EntryKind::Directory);
-        // The first replica answers for the root, as for any key it has.
-        assert_eq!(storage.list("").unwrap().objects[0].key, "old.bin");
+        // The first replica in the root's preference list answers for it
+        // (the order hashes the temporary directories' names).
+        let root = storage.list("").unwrap();
+        let first = storage.router().preference_list("").iter().next().unwrap();
+        match first {
+            0 => assert_eq!(root.objects[0].key, "old.bin"),
+            _ => assert_eq!(root.prefixes, ["sub"]),
+        }
         let err = storage.info("missing").unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
     }
@@ -940,8 +935,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("k"), b"12").unwrap();
         let up: Arc<dyn Store> = Arc::new(LocalStore::rooted(dir.path()).unwrap());
+        let stores = vec![Arc::clone(&down), up];
+        let names = stores.iter().map(|s| s.name().to_owned()).collect();
+        let router = Router::new(names, stores.clone(), RouterConfig::default()).unwrap();
         let storage = Storage {
-            replicas: vec![Arc::clone(&down), up],
+            router: Arc::new(router),
+            replicas: stores,
             ..Storage::from_store(Arc::clone(&down))
         };
         assert_eq!(storage.info("k").unwrap().size, 2);

@@ -268,7 +268,7 @@ impl PyStorage {
         Ok((objects, listing.prefixes))
     }
 
-    /// The metadata of `key` from the first replica that has it.
+    /// The metadata of `key`: one routed request (see `Storage::info`).
     fn info(&self, py: Python<'_>, key: &str) -> PyResult<ObjectMeta> {
         detach_interruptible(py, || self.inner.info(key))?
             .py()
@@ -453,6 +453,17 @@ impl PyStorage {
             Some(cache) => py.detach(|| cache.clear()).py(),
             None => Ok(()),
         }
+    }
+
+    /// Records the routing decisions of the next `capacity` reads (0 stops).
+    fn trace_reads(&self, capacity: usize) {
+        self.inner.router().trace_reads(capacity);
+    }
+
+    /// The reads traced since `trace_reads` or the last call, as dicts.
+    fn take_trace<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let reads = py.detach(|| self.inner.router().take_trace());
+        crate::config::serialized(py, &reads)
     }
 
     /// The end-to-end read latencies behind `stats` (None for a bare store).

@@ -33,6 +33,14 @@ pub const DEFAULT_HEDGE_AFTER: HedgeAfter = HedgeAfter::Percentile(95.0);
 /// samples: above a healthy object store's usual first-byte latency, far
 /// below any deadline.
 pub const HEDGE_FALLBACK_MS: f64 = 100.0;
+/// The adaptive hedge delay is at most this many times the replica's own
+/// median. When spikes are about as common as the percentile's tail (5%
+/// of requests spiking against a p95), the percentile lands inside the
+/// spikes about as often as below them, and a hedge sent after a spike's
+/// worth of waiting cuts nothing off; a few medians is past the normal
+/// reads of a network store (a log-normal with p95 at 1.6x the median has
+/// p99.9 at 2.5x) and well short of a spike.
+pub const HEDGE_MAX_MEDIANS: f64 = 3.0;
 /// Share of the retry budget's idle balance (`floor × TTL`) that hedges
 /// leave for failover: hedges stop there, retries may go on to zero.
 pub const HEDGE_RESERVE_SHARE: f64 = 0.25;

@@ -42,6 +42,7 @@ pub struct ReplicaCounters {
     pub not_found: AtomicU64,
     pub timeouts: AtomicU64,
     pub checksum_mismatches: AtomicU64,
+    pub size_disagreements: AtomicU64,
 }
 
 impl ReplicaCounters {
@@ -59,6 +60,7 @@ impl ReplicaCounters {
             &self.not_found,
             &self.timeouts,
             &self.checksum_mismatches,
+            &self.size_disagreements,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -327,6 +329,7 @@ impl ReplicaHealth {
             not_found: c.not_found.load(Ordering::Relaxed),
             timeouts: c.timeouts.load(Ordering::Relaxed),
             checksum_mismatches: c.checksum_mismatches.load(Ordering::Relaxed),
+            size_disagreements: c.size_disagreements.load(Ordering::Relaxed),
             ejected: self.is_ejected(),
             in_flight: self.in_flight(),
             consecutive_failures: self.consecutive_failures(),
@@ -360,11 +363,15 @@ pub struct ReplicaStats {
     pub not_found: u64,
     pub timeouts: u64,
     pub checksum_mismatches: u64,
+    /// Sizes it gave that its own bytes or the other replicas contradicted
+    /// (it was ejected for each).
+    pub size_disagreements: u64,
     pub ejected: bool,
     pub in_flight: u64,
     pub consecutive_failures: u32,
     pub peak_ewma_ms: f64,
-    /// Completed attempts' latency (success or error).
+    /// Completed attempts' latency (success or error), and primaries that
+    /// lost a hedge race, as long as they had run.
     pub latency: LatencySummary,
 }
 

@@ -13,10 +13,13 @@
 //! same code in blocking mode, where nothing waits on the executor, so one
 //! poll drives it to the end without a task or a wake-up.
 
+mod agree;
 pub mod budget;
 pub mod config;
+pub mod fleet;
 pub mod health;
 pub mod hrw;
+pub mod trace;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,12 +31,13 @@ use crate::error::{Error, ReplicaFailure, Result};
 use crate::metrics::{LatencyHistogram, LatencySummary, LatencyWindow};
 use crate::runtime;
 use crate::store::session::{self, AttemptSample};
-use crate::store::{BoxFuture, Store, Tally};
+use crate::store::{BoxFuture, ObjectMeta, Store, Tally};
 
 pub use budget::RetryBudget;
 pub use config::{HedgeAfter, HedgeAfterMs, Policy, RouterConfig, RoutingOptions};
 pub use health::{Availability, ReplicaHealth, ReplicaStats};
 pub use hrw::{PreferenceList, Rendezvous, MAX_REPLICAS};
+pub use trace::{HedgeNote, ReadTrace, Tracer, Winner};
 
 /// How long an adaptive hedge delay is reused before the histogram is read
 /// again (a percentile walk costs microseconds; reads cost less).
@@ -101,6 +105,7 @@ pub struct Router {
     eject_lock: Mutex<()>,
     counters: ReadCounters,
     latency: Mutex<LatencyWindow>,
+    tracer: Tracer,
 }
 
 /// What an attempt (with its hedge) came to.
@@ -114,12 +119,13 @@ enum Outcome {
 
 /// What one read asks and where the answer goes: a range into the caller's
 /// buffer, a whole object whose size comes with the data (see
-/// [`Store::read_object`]), or the object's size. All go through the same
-/// choice, timeouts, hedging, failover and budget.
+/// [`Store::read_object`]), the object's size, or its metadata. All go
+/// through the same choice, timeouts, hedging, failover and budget.
 pub enum Target<'b> {
     Range { offset: u64, buf: &'b mut [u8] },
     Object(&'b mut Vec<u8>),
     Size(u64),
+    Info(Box<ObjectMeta>),
 }
 
 impl Target<'_> {
@@ -128,13 +134,14 @@ impl Target<'_> {
         match self {
             Target::Range { buf, .. } => buf.len(),
             Target::Object(out) => out.len(),
-            Target::Size(_) => 0,
+            Target::Size(_) | Target::Info(_) => 0,
         }
     }
 
     fn size(&self) -> u64 {
         match self {
             Target::Size(size) => *size,
+            Target::Info(meta) => meta.size,
             _ => self.len() as u64,
         }
     }
@@ -143,13 +150,24 @@ impl Target<'_> {
     /// size (a HEAD, a `stat`) is far quicker than a read, and would pull
     /// the percentiles that adaptive hedging waits for down.
     fn sampled(&self) -> bool {
-        !matches!(self, Target::Size(_))
+        !matches!(self, Target::Size(_) | Target::Info(_))
+    }
+
+    /// What the trace calls it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Target::Range { .. } => "range",
+            Target::Object(_) => "object",
+            Target::Size(_) => "size",
+            Target::Info(_) => "info",
+        }
     }
 
     /// How a timeout names the request.
     fn what(&self) -> &'static str {
         match self {
             Target::Size(_) => "size of",
+            Target::Info(_) => "metadata of",
             _ => "read of",
         }
     }
@@ -163,6 +181,10 @@ impl Target<'_> {
                 *size = store.size(key).await?;
                 Ok(())
             }),
+            Target::Info(meta) => Box::pin(async move {
+                **meta = store.info(key).await?;
+                Ok(())
+            }),
         }
     }
 
@@ -170,7 +192,7 @@ impl Target<'_> {
     fn read_blocking(&mut self, store: &dyn Store, key: &str) -> Option<Result<()>> {
         match self {
             Target::Range { offset, buf } => store.read_into_blocking(key, *offset, buf),
-            Target::Object(_) => None,
+            Target::Object(_) | Target::Info(_) => None,
             Target::Size(size) => Some(store.size_blocking(key)?.map(|s| *size = s)),
         }
     }
@@ -187,6 +209,25 @@ impl Target<'_> {
             }
             Target::Object(_) => Target::Object(bytes),
             Target::Size(_) => Target::Size(0),
+            Target::Info(meta) => Target::Info(Box::new(ObjectMeta::file(&meta.key, 0))),
+        }
+    }
+
+    /// An empty target of the same shape, for a second opinion on a size or
+    /// metadata answer.
+    fn second_opinion(&self) -> Target<'static> {
+        match self {
+            Target::Info(meta) => Target::Info(Box::new(ObjectMeta::file(&meta.key, 0))),
+            _ => Target::Size(0),
+        }
+    }
+
+    /// Replaces a size or metadata answer's size with the agreed one.
+    fn set_size(&mut self, agreed: u64) {
+        match self {
+            Target::Size(size) => *size = agreed,
+            Target::Info(meta) => meta.size = agreed,
+            _ => {}
         }
     }
 
@@ -197,6 +238,7 @@ impl Target<'_> {
             // The hedge's object replaces whatever the primary left.
             (Target::Object(out), Target::Object(src)) => std::mem::swap(*out, *src),
             (Target::Size(size), Target::Size(src)) => *size = *src,
+            (Target::Info(meta), Target::Info(src)) => std::mem::swap(meta, src),
             // A scratch target has its read's shape: nothing else occurs.
             _ => {}
         }
@@ -212,6 +254,8 @@ struct AttemptGuard<'r> {
     probe: bool,
     /// Whether its latency is a sample (see [`Target::sampled`]).
     sampled: bool,
+    /// Not a hedge: a first try or a retry.
+    primary: bool,
     finished: bool,
 }
 
@@ -226,8 +270,18 @@ impl Drop for AttemptGuard<'_> {
                 .fetch_add(1, Ordering::Relaxed);
             // A cancelled attempt was at least this slow: let p2c know.
             let now = Instant::now();
-            self.health
-                .observe_latency(now.saturating_duration_since(self.start), now);
+            let elapsed = now.saturating_duration_since(self.start);
+            self.health.observe_latency(elapsed, now);
+            // A primary that lost a hedge race goes into the histogram the
+            // adaptive delay reads, at least this slow: left out, the
+            // spikes that hedges cut off would vanish from the replica's
+            // latencies, its p95 would sink to the p95 of its fast reads,
+            // and ever more reads would be hedged (9% instead of 5% behind
+            // one spiky endpoint). A losing hedge is left out: it was cut
+            // short by the primary's answer, not by its own speed.
+            if self.sampled && self.primary {
+                self.health.record_latency(elapsed);
+            }
         }
         if self.probe {
             self.health.release_probe();
@@ -275,6 +329,7 @@ impl Router {
             eject_lock: Mutex::new(()),
             counters: ReadCounters::default(),
             latency: Mutex::new(LatencyWindow::new()),
+            tracer: Tracer::default(),
         })
     }
 
@@ -296,6 +351,17 @@ impl Router {
 
     pub fn health(&self, replica: usize) -> &ReplicaHealth {
         &self.replicas[replica].health
+    }
+
+    /// Records the next `capacity` reads' routing decisions (0 stops);
+    /// see [`trace`].
+    pub fn trace_reads(&self, capacity: usize) {
+        self.tracer.start(capacity);
+    }
+
+    /// The reads traced since `trace_reads` or the last call.
+    pub fn take_trace(&self) -> Vec<ReadTrace> {
+        self.tracer.take()
     }
 
     pub fn preference_list(&self, key: &str) -> PreferenceList {
@@ -353,10 +419,22 @@ impl Router {
         tried: Tried,
         last_resort: bool,
     ) -> Option<(usize, bool)> {
+        self.choose_at(prefs, tried, last_resort, Instant::now)
+    }
+
+    /// [`Router::choose`] reading time from `clock` (the fleet simulation
+    /// drives the real choice with a virtual clock).
+    fn choose_at(
+        &self,
+        prefs: &PreferenceList,
+        tried: Tried,
+        last_resort: bool,
+        clock: impl Fn() -> Instant,
+    ) -> Option<(usize, bool)> {
         // The clock is read only when health needs it (an ejected replica,
         // p2c's load): a healthy affinity read never asks.
-        let mut clock = None;
-        let mut now = || *clock.get_or_insert_with(Instant::now);
+        let mut read = None;
+        let mut now = || *read.get_or_insert_with(&clock);
         let mut candidates = [0u8; MAX_REPLICAS];
         let mut probes: Tried = 0;
         let mut n = 0;
@@ -457,12 +535,10 @@ impl Router {
     fn hedge_delay(&self, r: usize) -> Option<Duration> {
         let hedge_after = match self.config.hedge_after {
             Some(h) => h,
-            // By default only replicas that can fall silent are hedged, and
-            // only towards another replica: no timer per read otherwise.
-            None if self.config.hedge_auto
-                && self.replicas[r].remote
-                && self.replicas.len() > 1 =>
-            {
+            // By default only replicas that can fall silent or spike are
+            // hedged (towards another replica, or within a lone one): no
+            // timer per read otherwise.
+            None if self.config.hedge_auto && self.replicas[r].remote => {
                 config::DEFAULT_HEDGE_AFTER
             }
             None => return None,
@@ -498,6 +574,13 @@ impl Router {
                             // must still cost one bounded delay.
                             (None, None) => config::hedge_fallback(),
                         };
+                        let median = replica
+                            .health
+                            .latency_percentile(50.0, config::MIN_HEDGE_SAMPLES);
+                        let delay = match median {
+                            Some(m) => delay.min(m.mul_f64(config::HEDGE_MAX_MEDIANS)),
+                            None => delay,
+                        };
                         *cached = Some((now, Some(delay)));
                         Some(delay)
                     }
@@ -526,6 +609,7 @@ impl Router {
             start,
             probe: a.probe,
             sampled,
+            primary: a.kind != AttemptKind::Hedge,
             finished: false,
         }
     }
@@ -735,7 +819,8 @@ impl Router {
 
     /// A hedge for the attempt on `r`: the next healthy replica not yet
     /// tried, once a token is spared (hedges leave the failover reserve of
-    /// the budget alone). `None` when nobody is left to hedge to.
+    /// the budget alone). Otherwise why not: nobody is left to hedge to, or
+    /// no token came before the deadline.
     async fn hedge_choice(
         &self,
         r: usize,
@@ -743,21 +828,22 @@ impl Router {
         tried: Tried,
         deadline: Instant,
         delay: Duration,
-    ) -> Option<(usize, bool)> {
+        sampled: bool,
+    ) -> std::result::Result<(usize, bool), HedgeNote> {
         loop {
             match self.choose(prefs, tried | bit(r), false) {
-                Some(choice) if self.budget.try_withdraw_hedge() => return Some(choice),
+                Some(choice) if self.budget.try_withdraw_hedge() => return Ok(choice),
                 Some((h, probe)) => {
                     if probe {
                         self.replicas[h].health.release_probe();
                     }
                 }
-                None if self.hedges_within(r) => {
+                None if self.hedges_within(r, sampled) => {
                     if self.budget.try_withdraw_hedge() {
-                        return Some((r, false));
+                        return Ok((r, false));
                     }
                 }
-                None => return None,
+                None => return Err(HedgeNote::NoReplica),
             }
             // No token now (a busy spell spent the hedges' share): ask
             // again one hedge delay later rather than never. The floor
@@ -765,7 +851,7 @@ impl Router {
             // stopped server) is hedged within about a second instead of
             // holding the read until its deadline.
             if Instant::now() + delay >= deadline {
-                return None;
+                return Err(HedgeNote::Budget);
             }
             tokio::time::sleep(delay).await;
         }
@@ -774,10 +860,16 @@ impl Router {
     /// Whether a hedge of an attempt on `r` may go to `r` itself: one
     /// endpoint (or the only one not ejected) is the common case, and a
     /// per-request spike there is what a second request on a fresh
-    /// connection avoids. Only with `hedge_after_ms` given: by default a
-    /// lone replica is not asked twice for the same bytes.
-    fn hedges_within(&self, r: usize) -> bool {
-        self.config.hedge_after.is_some()
+    /// connection avoids (the primary's connection is busy, so the
+    /// client's pool opens or takes another). The caller hedges `r` at all
+    /// only where [`Router::hedge_delay`] says so: by default, replicas
+    /// that wait on the network. By default sizes are not hedged within a
+    /// replica: a plan stats its objects in a burst (64 at a time), the
+    /// burst queues at the one server past the reads' hedge delay, and
+    /// hedging it only doubled the queue (279 of 450 sizes hedged behind
+    /// one endpoint, extra requests 13-16% instead of 6%).
+    fn hedges_within(&self, r: usize, sampled: bool) -> bool {
+        (sampled || self.config.hedge_after.is_some())
             && !self.replicas[r].health.is_ejected()
             && self
                 .replicas
@@ -799,9 +891,17 @@ impl Router {
                 .await;
             return Self::settle(r, result, &mut read.failures);
         };
+        let mut note = match read.note.as_deref_mut() {
+            Some(note) if a.kind == AttemptKind::First => {
+                note.hedge = HedgeNote::DelayNotReached;
+                note.hedge_delay = delay;
+                Some(note)
+            }
+            _ => None,
+        };
         let mut scratch = Vec::new();
         let mut hedge_target = read.target.scratch(&mut scratch);
-        let (key, deadline) = (read.key, read.deadline);
+        let (key, deadline, sampled) = (read.key, read.deadline, read.target.sampled());
         let mut primary = Box::pin(self.attempt(a, key, &mut *read.target, deadline));
         let fire_at = deadline.min(Instant::now() + delay);
         tokio::select! {
@@ -809,20 +909,42 @@ impl Router {
             result = &mut primary => return Self::settle(r, result, &mut read.failures),
             _ = tokio::time::sleep_until(fire_at.into()) => {}
         }
+        let due = Instant::now();
         let choice = {
-            let hedge = self.hedge_choice(r, &read.prefs, read.tried, deadline, delay);
+            let hedge = self.hedge_choice(r, &read.prefs, read.tried, deadline, delay, sampled);
             tokio::pin!(hedge);
             tokio::select! {
                 biased;
-                result = &mut primary => return Self::settle(r, result, &mut read.failures),
+                result = &mut primary => {
+                    // Only a wait for a token can outlast the primary.
+                    if let Some(note) = note.as_deref_mut() {
+                        note.hedge = HedgeNote::Budget;
+                        note.budget_wait = due.elapsed();
+                    }
+                    return Self::settle(r, result, &mut read.failures);
+                }
                 choice = &mut hedge => choice,
             }
         };
-        let Some((h, hedge_probe)) = choice else {
-            // Nobody to hedge to: the primary is the only hope.
-            let result = primary.await;
-            return Self::settle(r, result, &mut read.failures);
+        let (h, hedge_probe) = match choice {
+            Ok(choice) => choice,
+            Err(why) => {
+                if let Some(note) = note.as_deref_mut() {
+                    note.hedge = why;
+                    note.budget_wait = due.elapsed();
+                }
+                // Nobody to hedge to: the primary is the only hope.
+                let result = primary.await;
+                return Self::settle(r, result, &mut read.failures);
+            }
         };
+        if let Some(note) = note.as_deref_mut() {
+            let now = Instant::now();
+            note.hedge = HedgeNote::Sent;
+            note.hedge_sent = Some(now);
+            note.hedge_replica = Some(h);
+            note.budget_wait = now.saturating_duration_since(due);
+        }
         read.tried |= bit(h);
         let failures = &mut read.failures;
         // A hedge within the replica goes on a connection of its own: the
@@ -864,7 +986,11 @@ impl Router {
         drop(primary);
         match hedge_won {
             Ok(true) => {
+                if let Some(note) = note {
+                    note.winner = Winner::Hedge;
+                }
                 read.target.take_answer(&mut hedge_target);
+                read.answered = Some(h);
                 self.replicas[h]
                     .health
                     .counters
@@ -907,6 +1033,8 @@ impl Router {
             failures: Vec::new(),
             tried: 0,
             tries: 0,
+            note: self.tracer.is_on().then(Box::default),
+            answered: None,
         }
     }
 
@@ -952,6 +1080,10 @@ impl Router {
             AttemptKind::Retry
         };
         f.tries += 1;
+        if let (Some(note), AttemptKind::First) = (f.note.as_deref_mut(), kind) {
+            note.replica = Some(replica);
+            note.in_flight = self.replicas[replica].health.in_flight();
+        }
         Some(Attempt {
             replica,
             probe,
@@ -990,7 +1122,10 @@ impl Router {
                 self.attempt_hedged(a, read).await
             };
             match outcome {
-                Outcome::Done => return Some(self.read_done(read)),
+                Outcome::Done => {
+                    read.answered.get_or_insert(a.replica);
+                    return Some(self.read_done(read));
+                }
                 Outcome::Fatal(e) => return Some(self.read_failed(read, e)),
                 Outcome::Failed => {}
             }
@@ -1027,6 +1162,16 @@ impl Router {
     }
 
     fn read_done(&self, read: &mut Read<'_, '_>) -> Result<()> {
+        if let Some(note) = read.note.as_deref_mut() {
+            if note.winner == Winner::Failed {
+                note.winner = if read.tries > 1 {
+                    Winner::Retry
+                } else {
+                    Winner::Primary
+                };
+            }
+        }
+        self.trace(read);
         if !read.target.sampled() {
             return Ok(());
         }
@@ -1054,8 +1199,17 @@ impl Router {
         }
     }
 
+    fn trace(&self, read: &Read<'_, '_>) {
+        if let Some(note) = read.note.as_deref() {
+            let end = read.end.unwrap_or_else(Instant::now);
+            self.tracer
+                .record(read.key, read.target.kind(), read.start, end, note);
+        }
+    }
+
     fn read_failed(&self, read: &Read<'_, '_>, err: Error) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
+        self.trace(read);
         if read.target.sampled() {
             self.counters.reads.add(1);
             self.counters.read_errors.fetch_add(1, Relaxed);
@@ -1172,6 +1326,10 @@ struct Read<'a, 'b> {
     failures: Vec<(usize, Error)>,
     tried: Tried,
     tries: u32,
+    /// What the trace records of this read, while tracing is on.
+    note: Option<Box<trace::Note>>,
+    /// The replica whose answer the read returned.
+    answered: Option<usize>,
 }
 
 impl Store for Router {
@@ -1179,11 +1337,25 @@ impl Store for Router {
         &self.name
     }
 
+    /// Confirmed by a second replica (see [`agree`]).
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             let mut target = Target::Size(0);
-            self.route(key, &mut target).await?;
+            self.route_agreed(key, &mut target).await?;
             Ok(target.size())
+        })
+    }
+
+    /// One routed request (hedged and failed over like a read), its size
+    /// confirmed as `size`'s is.
+    fn info<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(async move {
+            let mut target = Target::Info(Box::new(ObjectMeta::file(key, 0)));
+            self.route_agreed(key, &mut target).await?;
+            match target {
+                Target::Info(meta) => Ok(*meta),
+                _ => Err(Error::Remote(format!("no metadata for {key:?}"))),
+            }
         })
     }
 

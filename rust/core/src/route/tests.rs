@@ -909,3 +909,231 @@ fn network_replicas_are_hedged_by_default_and_a_silent_one_is_ejected() {
     );
     assert_eq!(s.read_errors, 0);
 }
+
+#[test]
+fn a_lone_network_replica_is_hedged_within_itself_by_default() {
+    // No routing options, one endpoint that waits on the network, a 60 ms
+    // spike on every 25th read it serves (4%, under the p95): the default
+    // (adaptive) delay
+    // hedges the spikes to the same replica, and the trace says so. A lone
+    // local replica under the same defaults is never hedged.
+    let data = pattern(6, 4096);
+    let reps = Replicas::new(1, |_| Some(data.clone()));
+    let mut slow = SlowStore::new(reps.local().remove(0), Duration::from_millis(1));
+    slow.spike = Duration::from_millis(60);
+    slow.spike_every = 25;
+    let store: Arc<dyn Store> = Arc::new(Networked(Arc::new(slow)));
+    let router = Router::new(reps.names(), vec![store], RouterConfig::default()).unwrap();
+    let reads = 5 * config::MIN_HEDGE_SAMPLES;
+    router.trace_reads(reads as usize);
+    let mut buf = vec![0u8; 1000];
+    for i in 0..reads {
+        runtime::block_on(router.read_into("obj", i, &mut buf)).unwrap();
+        assert_eq!(buf[..], data[i as usize..i as usize + 1000]);
+    }
+    let s = router.stats(false);
+    let r = &s.replicas[0];
+    assert_eq!(s.read_errors, 0);
+    assert!(
+        r.hedges_won >= 1,
+        "spikes were hedged within the replica: {r:?}"
+    );
+    assert!(
+        r.cancelled >= r.hedges_won,
+        "each winning hedge cancelled its primary: {r:?}"
+    );
+    let trace = router.take_trace();
+    assert_eq!(trace.len(), reads as usize);
+    let won: Vec<&ReadTrace> = trace.iter().filter(|t| t.winner == Winner::Hedge).collect();
+    assert_eq!(won.len() as u64, r.hedges_won, "{trace:?}");
+    for t in won {
+        assert_eq!(
+            (t.hedge, t.replica, t.hedge_replica),
+            (HedgeNote::Sent, 0, Some(0))
+        );
+        let sent = t.hedge_sent_us.unwrap();
+        assert!(t.start_us <= sent && sent <= t.end_us, "{t:?}");
+    }
+
+    let local = Router::new(reps.names(), reps.local(), RouterConfig::default()).unwrap();
+    for i in 0..reads {
+        runtime::block_on(local.read_into("obj", i, &mut buf)).unwrap();
+    }
+    assert_eq!(local.stats(false).replicas[0].hedges_sent, 0);
+}
+
+#[test]
+fn the_trace_is_off_by_default_and_bounded() {
+    let data = pattern(7, 4096);
+    let reps = Replicas::new(2, |_| Some(data.clone()));
+    let router = Router::new(reps.names(), reps.local(), RouterConfig::default()).unwrap();
+    let mut buf = vec![0u8; 100];
+    runtime::block_on(router.read_into("obj", 0, &mut buf)).unwrap();
+    assert!(router.take_trace().is_empty(), "off until asked for");
+    router.trace_reads(3);
+    for i in 0..5 {
+        runtime::block_on(router.read_into("obj", i, &mut buf)).unwrap();
+    }
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    let trace = router.take_trace();
+    assert_eq!(trace.len(), 3, "{trace:?}");
+    let primary = router.preference_list("obj").iter().next().unwrap();
+    for t in &trace {
+        assert_eq!(
+            (t.kind, t.replica, t.hedge),
+            ("range", primary, HedgeNote::Off)
+        );
+        assert_eq!(t.winner, Winner::Primary);
+        assert!(t.start_us <= t.end_us);
+    }
+    router.trace_reads(0);
+    runtime::block_on(router.read_into("obj", 0, &mut buf)).unwrap();
+    assert!(router.take_trace().is_empty());
+}
+
+/// Answers sizes after `delay`; reads as `inner`. Waits on the network.
+#[derive(Debug)]
+struct SlowSize {
+    inner: Arc<dyn Store>,
+    delay: Duration,
+}
+
+impl Store for SlowSize {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.size(key).await
+        })
+    }
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        self.inner.read_into(key, offset, buf)
+    }
+    fn waits_on_network(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_lone_replica_hedges_sizes_within_itself_only_when_asked() {
+    // A plan stats its objects in a burst that queues at a lone server:
+    // by default those sizes are not hedged to the same server; with
+    // `hedge_after_ms` given they are.
+    let data = pattern(9, 4096);
+    let reps = Replicas::new(1, |_| Some(data.clone()));
+    for (hedge_after_ms, hedges) in [(None, 0), (Some(HedgeAfterMs::Ms(5.0)), 1)] {
+        let store: Arc<dyn Store> = Arc::new(SlowSize {
+            inner: reps.local().remove(0),
+            delay: Duration::from_millis(150),
+        });
+        let mut options = RoutingOptions::default();
+        if hedge_after_ms.is_some() {
+            options.hedge_after_ms = hedge_after_ms;
+        }
+        let config = RouterConfig::from_options(&options).unwrap();
+        let router = Router::new(reps.names(), vec![store], config).unwrap();
+        assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+        assert_eq!(router.stats(false).replicas[0].hedges_sent, hedges);
+    }
+}
+
+/// A network replica that reports `extra` more bytes than the object has:
+/// in its metadata (`size`, `info`), and with `consistent` also in what a
+/// read of its bytes says (`read_size`). Its bytes are true.
+#[derive(Debug)]
+struct LyingSize {
+    inner: Arc<dyn Store>,
+    extra: u64,
+    consistent: bool,
+}
+
+impl Store for LyingSize {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move { Ok(self.inner.size(key).await? + self.extra) })
+    }
+    fn read_size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        match self.consistent {
+            true => self.size(key),
+            false => self.inner.size(key),
+        }
+    }
+    fn read_into<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        self.inner.read_into(key, offset, buf)
+    }
+    fn waits_on_network(&self) -> bool {
+        true
+    }
+}
+
+/// `n` network replicas holding the same 4 KiB "obj"; the key's first
+/// choice lies about its size. Returns the router and the liar's index.
+fn with_a_liar(n: usize, consistent: bool) -> (Replicas, Router, usize) {
+    let data = pattern(9, 4096);
+    let reps = Replicas::new(n, |_| Some(data.clone()));
+    let names = reps.names();
+    let liar = Rendezvous::new(&names, None).unwrap().primary("obj");
+    let stores = reps
+        .local()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| match i == liar {
+            true => Arc::new(LyingSize {
+                inner: s,
+                extra: 1000,
+                consistent,
+            }) as Arc<dyn Store>,
+            false => Arc::new(Networked(s)) as Arc<dyn Store>,
+        })
+        .collect();
+    let router = Router::new(names, stores, RouterConfig::default()).unwrap();
+    (reps, router, liar)
+}
+
+#[test]
+fn a_size_its_own_bytes_contradict_is_outvoted_and_its_replica_ejected() {
+    let (_reps, router, liar) = with_a_liar(2, false);
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    let info = runtime::block_on(router.info("obj")).unwrap();
+    assert_eq!(info.size, 4096);
+    let s = router.stats(false);
+    let (lying, honest) = (&s.replicas[liar], &s.replicas[1 - liar]);
+    assert!(lying.size_disagreements == 1 && lying.ejected, "{lying:?}");
+    assert_eq!(honest.size_disagreements, 0, "{honest:?}");
+    // Ejected, it is no longer asked first: the next size is the honest
+    // replica's alone, and nothing more is held against the liar.
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    assert_eq!(router.stats(false).replicas[liar].size_disagreements, 1);
+}
+
+#[test]
+fn a_consistent_liar_fails_the_size_with_two_replicas_and_is_outvoted_by_three() {
+    let (_reps, router, _) = with_a_liar(2, true);
+    let err = runtime::block_on(router.size("obj")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::ReplicasUnavailable { .. }) && text.contains("disagree"),
+        "{text}"
+    );
+    assert!(text.contains("4096") && text.contains("5096"), "{text}");
+    let (_reps, router, liar) = with_a_liar(3, true);
+    assert_eq!(runtime::block_on(router.size("obj")).unwrap(), 4096);
+    let s = router.stats(false);
+    assert_eq!(s.replicas[liar].size_disagreements, 1, "{s:?}");
+    let others: u64 = s.replicas.iter().map(|r| r.size_disagreements).sum();
+    assert_eq!(others, 1, "only the liar is counted: {s:?}");
+}

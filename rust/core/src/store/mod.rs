@@ -101,6 +101,14 @@ pub trait Store: Send + Sync + Debug + 'static {
         Box::pin(async move { Ok(ObjectMeta::file(key, self.size(key).await?)) })
     }
 
+    /// The object's size as a read of its bytes reports it (an HTTP ranged
+    /// GET's `Content-Range` total), where that is another source than
+    /// [`Store::size`] (a HEAD): the second opinion the router asks for
+    /// when replicas disagree about a size. The default is `size`.
+    fn read_size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        self.size(key)
+    }
+
     /// Whether requests wait on a network peer that can fall silent (an
     /// HTTP or object-store endpoint) rather than on the local kernel. The
     /// router hedges such replicas by default.

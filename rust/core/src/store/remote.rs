@@ -405,6 +405,30 @@ impl RemoteStore {
         }
     }
 
+    /// The object's size as a ranged GET of its first byte reports it: the
+    /// total in `Content-Range` (object_store puts it in `meta.size`). No
+    /// byte 0 (HTTP 416) is an empty object.
+    async fn range_total(&self, key: &str) -> Result<u64> {
+        let path = self.path(key)?;
+        let client = self.client()?;
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(0..1)),
+            ..Default::default()
+        };
+        match client.get_opts(&path, options).await {
+            Ok(result) => {
+                let size = result.meta.size;
+                // Read the one byte so the connection goes back to the pool.
+                result.bytes().await.map_err(|e| self.error(key, e))?;
+                Ok(size)
+            }
+            Err(e) => match self.error(key, e) {
+                Error::ShortRead { .. } => Ok(0),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn head_size(&self, key: &str) -> Result<u64> {
         let path = self.path(key)?;
         let client = self.client()?;
@@ -424,6 +448,10 @@ impl Store for RemoteStore {
 
     fn size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(self.head_size(key))
+    }
+
+    fn read_size<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(self.range_total(key))
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing>> {
