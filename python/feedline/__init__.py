@@ -7,6 +7,7 @@ ahead into a bounded ring of zero-copy buffers.
 
 from feedline import chaos
 from feedline._core import (
+    Cache,
     Chaos,
     ChecksumMismatch,
     Chunk,
@@ -21,6 +22,7 @@ from feedline._core import (
 from feedline.fs import FeedlineFile, FileSystem, open, write_manifest
 
 __all__ = [
+    "Cache",
     "Chaos",
     "ChecksumMismatch",
     "Chunk",

@@ -8,6 +8,7 @@ from typing import Any, Literal, TypedDict, final
 from typing_extensions import Buffer
 
 __all__ = [
+    "Cache",
     "Chaos",
     "ChaosSampler",
     "ChecksumMismatch",
@@ -93,6 +94,27 @@ class Prefetch:
     def __reduce__(self) -> tuple[Any, tuple[Any]]: ...
 
 @final
+class Cache:
+    """The node cache shared by every process on the machine: see docs/configuration.md."""
+
+    options: list[str]
+    def __new__(
+        cls,
+        *,
+        cache_dir: str | PathLike[str] | None = ...,
+        cache_bytes: int = ...,
+        cache_block_bytes: int = ...,
+        check_version: bool = ...,
+        cache_policy: Literal["s3fifo", "lru"] = ...,
+    ) -> Cache: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def replace(self, **changes: Any) -> Cache: ...
+    def __getattr__(self, name: str) -> Any: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[Any, tuple[Any]]: ...
+
+@final
 class Chaos:
     """Faults injected into one replica's reads: see feedline.chaos."""
 
@@ -141,7 +163,9 @@ class Replica:
 
 def option_names() -> list[str]: ...
 def check_options(options: dict[str, Any] | None = None) -> dict[str, Any]: ...
-def rebuild_section(state: tuple[str, dict[str, Any]]) -> Routing | Prefetch | Chaos | Replica: ...
+def rebuild_section(
+    state: tuple[str, dict[str, Any]],
+) -> Routing | Prefetch | Cache | Chaos | Replica: ...
 def nearest_option(name: str, known: list[str]) -> str | None: ...
 
 # -- figures -------------------------------------------------------------------
@@ -189,6 +213,27 @@ class Stats(TypedDict):
     latency: LatencyStats
     replicas: list[ReplicaStats]
 
+class CacheStats(TypedDict):
+    """The node cache's figures: counters of this process since it opened the
+    cache (or the last reset), and what the node's cache holds now."""
+
+    hits: int
+    misses: int
+    hit_bytes: int
+    fill_bytes: int
+    fills: int
+    waits: int
+    evictions: int
+    evicted_bytes: int
+    corrupt_blocks: int
+    bypasses: int
+    stale_versions: int
+    version_checks: int
+    dead_fills_removed: int
+    resident_blocks: int
+    resident_bytes: int
+    capacity_bytes: int
+
 @final
 class ObjectMeta:
     @property
@@ -227,6 +272,8 @@ class Storage:
     def trace_reads(self, capacity: int) -> None: ...
     def take_trace(self) -> list[dict[str, Any]]: ...
     def fault_stats(self) -> list[dict[str, Any]]: ...
+    def cache_stats(self, reset: bool = False) -> CacheStats | None: ...
+    def cache_clear(self) -> None: ...
 
 @final
 class Rendezvous:

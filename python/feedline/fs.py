@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - older fsspec
 
 from feedline import _core, _fsspec
 from feedline._core import Chaos, Prefetch
+from feedline.cache import NodeCache
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -220,6 +221,14 @@ class FileSystem(_ChainBase):  # type: ignore[misc]
         self._storage_options: dict[str, Any] = dict(options.get("storage_options") or {})
         #: How streams and file objects read ahead (defaults filled in).
         self.prefetch = Prefetch(**self._storage.config()["prefetch"])
+        cache = self._storage.config()["cache"]
+        #: The node cache (``cache_dir=...``): ``stats()``, ``clear()``,
+        #: ``warm(paths)``; ``None`` when the cache is off.
+        self.cache: NodeCache | None = (
+            None
+            if cache["cache_dir"] is None
+            else NodeCache(self._storage, cache["cache_block_bytes"], self._key)
+        )
         # Writes create parent directories, as writing a key does on an
         # object store and as `fsspec.open(..., "wb")` does.
         self._local = LocalFileSystem(auto_mkdir=True)

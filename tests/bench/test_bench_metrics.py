@@ -54,3 +54,19 @@ def test_crc32c_known_value_and_buffers() -> None:
     assert _core.crc32c(b"6789", _core.crc32c(b"12345")) == 0xE3069283
     with pytest.raises(ValueError, match="C-contiguous"):
         _core.crc32c(memoryview(b"123456789")[::2])
+
+
+def test_au_per_epoch_splits_the_steps_and_times_each_epoch_from_the_last() -> None:
+    from feedline.bench.metrics import StepTiming, accelerator_utilization, au_per_epoch
+
+    # Two epochs of 3 steps: the first waits 1 s per step, the second none.
+    steps: list[StepTiming] = []
+    t = 0.0
+    for wait in (1.0, 1.0, 1.0, 0.0, 0.0, 0.0):
+        steps.append(StepTiming(wait_start_s=t, ready_s=t + wait, compute_s=1.0))
+        t += wait + 1.0
+    first, second = au_per_epoch(steps, 3)
+    # Epoch 1 from its first step's end (as the whole-run AU): 2 s of
+    # compute in 4 s; epoch 2: 3 s in 3 s.
+    assert first == pytest.approx(0.5) and second == pytest.approx(1.0)
+    assert au_per_epoch(steps, 6) == [accelerator_utilization(steps)]

@@ -77,6 +77,8 @@ SYSTEM_KEYS = {
     "stall_s",
     "compute_s",
     "au",
+    "au_per_epoch",
+    "cache",
     "latency",
     "latency_co",
     "errors",

@@ -30,6 +30,7 @@ def documented(heading: str) -> dict[str, str]:
     [
         ("Routing (`feedline.Routing`)", feedline.Routing),
         ("Prefetch (`feedline.Prefetch`)", feedline.Prefetch),
+        ("Cache (`feedline.Cache`)", feedline.Cache),
         ("Chaos (`feedline.Chaos`)", feedline.Chaos),
     ],
 )
@@ -45,11 +46,12 @@ def test_docs_list_every_top_level_option() -> None:
     rows = documented("Top level")
     top = _core.check_options({})
     assert list(rows) == list(top)
-    sections = {"routing", "prefetch"}
+    sections = {"routing", "prefetch", "cache"}
     for name, value in top.items():
         if name not in sections:
             assert rows[name] == f"`{value!r}`", name
     flat = set(feedline.Routing.options) | set(feedline.Prefetch.options) | set(top)
+    flat |= set(feedline.Cache.options)
     assert set(_core.option_names()) == flat
 
 

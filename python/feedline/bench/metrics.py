@@ -51,6 +51,21 @@ def accelerator_utilization(steps: list[StepTiming]) -> float | None:
     return min(1.0, compute / total)
 
 
+def au_per_epoch(steps: list[StepTiming], steps_per_epoch: int) -> list[float | None]:
+    """AU of each epoch's steps (``steps_per_epoch`` in a row): an epoch's
+    time runs from the end of the step before it (the first epoch, like
+    :func:`accelerator_utilization`, from the end of its first step)."""
+    out: list[float | None] = []
+    for start in range(0, len(steps), max(1, steps_per_epoch)):
+        before = steps[start - 1].end_s if start > 0 else steps[0].end_s
+        epoch = steps[start : start + steps_per_epoch]
+        counted = epoch[1:] if start == 0 else epoch
+        total = epoch[-1].end_s - before
+        compute = sum(s.compute_s for s in counted)
+        out.append(min(1.0, compute / total) if total > 0 and compute > 0 else None)
+    return out
+
+
 def stall_seconds(steps: list[StepTiming]) -> float:
     """Time the consumer waited for data, first step excluded (as AU)."""
     return sum(s.stall_s for s in steps[1:])
@@ -108,6 +123,9 @@ class Recorder:
     #: The highest sum of those processes' private memory sampled.
     peak_children_private: int = 0
     end_s: float | None = None
+    #: Steps in one epoch, when the workload runs whole epochs: the result
+    #: then has each epoch's AU too.
+    steps_per_epoch: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now_s(self) -> float:
@@ -187,6 +205,11 @@ class Recorder:
         end = self.end_s if self.end_s is not None else self.now_s()
         steps = list(self.steps)
         au = accelerator_utilization(steps)
+        epochs = (
+            au_per_epoch(steps, self.steps_per_epoch)
+            if self.steps_per_epoch and len(steps) > self.steps_per_epoch
+            else None
+        )
         first_batch_ms = steps[0].ready_s * 1000 if steps else None
         return {
             "duration_s": end,
@@ -199,6 +222,7 @@ class Recorder:
             "stall_s": stall_seconds(steps) if steps else None,
             "compute_s": sum(s.compute_s for s in steps[1:]) if steps else None,
             "au": au,
+            "au_per_epoch": epochs,
             "latency": histogram_result(self.latency, percentiles),
             "latency_co": histogram_result(self.latency_co, percentiles)
             if self.open_loop

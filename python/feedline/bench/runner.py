@@ -122,6 +122,8 @@ def run_system(
     base["notes"].extend(system.notes)
     rec = Recorder()
     w = scenario.workload
+    if w.epochs is not None and w.steps is None and w.access != "random_ranges":
+        rec.steps_per_epoch = -(-len(data.keys) // w.batch_size)
     limits = RunLimits(duration_s=scenario.load.duration_s, stop=stop)
     ticker_stop = threading.Event()
 
@@ -178,6 +180,7 @@ def run_system(
     for counter in ("requests", "retries", "hedges_sent", "hedges_won", "ejections"):
         result[counter] = totals.get(counter) if stats is not None else None
     result["replica_stats"] = (stats or {}).get("replicas")
+    result["cache"] = (stats or {}).get("cache")
     result["system_info"] = info
     # (retries + hedges) / reads, as feedline's router counts it
     # against its retry budget.
@@ -231,7 +234,7 @@ def _run_notes(scenario: Scenario) -> list[str]:
 
 def _feedline_options(s: Scenario) -> dict[str, Any]:
     config = _core.check_options(dict(s.feedline))
-    return {"routing": config["routing"], "prefetch": config["prefetch"]}
+    return {"routing": config["routing"], "prefetch": config["prefetch"], "cache": config["cache"]}
 
 
 def scenario_summary(s: Scenario) -> dict[str, Any]:

@@ -216,7 +216,11 @@ class FeedlineSystem(System):
         stats = getattr(self.fs, "stats", None)
         if stats is None:
             return None
-        return summarize_replica_stats(stats())
+        summary = summarize_replica_stats(stats())
+        cache = getattr(self.fs, "cache", None)
+        if cache is not None:
+            summary["cache"] = cache.stats()
+        return summary
 
 
 def feedline_manifest(data: Materialized) -> Any:

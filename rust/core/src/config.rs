@@ -90,6 +90,70 @@ impl PrefetchOptions {
     }
 }
 
+/// The node cache: blocks of remote objects on a local disk, shared by every
+/// process on the machine (see [`crate::cache`]). Off until `cache_dir` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheOptions {
+    /// Directory of the cache (created if missing); `None` turns it off.
+    pub cache_dir: Option<String>,
+    /// Hard bound on the bytes of cached blocks in `cache_dir`.
+    #[serde(deserialize_with = "at_least_one")]
+    pub cache_bytes: u64,
+    /// Objects are cached in aligned blocks of this size (a smaller object
+    /// is one block).
+    #[serde(deserialize_with = "at_least_one")]
+    pub cache_block_bytes: u64,
+    /// Ask a replica for the object's version (one HEAD per object at most
+    /// once a second per process) so a rewritten object is never served
+    /// from stale blocks. `False` trusts the first version seen, for
+    /// immutable datasets.
+    pub check_version: bool,
+    /// Eviction policy: `"s3fifo"` or `"lru"`.
+    pub cache_policy: String,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            cache_dir: None,
+            cache_bytes: 16 << 30,
+            cache_block_bytes: 8 << 20,
+            check_version: true,
+            cache_policy: "s3fifo".into(),
+        }
+    }
+}
+
+impl CacheOptions {
+    /// What deserializing cannot see.
+    pub fn check(&self) -> Result<()> {
+        crate::evict::Policy::parse(&self.cache_policy).map_err(|_| {
+            Error::invalid(format!(
+                "cache_policy must be one of {}, got {:?}",
+                crate::evict::Policy::NAMES.join(", "),
+                self.cache_policy
+            ))
+        })?;
+        if self.cache_dir.as_deref() == Some("") {
+            return Err(Error::invalid("cache_dir must be a directory, got ''"));
+        }
+        if self.cache_block_bytes > self.cache_bytes {
+            return Err(Error::invalid(format!(
+                "cache_block_bytes ({}) must not exceed cache_bytes ({})",
+                self.cache_block_bytes, self.cache_bytes
+            )));
+        }
+        if self.cache_block_bytes > 1 << 30 {
+            return Err(Error::invalid(format!(
+                "cache_block_bytes must be at most 1 GiB, got {}",
+                self.cache_block_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A count or size that must be at least 1 (a depth, a byte size).
 pub fn at_least_one<'de, D: Deserializer<'de>, T: TryFrom<u64>>(
     d: D,
@@ -225,6 +289,7 @@ pub struct StorageConfig {
     pub concurrency: Option<usize>,
     pub routing: RoutingOptions,
     pub prefetch: PrefetchOptions,
+    pub cache: CacheOptions,
     /// Faults to inject, by replica index (see [`crate::chaos`]).
     pub chaos: BTreeMap<usize, ChaosSpec>,
     /// Per-block CRC32C manifest; with it every read is verified.
@@ -239,12 +304,13 @@ impl fmt::Debug for StorageConfig {
             .field("concurrency", &self.concurrency)
             .field("routing", &self.routing)
             .field("prefetch", &self.prefetch)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
 
 /// The sections that flat keyword arguments are sorted into, in order.
-const SECTIONS: [&str; 2] = ["routing", "prefetch"];
+const SECTIONS: [&str; 3] = ["routing", "prefetch", "cache"];
 
 impl StorageConfig {
     /// From a tree: sections nested (`{"routing": {...}}`), or their options
@@ -303,6 +369,7 @@ impl StorageConfig {
     pub fn check(&self) -> Result<()> {
         self.router_config()?;
         self.prefetch.stream_config()?;
+        self.cache.check()?;
         for spec in self.chaos.values() {
             spec.validate()?;
         }
@@ -417,6 +484,7 @@ pub fn section_fields(name: &str) -> &'static [&'static str] {
     match name {
         "routing" => field_names::<RoutingOptions>(),
         "prefetch" => field_names::<PrefetchOptions>(),
+        "cache" => field_names::<CacheOptions>(),
         "chaos" => field_names::<ChaosSpec>(),
         "replica" => field_names::<ReplicaTable>(),
         _ => field_names::<StorageConfig>(),

@@ -4,9 +4,11 @@
 //! * [`prefetch`]: runs a [`plan`] through a [`store`] into the ring.
 //! * [`store`]: the storage boundary (local files, remote, chaos, routing).
 //! * [`evict`]: eviction policies for the node cache (S3-FIFO, LRU, plan-aware).
+//! * [`cache`]: the node cache in front of the router, shared by processes.
 //!
 //! No Python here: `cargo test` covers it all.
 
+pub mod cache;
 pub mod chaos;
 pub mod config;
 pub mod counter;

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::cache::{CacheStats, CachedStore, Heads};
 pub use crate::config::StorageConfig;
 use crate::error::{Error, ReplicaFailure, Result};
 use crate::layers::{wrap_replicas, ReplicaFaultStats, ReplicaLayers};
@@ -85,6 +86,10 @@ pub struct Storage {
     /// Every read goes through the router: failover, hedging and the
     /// figures, whatever the number of replicas.
     router: Arc<Router>,
+    /// What reads go through: the node cache in front of the router when
+    /// the cache is on, else the router itself.
+    store: Arc<dyn Store>,
+    cache: Option<Arc<CachedStore>>,
     /// Each replica's own store, under chaos and verification: listing
     /// asks these directly (there are no bytes to verify or hedge).
     replicas: Vec<Arc<dyn Store>>,
@@ -126,9 +131,30 @@ impl Storage {
         // error, so the router fails over, hedges or ejects as for a real one.
         let replicas = stores.clone();
         let (stores, layers) = wrap_replicas(stores, &config.chaos, config.manifest.as_ref())?;
+        let mut namespace = names.clone();
+        namespace.sort();
         let router = Arc::new(Router::new(names, stores, router_config)?);
+        let cache = match &config.cache.cache_dir {
+            None => None,
+            Some(_) => Some(Arc::new(CachedStore::new(
+                Arc::clone(&router) as Arc<dyn Store>,
+                Heads {
+                    replicas: replicas.clone(),
+                    router: Some(Arc::clone(&router)),
+                },
+                layers.manifest().cloned(),
+                &config.cache,
+                namespace.join("\n"),
+            )?)),
+        };
+        let store = match &cache {
+            Some(c) => Arc::clone(c) as Arc<dyn Store>,
+            None => Arc::clone(&router) as Arc<dyn Store>,
+        };
         Ok(Storage {
             router,
+            store,
+            cache,
             replicas,
             config,
             layers,
@@ -143,9 +169,12 @@ impl Storage {
             RouterConfig::default(),
         )
         .expect("one named replica with default settings is a valid router");
+        let router = Arc::new(router);
         Storage {
             replicas: vec![store],
-            router: Arc::new(router),
+            store: Arc::clone(&router) as Arc<dyn Store>,
+            cache: None,
+            router,
             config: StorageConfig::default(),
             layers: ReplicaLayers::default(),
         }
@@ -171,9 +200,20 @@ impl Storage {
         self.layers.fault_stats()
     }
 
-    /// The store every read goes through (the router).
+    /// The store every read goes through (the node cache when it is on,
+    /// else the router).
     pub fn store(&self) -> Arc<dyn Store> {
-        Arc::clone(&self.router) as Arc<dyn Store>
+        Arc::clone(&self.store)
+    }
+
+    /// The node cache, when configured.
+    pub fn cache(&self) -> Option<&Arc<CachedStore>> {
+        self.cache.as_ref()
+    }
+
+    /// The node cache's figures; `None` when it is off.
+    pub fn cache_stats(&self, reset: bool) -> Option<CacheStats> {
+        Some(self.cache.as_ref()?.stats(reset))
     }
 
     pub fn config(&self) -> &StorageConfig {
@@ -280,9 +320,9 @@ impl Storage {
     }
 
     pub fn size(&self, key: &str) -> Result<u64> {
-        match self.router.size_blocking(key) {
+        match self.store.size_blocking(key) {
             Some(r) => r,
-            None => runtime::block_on(self.router.size(key)),
+            None => runtime::block_on(self.store.size(key)),
         }
     }
 
@@ -301,7 +341,7 @@ impl Storage {
         if let Some(size) = self.manifest_size(key) {
             return Ok(WholeRead::Sized(size));
         }
-        match self.router.size_blocking(key) {
+        match self.store.size_blocking(key) {
             Some(size) => Ok(WholeRead::Sized(size?)),
             None => Ok(WholeRead::OneRequest),
         }
@@ -311,7 +351,7 @@ impl Storage {
     /// [`Store::read_object`]); routed, hedged and retried like any read.
     pub fn read_object(&self, key: &str) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        runtime::block_on(self.router.read_object(key, &mut out))?;
+        runtime::block_on(self.store.read_object(key, &mut out))?;
         Ok(out)
     }
 
@@ -322,7 +362,7 @@ impl Storage {
             .concurrency
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
-        let store = self.router.as_ref();
+        let store = self.store.as_ref();
         runtime::block_on(
             futures::stream::iter(keys)
                 .map(|key| async move {
@@ -440,7 +480,7 @@ impl Storage {
         let Some(first) = distinct.first() else {
             return Vec::new();
         };
-        if let Some(r) = self.router.size_blocking(first) {
+        if let Some(r) = self.store.size_blocking(first) {
             let mut out = Vec::with_capacity(distinct.len());
             out.push(r.map_err(|e| e.to_string()));
             for key in &distinct[1..] {
@@ -453,7 +493,7 @@ impl Storage {
             .concurrency
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
-        let store = self.router.as_ref();
+        let store = self.store.as_ref();
         let mut found: Vec<(usize, Result<u64, String>)> = runtime::block_on(
             futures::stream::iter(distinct.iter().enumerate())
                 .map(
@@ -469,9 +509,9 @@ impl Storage {
     /// Fills `buf` from `offset` of `key`, on the calling thread where the
     /// store allows it.
     pub fn read_into(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self.router.read_into_blocking(key, offset, buf) {
+        match self.store.read_into_blocking(key, offset, buf) {
             Some(r) => r,
-            None => runtime::block_on(self.router.read_into(key, offset, buf)),
+            None => runtime::block_on(self.store.read_into(key, offset, buf)),
         }
     }
 
@@ -505,7 +545,7 @@ impl Storage {
         }
         let blocking = {
             let first = &mut requests[0];
-            self.router
+            self.store
                 .read_into_blocking(first.key, first.offset, first.buf)
         };
         match blocking {
@@ -525,7 +565,7 @@ impl Storage {
     ) -> Vec<Result<()>> {
         let n = requests.len();
         let threads = threads.clamp(1, n.max(1));
-        let store: &dyn Store = self.router.as_ref();
+        let store: &dyn Store = self.store.as_ref();
         // Each thread reads in its own session (see `store::session`): the
         // latency bookkeeping of its reads is folded in per batch.
         let read_one = |r: &mut RangeRequest<'_>, session: &mut ReadSession<'_>| -> Result<()> {
@@ -594,7 +634,7 @@ impl Storage {
             .unwrap_or(DEFAULT_CONCURRENCY)
             .max(1);
         let n = requests.len();
-        let store = self.router.as_ref();
+        let store = self.store.as_ref();
         let groups = coalesce(requests);
         let done: Vec<Vec<(usize, Result<()>)>> = runtime::block_on(
             futures::stream::iter(groups)
@@ -617,7 +657,7 @@ impl Storage {
         config.validate()?;
         let known = |key: &str| self.manifest_size(key);
         let plan = runtime::block_on(build_plan_with(
-            self.router.as_ref(),
+            self.store.as_ref(),
             items,
             config.chunk_bytes,
             &known,

@@ -1,10 +1,10 @@
 //! The configuration sections as Python classes (`Routing`, `Prefetch`,
-//! `Chaos`, `Replica`), and the conversion of Python values into the core's
+//! `Cache`, `Chaos`, `Replica`), and the conversion of Python values into the core's
 //! configuration tree and of core figures back into Python objects. Every
 //! check lives in `feedline_core::config`; this module only converts.
 
 use feedline_core::chaos::ChaosSpec;
-use feedline_core::config::{self, PrefetchOptions, ReplicaSpec, StorageConfig};
+use feedline_core::config::{self, CacheOptions, PrefetchOptions, ReplicaSpec, StorageConfig};
 use feedline_core::route::RoutingOptions;
 use pyo3::exceptions::{PyAttributeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -282,6 +282,7 @@ section_class!(
     PrefetchOptions,
     |o: &PrefetchOptions| { o.stream_config().map(|_| ()) }
 );
+section_class!(PyCache, "Cache", "cache", CacheOptions, CacheOptions::check);
 section_class!(PyChaos, "Chaos", "chaos", ChaosSpec, ChaosSpec::validate);
 
 /// One replica: a path or URL, its own storage options, its weight.
@@ -387,6 +388,7 @@ fn rebuild_section<'py>(
     Ok(match class.as_str() {
         "Routing" => Bound::new(py, PyRouting::from_value(value)?)?.into_any(),
         "Prefetch" => Bound::new(py, PyPrefetch::from_value(value)?)?.into_any(),
+        "Cache" => Bound::new(py, PyCache::from_value(value)?)?.into_any(),
         "Chaos" => Bound::new(py, PyChaos::from_value(value)?)?.into_any(),
         "Replica" => Bound::new(
             py,
@@ -428,6 +430,7 @@ fn nearest_option(name: &str, known: Vec<String>) -> Option<String> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRouting>()?;
     m.add_class::<PyPrefetch>()?;
+    m.add_class::<PyCache>()?;
     m.add_class::<PyChaos>()?;
     m.add_class::<PyReplica>()?;
     m.add_function(wrap_pyfunction!(rebuild_section, m)?)?;

@@ -439,6 +439,22 @@ impl PyStorage {
         crate::config::serialized(py, &stats)
     }
 
+    /// The node cache's figures (see `CacheStats`); `None` when it is off.
+    #[pyo3(signature = (reset = false))]
+    fn cache_stats<'py>(&self, py: Python<'py>, reset: bool) -> PyResult<Bound<'py, PyAny>> {
+        let stats = py.detach(|| self.inner.cache_stats(reset));
+        crate::config::serialized(py, &stats)
+    }
+
+    /// Removes every block of the node cache (for every process using its
+    /// directory); nothing when the cache is off.
+    fn cache_clear(&self, py: Python<'_>) -> PyResult<()> {
+        match self.inner.cache() {
+            Some(cache) => py.detach(|| cache.clear()).py(),
+            None => Ok(()),
+        }
+    }
+
     /// Records the routing decisions of the next `capacity` reads (0 stops).
     fn trace_reads(&self, capacity: usize) {
         self.inner.router().trace_reads(capacity);
