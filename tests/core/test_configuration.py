@@ -162,3 +162,12 @@ def test_no_numeric_option_can_panic(tmp_path: Path) -> None:
                 feedline.FileSystem([tmp_path], chaos={0: feedline.Chaos(**{name: value})})
             except (TypeError, ValueError) as e:
                 assert name in str(e), (name, value, e)
+
+
+def test_cache_settings_without_a_cache_dir_are_refused_naming_them(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"cache_bytes, cache_policy given without cache_dir"):
+        feedline.FileSystem([str(tmp_path)], cache_bytes=1 << 30, cache_policy="lru")
+    with pytest.raises(ValueError, match=r"cache_block_bytes must be at least 4096.*got 3"):
+        feedline.FileSystem([str(tmp_path)], cache_dir=str(tmp_path / "c"), cache_block_bytes=3)
+    fs = feedline.FileSystem([str(tmp_path)], cache_dir=str(tmp_path / "c"), cache_bytes=16 << 20)
+    assert fs.cache is not None

@@ -144,6 +144,12 @@ impl CacheOptions {
                 self.cache_block_bytes, self.cache_bytes
             )));
         }
+        if self.cache_block_bytes < 4096 {
+            return Err(Error::invalid(format!(
+                "cache_block_bytes must be at least 4096 (a page), got {}",
+                self.cache_block_bytes
+            )));
+        }
         if self.cache_block_bytes > 1 << 30 {
             return Err(Error::invalid(format!(
                 "cache_block_bytes must be at most 1 GiB, got {}",
@@ -151,6 +157,34 @@ impl CacheOptions {
             )));
         }
         Ok(())
+    }
+
+    /// Cache settings without `cache_dir` would be ignored (the cache is
+    /// off): refused, so a forgotten `cache_dir` is not a silent cold read.
+    fn check_enabled(&self) -> Result<()> {
+        if self.cache_dir.is_some() {
+            return Ok(());
+        }
+        let off = CacheOptions::default();
+        let given: Vec<&str> = [
+            ("cache_bytes", self.cache_bytes != off.cache_bytes),
+            (
+                "cache_block_bytes",
+                self.cache_block_bytes != off.cache_block_bytes,
+            ),
+            ("check_version", self.check_version != off.check_version),
+            ("cache_policy", self.cache_policy != off.cache_policy),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        match given.is_empty() {
+            true => Ok(()),
+            false => Err(Error::invalid(format!(
+                "{} given without cache_dir: the node cache is off until cache_dir is set",
+                given.join(", ")
+            ))),
+        }
     }
 }
 
@@ -370,6 +404,7 @@ impl StorageConfig {
         self.router_config()?;
         self.prefetch.stream_config()?;
         self.cache.check()?;
+        self.cache.check_enabled()?;
         for spec in self.chaos.values() {
             spec.validate()?;
         }
