@@ -99,6 +99,9 @@ impl Layout {
     pub fn ledger(&self) -> PathBuf {
         self.root.join("ledger.json")
     }
+    pub fn journal(&self) -> PathBuf {
+        self.root.join("ledger.journal")
+    }
     pub fn ledger_lock(&self) -> PathBuf {
         self.root.join("ledger.lock")
     }
@@ -236,6 +239,8 @@ pub struct CachedStore {
     policy: String,
     versions: Mutex<HashMap<String, (ObjectVersion, Instant)>>,
     pending: Mutex<Pending>,
+    /// This process's copy of the ledger.
+    mirror: ledger::Mirror,
     counters: Counters,
     warned: AtomicBool,
     name: String,
@@ -336,6 +341,7 @@ impl CachedStore {
             policy: options.cache_policy.clone(),
             versions: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
+            mirror: ledger::Mirror::default(),
             counters: Counters::default(),
             warned: AtomicBool::new(false),
         };
@@ -391,6 +397,7 @@ impl CachedStore {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Pending::default();
+        self.mirror.forget();
         self.layout
             .create()
             .and_then(|()| ledger::clear(&self.layout))
@@ -702,6 +709,7 @@ impl CachedStore {
             let done = ledger::admit(
                 &self.layout,
                 &self.policy,
+                &self.mirror,
                 self.capacity_bytes,
                 id,
                 &tmp,
@@ -780,7 +788,7 @@ impl CachedStore {
 impl Drop for CachedStore {
     fn drop(&mut self) {
         let pending = std::mem::take(&mut *self.pending());
-        let _ = ledger::flush(&self.layout, &self.policy, pending);
+        let _ = ledger::flush(&self.layout, &self.policy, &self.mirror, pending);
     }
 }
 

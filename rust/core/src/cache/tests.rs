@@ -581,3 +581,44 @@ fn the_policy_is_kept_in_the_ledger_and_chosen_by_name() {
     let e = bad.check().unwrap_err().to_string();
     assert!(e.contains("cache_policy") && e.contains("fifo"), "{e}");
 }
+
+/// Admissions per second with `resident` blocks already held (a
+/// measurement, not a check: `cargo test --release -p feedline-core --lib
+/// cache::tests::admission_rate -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn admission_rate() {
+    const TIMED: u64 = 2_000;
+    for resident in [1_000u64, 10_000, 25_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        layout.create().unwrap();
+        let capacity = resident + TIMED / 2;
+        let mirror = ledger::Mirror::default();
+        let admit_one = |id: BlockId| {
+            let tmp = layout.temp_path("bench");
+            std::fs::write(&tmp, b"x").unwrap();
+            let pending = ledger::Pending::default();
+            ledger::admit(
+                &layout,
+                DEFAULT_POLICY,
+                &mirror,
+                capacity,
+                id,
+                &tmp,
+                1,
+                pending,
+            )
+            .unwrap();
+        };
+        for id in 0..resident {
+            admit_one(id);
+        }
+        let started = std::time::Instant::now();
+        for id in resident..resident + TIMED {
+            admit_one(id);
+        }
+        let per_s = TIMED as f64 / started.elapsed().as_secs_f64();
+        println!("resident_blocks={resident} admissions_per_s={per_s:.0}");
+    }
+}
