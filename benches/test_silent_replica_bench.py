@@ -46,12 +46,11 @@ from feedline.testing import nginx_binary
 
 MiB = 1 << 20
 OBJECTS = int(os.environ.get("FEEDLINE_SILENT_BENCH_OBJECTS", "200"))
-#: Below 64 KiB: on this rig a keep-alive connection answers ranges of
-#: 64-200 KiB ~44 ms late (a delayed ACK behind nginx's sendfile and
-#: tcp_nopush), for feedline (which reuses connections) at every length in
-#: that band and for obstore and fsspec at exactly 64 KiB; see
-#: docs/benchmarks.md. That would measure the rig, not the silent replica.
-RANGE_BYTES = 32 << 10
+#: 32 KiB by default (``FEEDLINE_SILENT_BENCH_RANGE_KIB`` sets it). Before the
+#: rig's nginx ran with ``tcp_nopush off``, a kept-alive connection answered
+#: ranges of 1-2 MSS (64-128 KiB on loopback) ~44 ms late; see
+#: docs/benchmarks.md.
+RANGE_BYTES = int(os.environ.get("FEEDLINE_SILENT_BENCH_RANGE_KIB", "32")) << 10
 #: Reads per round per system: a third of them placed on the silent replica.
 READS = int(os.environ.get("FEEDLINE_SILENT_BENCH_READS", "480"))
 ROUNDS = int(os.environ.get("FEEDLINE_SILENT_BENCH_ROUNDS", "3"))
@@ -258,8 +257,8 @@ def test_silent_replica_ranged_reads(mode: str, benchmark: Any, dataset: Dataset
         benchmark.pedantic(all_rounds, rounds=1, iterations=1)
         stats = fs.stats()
     title = (
-        f"silent replica ({mode}): 1 of 3, {READS} ranged reads of 32 KiB per round, "
-        f"baselines' timeout {BASELINE_TIMEOUT_S} s"
+        f"silent replica ({mode}): 1 of 3, {READS} ranged reads of {RANGE_BYTES >> 10} KiB "
+        f"per round, baselines' timeout {BASELINE_TIMEOUT_S} s"
     )
     print(f"\n{title}")
     results: dict[str, Any] = {}

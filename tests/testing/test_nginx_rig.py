@@ -74,3 +74,43 @@ def test_cleanup_on_failure_and_bad_arguments(tmp_path: Path, nginx_bin: str) ->
         NginxReplicas(tmp_path / "nope", 1)
     with pytest.raises(ValueError, match="n must be"):
         NginxReplicas(tmp_path, 0)
+
+
+def _directives(conf: str, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """Every value each directive in ``names`` takes in ``conf``, comments skipped."""
+    found: dict[str, list[str]] = {name: [] for name in names}
+    for line in conf.splitlines():
+        words = line.split("#", 1)[0].replace(";", " ").split()
+        if len(words) == 2 and words[0] in found:
+            found[words[0]].append(words[1])
+    return found
+
+
+def _assert_no_nagle_behind_sendfile(conf: str) -> None:
+    # With sendfile and tcp_nopush on, nginx turns TCP_NODELAY off to cork a
+    # response and uncorks with Nagle on: the tail of a response of 1-2 MSS
+    # then waits for the client's delayed ACK (~40 ms on Linux) whenever a
+    # kept-alive connection is out of quick-ACK mode -- a stall of the rig
+    # that every ranged-read test and bench would measure as the client's.
+    d = _directives(conf, ("sendfile", "tcp_nopush", "tcp_nodelay"))
+    assert d["sendfile"], conf
+    if "on" in d["sendfile"]:
+        assert "on" not in d["tcp_nopush"], d
+    assert "off" not in d["tcp_nodelay"], d
+
+
+def test_rig_nginx_sends_a_response_tail_without_waiting_for_an_ack(
+    tmp_path: Path,
+    nginx_replicas,  # type: ignore[no-untyped-def]
+) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    r = nginx_replicas(tmp_path, 1)
+    conf = Path(r._replicas[0].prefix, "nginx.conf").read_text(encoding="utf-8")
+    _assert_no_nagle_behind_sendfile(conf)
+    assert _get(r.url(0), "/f") == (200, b"x")  # nginx accepted that config
+
+
+def test_netns_rig_nginx_sends_a_response_tail_without_waiting_for_an_ack() -> None:
+    from feedline.testing import netns
+
+    _assert_no_nagle_behind_sendfile(netns._NGINX_CONF)

@@ -70,7 +70,11 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     sendfile on;
-    tcp_nopush on;
+    # tcp_nopush off: with it, nginx 1.22 turns TCP_NODELAY off to cork a
+    # sendfile response and uncorks with Nagle on, so the tail of a response
+    # of 1-2 MSS (64-128 KiB on loopback) waits for the client's delayed
+    # ACK (~40 ms) on a kept-alive connection.
+    tcp_nopush off;
     tcp_nodelay on;
     keepalive_timeout 60s;
     keepalive_requests 1000000;
