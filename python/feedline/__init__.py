@@ -5,7 +5,7 @@ Replace ``fsspec.open`` with :func:`feedline.open` (or use
 ahead into a bounded ring of zero-copy buffers.
 """
 
-from feedline import chaos
+from feedline import chaos, metrics
 from feedline._core import (
     Chaos,
     ChecksumMismatch,
@@ -34,6 +34,7 @@ __all__ = [
     "ShortReadError",
     "__version__",
     "chaos",
+    "metrics",
     "open",
     "write_manifest",
 ]

@@ -67,6 +67,32 @@ impl LatencyHistogram {
         self.hist.value_at_percentile(percentile) as f64 / 1000.0
     }
 
+    /// How many recorded values are at or below each bound (seconds,
+    /// ascending): Prometheus' cumulative classic buckets. A value counts
+    /// under a bound when its HDR bucket's highest equivalent value does,
+    /// so counts are exact to the histogram's 3 significant digits.
+    pub fn cumulative_counts(&self, bounds_seconds: &[f64]) -> Vec<u64> {
+        bounds_seconds
+            .iter()
+            .map(|b| {
+                let us = (b * 1e6).clamp(0.0, MAX_TRACKABLE_US as f64) as u64;
+                self.hist
+                    .iter_recorded()
+                    .take_while(|v| v.value_iterated_to() <= us)
+                    .map(|v| v.count_at_value())
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// The sum of recorded values in seconds (mean × count).
+    pub fn sum_seconds(&self) -> f64 {
+        if self.hist.is_empty() {
+            return 0.0;
+        }
+        self.hist.mean() * self.hist.len() as f64 / 1e6
+    }
+
     pub fn merge(&mut self, other: &LatencyHistogram) {
         // Same bounds by construction, so `add` cannot fail.
         let _ = self.hist.add(&other.hist);
@@ -243,6 +269,23 @@ mod tests {
         }
         let empty = LatencyHistogram::from_bytes(&LatencyHistogram::new().to_bytes()).unwrap();
         assert_eq!(empty.count(), 0);
+    }
+
+    #[test]
+    fn cumulative_counts_are_classic_buckets() {
+        let mut h = LatencyHistogram::new();
+        for us in [50, 900, 900, 20_000, 3_000_000] {
+            h.record_us(us);
+        }
+        assert_eq!(
+            h.cumulative_counts(&[0.0001, 0.001, 0.1, 10.0]),
+            [1, 3, 4, 5]
+        );
+        assert!(
+            (h.sum_seconds() - 3.02185).abs() < 0.01,
+            "{}",
+            h.sum_seconds()
+        );
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub struct Storage {
     replicas: Vec<Arc<dyn Store>>,
     config: StorageConfig,
     layers: ReplicaLayers,
+    /// Keeps the router in the process's metrics while this lives.
+    _metrics: crate::telemetry::RouterRegistration,
 }
 
 impl Storage {
@@ -128,6 +130,7 @@ impl Storage {
         let (stores, layers) = wrap_replicas(stores, &config.chaos, config.manifest.as_ref())?;
         let router = Arc::new(Router::new(names, stores, router_config)?);
         Ok(Storage {
+            _metrics: crate::telemetry::register_router(&router),
             router,
             replicas,
             config,
@@ -143,9 +146,11 @@ impl Storage {
             RouterConfig::default(),
         )
         .expect("one named replica with default settings is a valid router");
+        let router = Arc::new(router);
         Storage {
+            _metrics: crate::telemetry::register_router(&router),
             replicas: vec![store],
-            router: Arc::new(router),
+            router,
             config: StorageConfig::default(),
             layers: ReplicaLayers::default(),
         }
@@ -154,7 +159,11 @@ impl Storage {
     /// Per-replica and end-to-end figures; `reset` clears them after
     /// reading.
     pub fn stats(&self, reset: bool) -> Option<RouterStats> {
-        Some(self.router.stats(reset))
+        match reset {
+            // Exported counters keep what the reset clears.
+            true => Some(crate::telemetry::reset_router(&self.router)),
+            false => Some(self.router.stats(false)),
+        }
     }
 
     /// The end-to-end read latencies behind `stats`.

@@ -137,6 +137,13 @@ impl ReplicaHealth {
         self.in_flight.get()
     }
 
+    /// The attempt latencies `snapshot` summarises, as a histogram (for
+    /// metrics, which export buckets rather than percentiles).
+    pub fn latency_histogram(&self) -> crate::metrics::LatencyHistogram {
+        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        latency.current().clone()
+    }
+
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
