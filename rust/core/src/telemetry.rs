@@ -283,7 +283,9 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 #[derive(Debug)]
 pub struct RouterRegistration {
     id: u64,
-    router: Weak<Router>,
+    /// Strong: the router's last figures are read when this drops, whatever
+    /// order its owner drops its fields in.
+    router: Arc<Router>,
 }
 
 /// Adds `router` to the process snapshot until the registration drops.
@@ -294,18 +296,16 @@ pub fn register_router(router: &Arc<Router>) -> RouterRegistration {
     reg.routers.push((id, Arc::downgrade(router)));
     RouterRegistration {
         id,
-        router: Arc::downgrade(router),
+        router: Arc::clone(router),
     }
 }
 
 impl Drop for RouterRegistration {
     fn drop(&mut self) {
-        let samples = self.router.upgrade().map(|r| router_samples(&r));
+        let samples = router_samples(&self.router);
         let mut reg = registry();
         reg.routers.retain(|(id, _)| *id != self.id);
-        if let Some(samples) = samples {
-            carry(&mut reg, samples);
-        }
+        carry(&mut reg, samples);
     }
 }
 
@@ -611,6 +611,9 @@ mod tests {
     fn every_sample_is_defined_with_its_labels_and_counts_survive_reset_and_drop() {
         let (_dir, router) = temp_router();
         let registration = register_router(&router);
+        let weak = Arc::downgrade(&router);
+        drop(router);
+        let router = weak.upgrade().expect("the registration keeps the router");
         let mut buf = [0u8; 16];
         for _ in 0..3 {
             crate::runtime::block_on(router.read_into("a", 0, &mut buf)).unwrap();
@@ -624,8 +627,9 @@ mod tests {
         assert!(before >= 3.0);
         reset_router(&router);
         assert!(total(&snapshot(), "feedline_reads_total") >= before);
-        drop(registration);
         drop(router);
+        drop(registration);
+        assert!(weak.upgrade().is_none());
         assert!(total(&snapshot(), "feedline_reads_total") >= before);
         assert!(total(&snapshot(), "feedline_routed_read_seconds") >= 3.0);
     }
