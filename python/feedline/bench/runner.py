@@ -347,4 +347,8 @@ def run(
         "repeat": len(complete_runs),
         "systems": _aggregate(complete_runs) if complete_runs and complete_runs[0] else [],
         "runs": runs,
+        # What feedline's own metrics counted in this run's processes (this
+        # one, and its workers when a metrics directory is set), as served
+        # by `--metrics-port`: see docs/metrics.md.
+        "metrics": feedline.metrics.snapshot_dict(),
     }
