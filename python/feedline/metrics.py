@@ -59,6 +59,7 @@ __all__ = [
     "flush",
     "otel",
     "serve",
+    "set_fault_active",
     "snapshot",
     "snapshot_dict",
 ]
@@ -323,6 +324,13 @@ def _use_directory(directory: str | os.PathLike[str] | None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     _FLUSHER.start()
     return path
+
+
+def set_fault_active(fault: str, active: bool) -> None:
+    """Marks an injected fault window open or closed
+    (``feedline_fault_active{fault=...}``, drawn as annotations by
+    ``docs/grafana-dashboard.json``)."""
+    _core.metrics_set_gauge("feedline_fault_active", [fault], 1.0 if active else 0.0)
 
 
 # -- Prometheus ------------------------------------------------------------------

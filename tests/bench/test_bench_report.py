@@ -142,6 +142,10 @@ def test_cli_end_to_end_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFix
     # The final metrics snapshot counts the feedline system's reads.
     (reads,) = rep["metrics"]["feedline_reads_total"]
     assert reads["value"] >= by_name["feedline"]["samples"]
+    # Fault windows are exported for dashboards, all closed once the run ends.
+    faults = rep["metrics"]["feedline_fault_active"]
+    assert {f["labels"]["fault"] for f in faults} == {w["label"] for w in rep["fault_windows"]}
+    assert all(f["value"] == 0 for f in faults)
     for name in ("latency_cdf.png", "throughput.png", "au.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

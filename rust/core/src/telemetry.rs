@@ -63,6 +63,9 @@ pub enum Source {
     Replica,
     Stream,
     Cache(&'static str),
+    /// Set from outside the data path with [`set_gauge`] (the bench's
+    /// fault windows).
+    External,
 }
 
 /// One metric: everything an exporter or the docs need to say about it.
@@ -163,6 +166,8 @@ pub const DEFINITIONS: &[Definition] = &[
         "Fetches running streams may keep in flight (their depth)."),
     def("feedline_prefetch_in_flight", Gauge, "", &[], Sum, Source::Stream,
         "Fetches running streams have in flight now (depth in use)."),
+    def("feedline_fault_active", Gauge, "", &["fault"], Max, Source::External,
+        "1 while an injected fault window (feedline bench's scenario) is open, else 0."),
     def("feedline_cache_hits_total", Counter, "", &[], Sum, Source::Cache("hits"),
         "Block reads served from the node cache."),
     def("feedline_cache_misses_total", Counter, "", &[], Sum, Source::Cache("misses"),
@@ -264,6 +269,8 @@ struct Registry {
     /// Counter and histogram figures of reset or dropped routers, by
     /// (name, labels).
     carried: BTreeMap<(&'static str, Vec<String>), Value>,
+    /// Gauges set with [`set_gauge`].
+    external: BTreeMap<(&'static str, Vec<String>), f64>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
@@ -272,6 +279,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     streams: Vec::new(),
     caches: Vec::new(),
     carried: BTreeMap::new(),
+    external: BTreeMap::new(),
 });
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
@@ -316,6 +324,26 @@ pub fn reset_router(router: &Router) -> crate::route::RouterStats {
     let stats = router.stats(true);
     carry(&mut registry(), samples);
     stats
+}
+
+/// Sets a gauge whose definition's source is [`Source::External`].
+pub fn set_gauge(name: &str, labels: Vec<String>, value: f64) -> crate::Result<()> {
+    let d = definition(name)
+        .filter(|d| d.source == Source::External)
+        .ok_or_else(|| {
+            crate::Error::invalid(format!(
+                "{name:?} is not a metric that can be set from outside"
+            ))
+        })?;
+    if labels.len() != d.labels.len() {
+        return Err(crate::Error::invalid(format!(
+            "{name} takes labels {:?}, got {} values",
+            d.labels,
+            labels.len()
+        )));
+    }
+    registry().external.insert((d.name, labels), value);
+    Ok(())
 }
 
 /// Adds a running stream's gauges to the process snapshot while it lives.
@@ -486,7 +514,7 @@ fn cache_samples(caches: &[Weak<dyn CacheCounters>]) -> Vec<Sample> {
 /// totals carried from reset or dropped routers. Samples of one metric and
 /// label set are combined (summed; gauges by their definition's merge).
 pub fn snapshot() -> Vec<Sample> {
-    let (routers, streams, caches, carried) = {
+    let (routers, streams, caches, carried, external) = {
         let reg = registry();
         let routers: Vec<Arc<Router>> = reg
             .routers
@@ -498,6 +526,7 @@ pub fn snapshot() -> Vec<Sample> {
             reg.streams.clone(),
             reg.caches.clone(),
             reg.carried.clone(),
+            reg.external.clone(),
         )
     };
     let mut all = carried;
@@ -520,6 +549,7 @@ pub fn snapshot() -> Vec<Sample> {
     }
     let gauges = gauges
         .into_iter()
+        .chain(external)
         .map(|((name, labels), v)| ((name, labels), Value::Number(v)));
     all.extend(gauges);
     all.into_iter()
@@ -632,6 +662,22 @@ mod tests {
         assert!(weak.upgrade().is_none());
         assert!(total(&snapshot(), "feedline_reads_total") >= before);
         assert!(total(&snapshot(), "feedline_routed_read_seconds") >= 3.0);
+    }
+
+    #[test]
+    fn only_external_gauges_can_be_set_and_with_their_labels() {
+        set_gauge(
+            "feedline_fault_active",
+            vec!["replica 1 outage".into()],
+            1.0,
+        )
+        .unwrap();
+        let s = snapshot();
+        assert!(s
+            .iter()
+            .any(|s| s.name == "feedline_fault_active" && s.labels == ["replica 1 outage"]));
+        assert!(set_gauge("feedline_reads_total", vec![], 1.0).is_err());
+        assert!(set_gauge("feedline_fault_active", vec![], 1.0).is_err());
     }
 
     struct FakeCache;

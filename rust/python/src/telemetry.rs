@@ -5,6 +5,7 @@ use feedline_core::telemetry::{self, Kind, Value, DEFINITIONS, LATENCY_BUCKETS_S
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::errors::IntoPyResult;
 use crate::metrics::PyLatencyHistogram;
 
 /// Every metric's name, kind, help, unit, labels, cross-process merge and
@@ -47,6 +48,13 @@ fn metrics_snapshot(py: Python<'_>) -> PyResult<Vec<(String, Vec<String>, Py<PyA
         .collect()
 }
 
+/// Sets a gauge that the data path does not count (the bench's fault
+/// windows); only metrics defined as set from outside are accepted.
+#[pyfunction]
+fn metrics_set_gauge(name: &str, labels: Vec<String>, value: f64) -> PyResult<()> {
+    telemetry::set_gauge(name, labels, value).py()
+}
+
 /// In a forked child, right after `fork`: forgets the parent's figures.
 #[pyfunction]
 fn metrics_forget_inherited() {
@@ -56,5 +64,6 @@ fn metrics_forget_inherited() {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(metric_definitions, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics_set_gauge, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_forget_inherited, m)?)
 }
