@@ -10,8 +10,8 @@
 //! unbounded cardinality); per-replica figures carry the replica's redacted
 //! name.
 
+use crate::counter::StripedCounter;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -223,42 +223,43 @@ pub trait StreamGauges: Send + Sync {
     fn gauges(&self) -> (usize, usize, usize, usize);
 }
 
-/// Process totals every stream adds to (relaxed atomics: each is bumped by
-/// one consumer thread per stream, once per chunk or batch of chunks).
+/// Process totals every stream adds to, once per chunk or batch of chunks
+/// from its consumer thread: striped, so consumers of several streams on
+/// several cores do not share a cache line (see [`crate::counter`]).
 #[derive(Debug, Default)]
 pub struct StreamTotals {
-    stall_ns: AtomicU64,
-    stalls: AtomicU64,
-    bytes: AtomicU64,
-    chunks: AtomicU64,
+    stall_ns: StripedCounter,
+    stalls: StripedCounter,
+    bytes: StripedCounter,
+    chunks: StripedCounter,
 }
 
 impl StreamTotals {
     #[inline]
     pub fn delivered(&self, chunks: u64, bytes: u64) {
-        self.chunks.fetch_add(chunks, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.chunks.add(chunks);
+        self.bytes.add(bytes);
     }
 
     pub fn stalled(&self, waited: Duration) {
-        self.stalls.fetch_add(1, Ordering::Relaxed);
-        let ns = waited.as_nanos().min(u64::MAX as u128) as u64;
-        self.stall_ns.fetch_add(ns, Ordering::Relaxed);
+        self.stalls.add(1);
+        self.stall_ns
+            .add(waited.as_nanos().min(u64::MAX as u128) as u64);
     }
 
     fn reset(&self) {
         for c in [&self.stall_ns, &self.stalls, &self.bytes, &self.chunks] {
-            c.store(0, Ordering::Relaxed);
+            c.take();
         }
     }
 }
 
 /// Every stream's totals.
 pub static STREAMS: StreamTotals = StreamTotals {
-    stall_ns: AtomicU64::new(0),
-    stalls: AtomicU64::new(0),
-    bytes: AtomicU64::new(0),
-    chunks: AtomicU64::new(0),
+    stall_ns: StripedCounter::new(),
+    stalls: StripedCounter::new(),
+    bytes: StripedCounter::new(),
+    chunks: StripedCounter::new(),
 };
 
 struct Registry {
@@ -479,7 +480,7 @@ fn stream_samples(streams: &[Weak<dyn StreamGauges>]) -> Vec<Sample> {
         depth += d;
         in_flight += f;
     }
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let load = |c: &StripedCounter| c.get() as f64;
     vec![
         number(
             "feedline_stream_stall_seconds_total",
