@@ -87,7 +87,9 @@ def interleaved(work: Callable[[], int], directory: Path, rounds: int) -> dict[s
         "off_per_s": round(off),
         "on_per_s": round(on),
         "on_over_off": round(on / off, 4),
-        "per_round_on_over_off": [round(a / b, 3) for a, b in zip(rates["on"], rates["off"])],
+        "per_round_on_over_off": [
+            round(a / b, 3) for a, b in zip(rates["on"], rates["off"], strict=True)
+        ],
     }
 
 

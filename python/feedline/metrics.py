@@ -47,8 +47,9 @@ from feedline import _core
 from feedline._core import LatencyHistogram
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from feedline._core import MetricDefinition
-    from prometheus_client.exposition import ThreadingWSGIServer
 
 __all__ = [
     "DEFINITIONS",
@@ -358,7 +359,7 @@ class _Collector:
         for (name, labels), value in sorted(figures.items(), key=lambda kv: kv[0]):
             by_name.setdefault(name, []).append((labels, value))
         for d in DEFINITIONS:
-            unit = d["unit"] or None
+            unit = d["unit"]
             samples = by_name.get(d["name"], [])
             family: Any
             if d["kind"] == "histogram":
@@ -367,7 +368,9 @@ class _Collector:
                     if not isinstance(h, LatencyHistogram):
                         continue
                     counts = h.cumulative_counts(d["buckets"])
-                    buckets = [(repr(b), float(c)) for b, c in zip(d["buckets"], counts)]
+                    buckets = [
+                        (repr(b), float(c)) for b, c in zip(d["buckets"], counts, strict=True)
+                    ]
                     buckets.append(("+Inf", float(h.count)))
                     family.add_metric(list(labels), buckets, h.sum_seconds)
             else:
@@ -386,7 +389,7 @@ class MetricsServer:
     addr: str
     port: int
     directory: Path
-    _server: ThreadingWSGIServer
+    _server: WSGIServer
     _thread: threading.Thread
 
     @property
@@ -425,7 +428,7 @@ def serve(
         ) from exc
     path = _use_directory(directory)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())  # type: ignore[arg-type]
+    registry.register(_Collector())
     try:
         server, thread = start_http_server(port, addr=addr, registry=registry)
     except OSError as exc:
@@ -469,7 +472,7 @@ def otel(meter_provider: Any = None) -> None:
             for (name, labels), value in recent.figures().items():
                 if name != d["name"]:
                     continue
-                attrs: dict[str, str | float] = dict(zip(d["labels"], labels))
+                attrs: dict[str, str | float] = dict(zip(d["labels"], labels, strict=True))
                 if not isinstance(value, LatencyHistogram):
                     out.append(Observation(value, attrs))
                 elif part == "count":
@@ -523,7 +526,7 @@ class _Recent:
 def _labels_text(d: MetricDefinition, labels: tuple[str, ...]) -> str:
     if not labels:
         return ""
-    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(d["labels"], labels)) + "}"
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(d["labels"], labels, strict=True)) + "}"
 
 
 def snapshot_dict() -> dict[str, list[dict[str, Any]]]:
@@ -533,7 +536,7 @@ def snapshot_dict() -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for (name, labels), value in sorted(merged().items(), key=lambda kv: kv[0]):
         d = _BY_NAME[name]
-        row: dict[str, Any] = {"labels": dict(zip(d["labels"], labels))}
+        row: dict[str, Any] = {"labels": dict(zip(d["labels"], labels, strict=True))}
         if isinstance(value, LatencyHistogram):
             row["count"] = value.count
             row["sum_seconds"] = value.sum_seconds

@@ -49,7 +49,7 @@ def local_figures() -> dict[str, float]:
     """This process's own figures, straight from the core (no files),
     summed over label sets."""
     out: dict[str, float] = {}
-    for name, labels, value in _core.metrics_snapshot():
+    for name, _labels, value in _core.metrics_snapshot():
         if isinstance(value, _core.LatencyHistogram):
             out[f"{name}_count"] = out.get(f"{name}_count", 0.0) + value.count
             continue

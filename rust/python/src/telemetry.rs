@@ -32,9 +32,12 @@ fn metric_definitions(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
         .collect()
 }
 
-/// This process's figures: (name, label values, number or histogram).
+/// One figure for Python: (name, label values, number or histogram).
+type PySample = (String, Vec<String>, Py<PyAny>);
+
+/// This process's figures.
 #[pyfunction]
-fn metrics_snapshot(py: Python<'_>) -> PyResult<Vec<(String, Vec<String>, Py<PyAny>)>> {
+fn metrics_snapshot(py: Python<'_>) -> PyResult<Vec<PySample>> {
     let samples = py.detach(telemetry::snapshot);
     samples
         .into_iter()
