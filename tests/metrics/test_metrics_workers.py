@@ -1,5 +1,5 @@
-"""The Prometheus endpoint during a run with DataLoader workers (fork and
-spawn) over a spiky replica: each worker's requests, hedges and exposed
+"""The Prometheus endpoint during a run with DataLoader workers (fork,
+spawn, forkserver) over a spiky replica, and with ranks on one node: each worker's requests, hedges and exposed
 stall are counted once, a dead worker's counts survive, and OpenTelemetry's
 in-memory reader sees the same figures."""
 
@@ -68,7 +68,7 @@ def run_loader(
 
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_workers_requests_hedges_and_stall_are_counted_once(
     tmp_path: Path, server: fm.MetricsServer, context: str
 ) -> None:
@@ -178,3 +178,45 @@ def test_a_killed_worker_keeps_what_it_wrote(tmp_path: Path, server: fm.MetricsS
     )
     # A dead process's gauges are not shown (it runs no stream any more).
     assert after.get("feedline_streams", 0) == 0
+
+
+RANK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from metrics_workload import make_replicas, read_share
+from pathlib import Path
+roots, keys = make_replicas(Path(sys.argv[2]), 6)
+report = read_share(roots, keys, keys)
+print(json.dumps({k: report[k] for k in ("reads", "hedges_won")}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ranks_on_one_node_reach_one_endpoint(tmp_path: Path, server: fm.MetricsServer) -> None:
+    import json
+    import subprocess
+    import sys
+
+    before = scrape(server)
+    env = {**os.environ}  # FEEDLINE_METRICS_DIR: each rank writes its file there at exit
+    here = str(Path(__file__).parent)
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, here, str(tmp_path / f"rank-{r}")],
+            env={**env, "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+        )
+        for r in range(2)
+    ]
+    reports = []
+    for p in ranks:
+        out, _ = p.communicate(timeout=90)
+        assert p.returncode == 0
+        reports.append(json.loads(out))
+    after = scrape(server)
+    assert after["feedline_reads_total"] - before.get("feedline_reads_total", 0) == sum(
+        r["reads"] for r in reports
+    )
+    assert after["feedline_hedges_won_total"] - before.get("feedline_hedges_won_total", 0) == sum(
+        r["hedges_won"] for r in reports
+    )
