@@ -165,16 +165,7 @@ def flush() -> Path | None:
         return None
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / _SELF.file_name
-    doc = _encode(_local())
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _write(target, _encode(_local()))
     return target
 
 
@@ -190,20 +181,95 @@ def _alive(pid: int, host: str) -> bool:
     return True
 
 
+#: Where the figures of exited processes are folded (see `_compact`).
+RETIRED = "retired.json"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # vanished: files are replaced whole, never torn
+    return doc if isinstance(doc, dict) else None
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _compact(directory: Path) -> None:
+    """Folds the files of exited processes into ``retired.json`` and deletes
+    them, so that a job whose DataLoader starts new workers every epoch
+    does not leave a scrape thousands of files to read. Idempotent under a
+    crash: ``retired.json`` names the files it absorbed (readers skip them),
+    and is written before they are deleted. One process compacts at a time
+    (``flock``); others skip this round."""
+    import fcntl
+
+    with open(directory / ".compact.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        retired = _read(directory / RETIRED) or {"absorbed": [], "samples": []}
+        absorbed = set(retired.get("absorbed", []))
+        for name in absorbed:  # a crash left them after their figures were folded
+            with contextlib.suppress(OSError):
+                (directory / name).unlink()
+        figures = _decode(retired)
+        dead = []
+        for path in sorted(directory.glob("*.json")):
+            if path.name in (RETIRED, _SELF.file_name) or path.name in absorbed:
+                continue
+            doc = _read(path)
+            if doc is None or _alive(int(doc.get("pid", -1)), str(doc.get("host", ""))):
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                _combine(figures, _decode(doc), alive=False)
+                dead.append(path)
+        if not dead:
+            return
+        # Names whose files could not be deleted stay listed, never counted twice.
+        left = [n for n in absorbed if (directory / n).exists()]
+        names = sorted({p.name for p in dead} | set(left))
+        _write(directory / RETIRED, {"absorbed": names, "samples": _encode(figures)["samples"]})
+        for path in dead:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def _others() -> Iterator[tuple[bool, dict[Key, Figure]]]:
-    """(alive, figures) of every other process's file."""
+    """(alive, figures) of every other process's file, and of the exited
+    processes folded into ``retired.json``."""
     directory = _directory()
     if directory is None or not directory.is_dir():
         return
+    with contextlib.suppress(OSError):
+        _compact(directory)
+    retired = _read(directory / RETIRED) or {}
+    absorbed = set(retired.get("absorbed", []))
     for path in sorted(directory.glob("*.json")):
-        if path.name == _SELF.file_name:
-            continue  # this process counts live
+        if path.name == _SELF.file_name or path.name in absorbed:
+            continue  # this process counts live; absorbed ones are in retired
+        doc = retired if path.name == RETIRED else _read(path)
+        if doc is None:
+            continue
         try:
-            doc = json.loads(path.read_text())
             figures = _decode(doc)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # vanished or foreign: a file is replaced whole, never torn
-        yield _alive(int(doc["pid"]), str(doc.get("host", ""))), figures
+        except (ValueError, KeyError, TypeError):
+            continue  # foreign
+        if path.name == RETIRED:
+            yield False, figures
+        else:
+            yield _alive(int(doc["pid"]), str(doc.get("host", ""))), figures
 
 
 def _combine(into: dict[Key, Figure], figures: dict[Key, Figure], alive: bool) -> None:

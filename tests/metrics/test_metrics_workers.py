@@ -220,3 +220,24 @@ def test_ranks_on_one_node_reach_one_endpoint(tmp_path: Path, server: fm.Metrics
     assert after["feedline_hedges_won_total"] - before.get("feedline_hedges_won_total", 0) == sum(
         r["hedges_won"] for r in reports
     )
+
+
+def test_exited_processes_are_folded_into_one_file_without_loss(
+    tmp_path: Path, server: fm.MetricsServer
+) -> None:
+    roots, keys = make_replicas(tmp_path / "data", 4)
+    before = scrape(server)
+    ctx = multiprocessing.get_context("fork")
+    reads = 0
+    for _ in range(3):
+        parent_end, child_end = ctx.Pipe()
+        worker = ctx.Process(target=_read_and_die, args=(roots, keys, child_end))
+        worker.start()
+        reads += parent_end.recv()["reads"]
+        worker.join(timeout=60)
+    for _ in range(2):  # the first scrape folds, the second reads the folded file
+        after = scrape(server)
+        assert after["feedline_reads_total"] - before["feedline_reads_total"] == reads
+    files = sorted(p.name for p in server.directory.glob("*.json"))
+    assert fm.RETIRED in files
+    assert len(files) <= 2, files  # retired.json and this process's own
