@@ -1,7 +1,8 @@
 """The Prometheus endpoint during a run with DataLoader workers (fork,
-spawn, forkserver) over a spiky replica, and with ranks on one node: each worker's requests, hedges and exposed
-stall are counted once, a dead worker's counts survive, and OpenTelemetry's
-in-memory reader sees the same figures."""
+spawn, forkserver) over a spiky replica, and with ranks on one node: each
+worker's requests, hedges and exposed stall are counted once, a dead
+worker's counts survive, and OpenTelemetry's in-memory reader sees the same
+figures."""
 
 from __future__ import annotations
 
