@@ -356,10 +356,20 @@ def _register_exit_flush(_: object = None) -> None:
     multiprocessing.util.Finalize(None, _final_flush, exitpriority=10)
 
 
+def _before_fork() -> None:
+    _SNAPSHOT_LOCK.acquire()
+    _core.metrics_before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _core.metrics_after_fork_in_parent()
+    _SNAPSHOT_LOCK.release()
+
+
 def _after_fork_in_child() -> None:
     global _SELF, _SNAPSHOT_LOCK
     _SNAPSHOT_LOCK = threading.Lock()
-    _core.metrics_forget_inherited()
+    _core.metrics_after_fork_in_child()
     _SELF = _Process.new()
     _FLUSHER.thread = None
     _FLUSHER.start()
@@ -370,8 +380,8 @@ def _install() -> None:
     _register_exit_flush()
     multiprocessing.util.register_after_fork(_FORK_MARK, _register_exit_flush)
     os.register_at_fork(
-        before=lambda: _SNAPSHOT_LOCK.acquire(),
-        after_in_parent=lambda: _SNAPSHOT_LOCK.release(),
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
     _FLUSHER.start()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import feedline
 import feedline.metrics as fm
 import pytest
 
@@ -242,3 +244,40 @@ def test_exited_processes_are_folded_into_one_file_without_loss(
     files = sorted(p.name for p in server.directory.glob("*.json"))
     assert fm.RETIRED in files
     assert len(files) <= 2, files  # retired.json and this process's own
+
+
+def _one_read(path: str, conn: Any) -> None:
+    fs = feedline.FileSystem(skip_instance_cache=True)
+    conn.send(len(fs.cat_file(path)))
+    conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_forking_while_another_thread_reads_never_hangs_the_child(tmp_path: Path) -> None:
+    # The child forgets its parent's figures at fork: a lock some parent
+    # thread held then must not hang it.
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"r" * 4096)
+    fs = feedline.FileSystem(skip_instance_cache=True)
+    stop = threading.Event()
+
+    def read_forever() -> None:
+        while not stop.is_set():
+            fs.cat_file(str(path))
+            fs.stats(reset=True)
+
+    reader = threading.Thread(target=read_forever)
+    reader.start()
+    ctx = multiprocessing.get_context("fork")
+    try:
+        for _ in range(20):
+            parent_end, child_end = ctx.Pipe()
+            child = ctx.Process(target=_one_read, args=(str(path), child_end))
+            child.start()
+            assert parent_end.poll(30), "a forked child hung"
+            assert parent_end.recv() == 4096
+            child.join(timeout=30)
+            assert child.exitcode == 0
+    finally:
+        stop.set()
+        reader.join(timeout=30)

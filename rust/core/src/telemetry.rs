@@ -12,7 +12,7 @@
 
 use crate::counter::StripedCounter;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use crate::metrics::LatencyHistogram;
@@ -283,8 +283,37 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     external: BTreeMap::new(),
 });
 
-fn registry() -> std::sync::MutexGuard<'static, Registry> {
+fn registry() -> MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+thread_local! {
+    /// The registry, held by the thread that forks from [`before_fork`]
+    /// until its `after_fork_*` hook (which runs on that same thread).
+    static HELD_ACROSS_FORK: std::cell::RefCell<Option<MutexGuard<'static, Registry>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Right before `fork`: takes the registry, so that no other thread is
+/// inside it when the child is made. Pair with [`after_fork_in_parent`]
+/// and [`after_fork_in_child`] on the same thread.
+pub fn before_fork() {
+    let guard = registry();
+    HELD_ACROSS_FORK.with(|h| *h.borrow_mut() = Some(guard));
+}
+
+/// In the parent after `fork`: gives back what [`before_fork`] took.
+pub fn after_fork_in_parent() {
+    HELD_ACROSS_FORK.with(|h| h.borrow_mut().take());
+}
+
+/// In the child after `fork` (single-threaded): gives back the registry
+/// (a std mutex is one word: unlocking it leaves no trace of the parent's
+/// waiters) and forgets the figures inherited from the parent (see
+/// [`forget_inherited`]).
+pub fn after_fork_in_child() {
+    HELD_ACROSS_FORK.with(|h| h.borrow_mut().take());
+    forget_inherited();
 }
 
 /// Keeps a router in the process snapshot; dropping it carries the router's
@@ -574,21 +603,21 @@ pub fn merge(how: Merge, a: f64, b: f64) -> f64 {
 /// In a forked child: forgets the figures inherited from the parent (its
 /// routers' counts, stream totals, carried totals), so that the child
 /// reports only what it counts itself and nothing is counted twice. Call
-/// it only while the child has a single thread (right after `fork`).
+/// it only while the child has a single thread (right after `fork`). A
+/// router whose lock a parent thread held at `fork` stays locked for ever
+/// here: it is left out of the child's figures rather than waited for.
 pub fn forget_inherited() {
-    let routers: Vec<Arc<Router>> = {
-        let mut reg = registry();
-        reg.carried.clear();
-        // The parent's streams have no prefetch threads here.
-        reg.streams.clear();
-        reg.routers
-            .iter()
-            .filter_map(|(_, r)| r.upgrade())
-            .collect()
-    };
-    for r in routers {
-        r.stats(true);
-    }
+    let mut reg = registry();
+    reg.carried.clear();
+    // The parent's streams have no prefetch threads here.
+    reg.streams.clear();
+    reg.routers.retain(|(_, r)| match r.upgrade() {
+        Some(router) if router.is_unlocked() => {
+            router.stats(true);
+            true
+        }
+        _ => false,
+    });
     STREAMS.reset();
 }
 
@@ -679,6 +708,17 @@ mod tests {
             .any(|s| s.name == "feedline_fault_active" && s.labels == ["replica 1 outage"]));
         assert!(set_gauge("feedline_reads_total", vec![], 1.0).is_err());
         assert!(set_gauge("feedline_fault_active", vec![], 1.0).is_err());
+    }
+
+    #[test]
+    fn the_registry_held_across_fork_is_given_back() {
+        before_fork();
+        assert!(REGISTRY.try_lock().is_err(), "held from before_fork");
+        after_fork_in_parent();
+        let (_dir, router) = temp_router();
+        assert!(router.is_unlocked());
+        let _registration = register_router(&router);
+        assert!(!snapshot().is_empty());
     }
 
     struct FakeCache;
