@@ -5,7 +5,7 @@ Replace ``fsspec.open`` with :func:`feedline.open` (or use
 ahead into a bounded ring of zero-copy buffers.
 """
 
-from feedline import chaos
+from feedline import chaos, metrics
 from feedline._core import (
     Cache,
     Chaos,
@@ -36,6 +36,7 @@ __all__ = [
     "ShortReadError",
     "__version__",
     "chaos",
+    "metrics",
     "open",
     "write_manifest",
 ]

@@ -28,6 +28,12 @@ __all__ = [
     "__version__",
     "check_options",
     "crc32c",
+    "metric_definitions",
+    "metrics_after_fork_in_child",
+    "metrics_after_fork_in_parent",
+    "metrics_before_fork",
+    "metrics_set_gauge",
+    "metrics_snapshot",
     "nearest_option",
     "option_names",
     "rebuild_section",
@@ -361,7 +367,25 @@ class LatencyHistogram:
     def to_bytes(self) -> bytes: ...
     @staticmethod
     def from_bytes(data: bytes) -> LatencyHistogram: ...
+    def cumulative_counts(self, bounds_seconds: list[float]) -> list[int]: ...
+    @property
+    def sum_seconds(self) -> float: ...
 
+class MetricDefinition(TypedDict):
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    help: str
+    unit: str
+    labels: list[str]
+    merge: Literal["sum", "max", "min"]
+    buckets: list[float]
+
+def metric_definitions() -> list[MetricDefinition]: ...
+def metrics_snapshot() -> list[tuple[str, list[str], float | LatencyHistogram]]: ...
+def metrics_set_gauge(name: str, labels: list[str], value: float) -> None: ...
+def metrics_before_fork() -> None: ...
+def metrics_after_fork_in_parent() -> None: ...
+def metrics_after_fork_in_child() -> None: ...
 def crc32c(data: Buffer, value: int = 0) -> int: ...
 
 @final

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import feedline
@@ -12,7 +13,7 @@ import pytest
 from feedline.bench import runner
 from feedline.bench import scenario as sc
 from feedline.bench.metrics import Recorder
-from feedline.bench.report import table_rows, write_plots
+from feedline.bench.report import compare, table_rows, write_plots
 from feedline.bench.systems import has_module
 from feedline.cli import main
 from feedline_helpers import interrupt_bench
@@ -49,6 +50,7 @@ p99_ms = 10000
 
 #: Top-level keys every report has (docs/bench-json.md).
 TOP_KEYS = {
+    "metrics",
     "schema_version",
     "feedline_version",
     "started_at",
@@ -108,7 +110,7 @@ def test_cli_end_to_end_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFix
     code = main(["bench", str(scen), "--json", str(out), "--report", str(plots), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "feedline bench: small" in printed and "fsspec / feedline" in printed
+    assert "feedline bench: small" in printed and "feedline vs fsspec" in printed
     rep = json.loads(out.read_text())
     assert rep["schema_version"] == 1
     assert set(rep) == TOP_KEYS
@@ -139,6 +141,15 @@ def test_cli_end_to_end_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFix
     assert by_name["obstore"]["status"] == "skipped"
     assert any("obstore" in n for n in by_name["obstore"]["notes"])
     assert rep["fault_windows"][0]["start_s"] == pytest.approx(0.2)
+    # The final metrics snapshot counts the feedline system's reads.
+    (reads,) = rep["metrics"]["feedline_reads_total"]
+    assert reads["value"] >= by_name["feedline"]["samples"]
+    # Fault windows are exported for dashboards, all closed once the run ends.
+    faults = rep["metrics"]["feedline_fault_active"]
+    # (Process totals: windows of earlier runs in this process may be there too.)
+    shown = {f["labels"]["fault"]: f["value"] for f in faults}
+    assert {w["label"] for w in rep["fault_windows"]} <= set(shown)
+    assert all(v == 0 for v in shown.values())
     for name in ("latency_cdf.png", "throughput.png", "au.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -248,3 +259,77 @@ def test_live_display_renders_running_figures() -> None:
     console.print(live._render())
     text = console.export_text()
     assert "fsspec" in text and "running p99 ms" in text and "0/10" in text
+
+
+def test_the_comparison_column_reads_the_same_way_on_every_row() -> None:
+    # AU (higher is better) and p99.9 (lower is better), both won by feedline:
+    # one wording, whatever the direction. feedline is listed second.
+    report = {
+        "systems": [
+            {"system": "fsspec", "au": 0.666, "stall_s": 2.0, "latency": {"p99.9_ms": 91.6}},
+            {"system": "feedline", "au": 0.9, "stall_s": 4.0, "latency": {"p99.9_ms": 10.0}},
+        ]
+    }
+    header, rows = table_rows(report)
+    assert header == ["figure", "fsspec", "feedline", "feedline vs fsspec"]
+    by_label = {row[0]: row[-1] for row in rows}
+    assert by_label["AU (compute / total)"] == "feedline better by 1.35x"
+    assert by_label["read p99.9 (ms)"] == "feedline better by 9.16x"
+    assert by_label["data stall (s)"] == "feedline worse by 2.00x"
+    assert compare("feedline", 3, 3, True) == "same"
+    assert compare("feedline", 0, 5, True) == "feedline better"
+    assert compare("feedline", 5, 5, None) == ""
+    assert compare("feedline", None, 5, False) == ""
+
+
+def test_metrics_port_serves_live_metrics_while_a_scenario_runs(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    scen = tmp_path / "long.toml"
+    scen.write_text(SMALL.replace("steps = 30", "steps = 400"), encoding="utf-8")
+    out = tmp_path / "out.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = "import sys; from feedline.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["bench", str(scen), "--systems", "feedline", "--no-progress", "--json", str(out)]
+    env = {**os.environ, "FEEDLINE_METRICS_DIR": str(tmp_path / "metrics")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", cli, *args, "--metrics-port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        live_reads = 0.0
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not live_reads:
+            try:
+                url = f"http://127.0.0.1:{port}/metrics"
+                text = urllib.request.urlopen(url, timeout=5).read().decode()
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+                continue
+            for line in text.splitlines():
+                if line.startswith("feedline_reads_total "):
+                    live_reads = float(line.split()[1])
+            time.sleep(0.05)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert live_reads > 0, "no reads seen at the endpoint while the scenario ran"
+    (final,) = json.loads(out.read_text())["metrics"]["feedline_reads_total"]
+    assert final["value"] >= live_reads
+
+
+def test_a_bad_metrics_port_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--metrics-port", "70000", "--no-progress"]) == 2
+    assert "--metrics-port: port must be an integer" in capsys.readouterr().err

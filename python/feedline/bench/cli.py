@@ -64,6 +64,12 @@ def register(subparsers: Any) -> None:
         metavar="NODE:PERCENT",
         help="with --nnodes 2: drop PERCENT%% of the packets on the link to NODE (repeatable)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve feedline's Prometheus metrics on 127.0.0.1:N while the scenario runs",
+    )
     p.set_defaults(func=run_command, run=run_command)
 
 
@@ -176,6 +182,30 @@ def run_command(args: argparse.Namespace) -> int:
         console.print(f"{sc.source}: ok ({sc.name}: {', '.join(sc.systems)})")
         return 0
 
+    metrics_server = None
+    if args.metrics_port is not None:
+        import feedline.metrics
+
+        try:
+            metrics_server = feedline.metrics.serve(port=args.metrics_port)
+        except (ValueError, OSError, ImportError) as exc:
+            print(f"error: --metrics-port: {exc}", file=sys.stderr)
+            return 2
+        err.print(f"serving metrics at {metrics_server.url}", markup=False)
+    try:
+        return _run_and_report(sc, layout, args, console, err)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+
+
+def _run_and_report(
+    sc: _scenario.Scenario,
+    layout: dict[str, Any] | None,
+    args: argparse.Namespace,
+    console: Any,
+    err: Any,
+) -> int:
     stop = threading.Event()
     interrupts = 0
 

@@ -50,14 +50,41 @@ def _value(result: dict[str, Any], path: str) -> Any:
     return value
 
 
+def compare(name: str, mine: Any, theirs: Any, lower_is_better: bool | None) -> str:
+    """How `name`'s figure compares with another system's, worded the same
+    way on every row whatever the figure's direction: "feedline better by
+    1.35x", "feedline worse by 2.10x", "same"; empty where a figure has no
+    better direction or a side has no number."""
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (mine, theirs))
+    if lower_is_better is None or not numbers:
+        return ""
+    if mine == theirs:
+        return "same"
+    better = mine < theirs if lower_is_better else mine > theirs
+    word = "better" if better else "worse"
+    low, high = sorted((abs(mine), abs(theirs)))
+    if low == 0 or (mine < 0) != (theirs < 0):
+        return f"{name} {word}"
+    return f"{name} {word} by {high / low:.2f}x"
+
+
+def _reference(systems: list[dict[str, Any]]) -> int:
+    """The system the comparison columns speak for: feedline when it ran."""
+    names = [s["system"] for s in systems]
+    return names.index("feedline") if "feedline" in names else 0
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the side-by-side table (plain strings)."""
+    """Header and rows of the side-by-side table (plain strings), then one
+    comparison column per other system (see :func:`compare`)."""
     systems = [s for s in report["systems"] if s.get("status") != "skipped"]
+    ref = _reference(systems)
+    ref_name = systems[ref]["system"] if systems else ""
+    others = [i for i in range(len(systems)) if i != ref]
     header = ["figure"] + [s["system"] for s in systems]
-    if len(systems) > 1:
-        header += [f"{s['system']} / {systems[0]['system']}" for s in systems[1:]]
+    header += [f"{ref_name} vs {systems[i]['system']}" for i in others]
     rows: list[list[str]] = []
-    for label, path, fmt, _lower in ROWS:
+    for label, path, fmt, lower in ROWS:
         values = [_value(s, path) for s in systems]
         if all(v is None for v in values):
             continue
@@ -70,12 +97,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 if stats["flagged"]:
                     text += " (!)"
             row.append(text)
-        base = values[0]
-        for v in values[1:]:
-            if isinstance(base, int | float) and isinstance(v, int | float) and base:
-                row.append(f"{v / base:.2f}x")
-            else:
-                row.append("")
+        row += [compare(ref_name, values[ref], values[i], lower) for i in others]
         rows.append(row)
     sla_names = sorted({k for s in systems for k in (s.get("sla") or {})})
     for metric in sla_names:

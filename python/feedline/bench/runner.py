@@ -22,6 +22,7 @@ from feedline.bench.replicas import ReplicaSet, nginx_support, open_replicas
 from feedline.bench.scenario import SLA_METRICS, Scenario, ScenarioError, check_systems_fit_load
 from feedline.bench.systems import (
     FOREVER_S,
+    FaultPlan,
     SystemUnavailable,
     fault_plan,
     make_system,
@@ -126,9 +127,11 @@ def run_system(
         rec.steps_per_epoch = -(-len(data.keys) // w.batch_size)
     limits = RunLimits(duration_s=scenario.load.duration_s, stop=stop)
     ticker_stop = threading.Event()
+    t0 = time.monotonic()
 
     def tick() -> None:
         while not ticker_stop.wait(0.25):
+            show_fault_windows(plan, time.monotonic() - t0)
             rec.sample_rss()
             if progress is not None:
                 progress(name, rec, len(batches))
@@ -171,6 +174,7 @@ def run_system(
             replicas.end_events()
         ticker_stop.set()
         ticker.join(timeout=2)
+        show_fault_windows(plan, None)
         rec.sample_rss()
         stats = system.stats()
         info = system.info()
@@ -189,6 +193,18 @@ def run_system(
     verdicts = [v["pass"] for v in result["sla"].values()]
     result["sla_pass"] = None if not verdicts or None in verdicts else all(verdicts)
     return result
+
+
+def show_fault_windows(plan: FaultPlan, elapsed_s: float | None) -> None:
+    """Sets ``feedline_fault_active{fault=...}`` to 1 for each fault window
+    open at ``elapsed_s`` into a system's run (0 when closed, or all 0 with
+    None), so dashboards can draw the windows as annotations."""
+    open_now: dict[str, bool] = {}
+    for start, end, label in plan.windows:
+        inside = elapsed_s is not None and start <= elapsed_s < end
+        open_now[label] = open_now.get(label, False) or inside
+    for label, inside in open_now.items():
+        feedline.metrics.set_fault_active(label, inside)
 
 
 def _aggregate(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -350,4 +366,8 @@ def run(
         "repeat": len(complete_runs),
         "systems": _aggregate(complete_runs) if complete_runs and complete_runs[0] else [],
         "runs": runs,
+        # What feedline's own metrics counted in this run's processes (this
+        # one, and its workers when a metrics directory is set), as served
+        # by `--metrics-port`: see docs/metrics.md.
+        "metrics": feedline.metrics.snapshot_dict(),
     }

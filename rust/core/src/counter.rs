@@ -53,8 +53,11 @@ pub struct StripedCounter {
 }
 
 impl StripedCounter {
-    pub fn new() -> Self {
-        Self::default()
+    /// Const, so process-wide counters can be statics.
+    pub const fn new() -> Self {
+        StripedCounter {
+            stripes: [const { Stripe(AtomicU64::new(0)) }; STRIPES],
+        }
     }
 
     /// Relaxed: a counter orders nothing; readers want the total only.

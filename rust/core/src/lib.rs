@@ -26,5 +26,6 @@ pub mod runtime;
 pub mod storage;
 pub mod store;
 mod sync;
+pub mod telemetry;
 
 pub use error::{Error, ReplicaFailure, Result};

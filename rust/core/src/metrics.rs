@@ -9,6 +9,14 @@ use serde::Serialize;
 /// to it (and still counted), never dropped.
 const MAX_TRACKABLE_US: u64 = 3_600_000_000;
 
+/// Whether no thread holds `m` (a poisoned mutex is free: callers recover
+/// its value). A forked child asks this before touching state that a
+/// thread which does not exist in it may have held at `fork`: such a mutex
+/// stays locked for ever there.
+pub fn is_unlocked<T>(m: &std::sync::Mutex<T>) -> bool {
+    !matches!(m.try_lock(), Err(std::sync::TryLockError::WouldBlock))
+}
+
 /// The percentiles reported everywhere, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct LatencySummary {
@@ -65,6 +73,32 @@ impl LatencyHistogram {
             return 0.0;
         }
         self.hist.value_at_percentile(percentile) as f64 / 1000.0
+    }
+
+    /// How many recorded values are at or below each bound (seconds,
+    /// ascending): Prometheus' cumulative classic buckets. A value counts
+    /// under a bound when its HDR bucket's highest equivalent value does,
+    /// so counts are exact to the histogram's 3 significant digits.
+    pub fn cumulative_counts(&self, bounds_seconds: &[f64]) -> Vec<u64> {
+        bounds_seconds
+            .iter()
+            .map(|b| {
+                let us = (b * 1e6).clamp(0.0, MAX_TRACKABLE_US as f64) as u64;
+                self.hist
+                    .iter_recorded()
+                    .take_while(|v| v.value_iterated_to() <= us)
+                    .map(|v| v.count_at_value())
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// The sum of recorded values in seconds (mean × count).
+    pub fn sum_seconds(&self) -> f64 {
+        if self.hist.is_empty() {
+            return 0.0;
+        }
+        self.hist.mean() * self.hist.len() as f64 / 1e6
     }
 
     pub fn merge(&mut self, other: &LatencyHistogram) {
@@ -243,6 +277,23 @@ mod tests {
         }
         let empty = LatencyHistogram::from_bytes(&LatencyHistogram::new().to_bytes()).unwrap();
         assert_eq!(empty.count(), 0);
+    }
+
+    #[test]
+    fn cumulative_counts_are_classic_buckets() {
+        let mut h = LatencyHistogram::new();
+        for us in [50, 900, 900, 20_000, 3_000_000] {
+            h.record_us(us);
+        }
+        assert_eq!(
+            h.cumulative_counts(&[0.0001, 0.001, 0.1, 10.0]),
+            [1, 3, 4, 5]
+        );
+        assert!(
+            (h.sum_seconds() - 3.02185).abs() < 0.01,
+            "{}",
+            h.sum_seconds()
+        );
     }
 
     #[test]

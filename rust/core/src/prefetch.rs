@@ -14,6 +14,7 @@ use crate::plan::ReadRange;
 use crate::ring::{Ring, SlotReader, SlotWriter};
 use crate::runtime;
 use crate::store::{ReadSession, Store};
+use crate::telemetry::STREAMS;
 
 /// Default cap on one stream's arena. Larger asks are refused with an error
 /// naming the sizes rather than letting a typo allocate the machine.
@@ -115,12 +116,40 @@ pub enum Next {
     Pending,
 }
 
+/// What metrics read of a running stream: its ring and its fetches in
+/// flight (see [`crate::telemetry::StreamGauges`]).
+struct Gauges {
+    ring: Arc<Ring>,
+    in_flight: Arc<Semaphore>,
+    depth: usize,
+}
+
+impl crate::telemetry::StreamGauges for Gauges {
+    fn gauges(&self) -> (usize, usize, usize, usize) {
+        let free = match self.in_flight.is_closed() {
+            true => self.depth,
+            false => self.in_flight.available_permits(),
+        };
+        (
+            self.ring.slot_count(),
+            self.ring.occupied_slots(),
+            self.depth,
+            self.depth.saturating_sub(free),
+        )
+    }
+}
+
 /// A running prefetch of one plan. Dropping it stops the driver and joins
 /// its thread; chunks already handed out stay valid.
 pub struct Stream {
     ring: Arc<Ring>,
     plan: Arc<[ReadRange]>,
     next_seq: u64,
+    /// Since when the consumer has waited for `next_seq` (exposed stall):
+    /// the clock is read only when the chunk is not ready.
+    waiting_since: Option<std::time::Instant>,
+    /// Registered with the process metrics while the stream lives.
+    _gauges: Arc<Gauges>,
     /// Since when the slot of `next_seq` has been held by the consumer.
     held_since: Option<std::time::Instant>,
     stop: Arc<AtomicBool>,
@@ -161,6 +190,14 @@ impl Stream {
         let plan: Arc<[ReadRange]> = plan.into();
         let stop = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(Semaphore::new(config.depth.min(slots)));
+        let gauges = Arc::new(Gauges {
+            ring: Arc::clone(&ring),
+            in_flight: Arc::clone(&in_flight),
+            depth: config.depth.min(slots),
+        });
+        let weak: std::sync::Weak<dyn crate::telemetry::StreamGauges> =
+            Arc::downgrade(&(Arc::clone(&gauges) as Arc<dyn crate::telemetry::StreamGauges>));
+        crate::telemetry::register_stream(weak);
         let driver = Driver {
             ring: Arc::clone(&ring),
             plan: Arc::clone(&plan),
@@ -179,6 +216,8 @@ impl Stream {
             ring,
             plan,
             next_seq: 0,
+            waiting_since: None,
+            _gauges: gauges,
             held_since: None,
             stop,
             in_flight,
@@ -221,9 +260,24 @@ impl Stream {
         } else {
             self.held_since = None;
         }
-        // A read that timed out is that read's error, not "nothing yet".
-        match self.ring.consume_within(self.next_seq, timeout) {
+        // Ready: no clock read. Else the wait is exposed stall, from the
+        // first call that found the chunk missing until it arrives.
+        let ready = match self.ring.try_consume(self.next_seq) {
+            Some(r) => r.map(Some),
+            None => {
+                self.waiting_since
+                    .get_or_insert_with(std::time::Instant::now);
+                // A read that timed out is that read's error, not "nothing yet".
+                self.ring.consume_within(self.next_seq, timeout)
+            }
+        };
+        if let (Some(since), Ok(Some(_)) | Err(_)) = (self.waiting_since, &ready) {
+            self.waiting_since = None;
+            STREAMS.stalled(since.elapsed());
+        }
+        match ready {
             Ok(Some(slot)) => {
+                STREAMS.delivered(1, slot.len() as u64);
                 self.next_seq += 1;
                 Ok(Next::Chunk(Chunk {
                     range: range.clone(),
@@ -252,6 +306,14 @@ impl Stream {
     /// error is returned after the chunks before it were appended, so the
     /// caller hands those out first.
     pub fn take_ready(&mut self, max: usize, out: &mut VecDeque<Chunk>) -> Result<()> {
+        let before = out.len();
+        let result = self.take_ready_into(max, out);
+        let bytes: usize = out.iter().skip(before).map(Chunk::len).sum();
+        STREAMS.delivered((out.len() - before) as u64, bytes as u64);
+        result
+    }
+
+    fn take_ready_into(&mut self, max: usize, out: &mut VecDeque<Chunk>) -> Result<()> {
         for _ in 0..max {
             let Some(range) = self.plan.get(self.next_seq as usize) else {
                 return Ok(());

@@ -556,6 +556,17 @@ impl Ring {
         self.state.slot_bytes
     }
 
+    /// Slots not free: being filled, published and waiting, or held by the
+    /// consumer. A gauge read by metrics; racy by nature, never used to
+    /// decide anything.
+    pub fn occupied_slots(&self) -> usize {
+        self.state
+            .slots
+            .iter()
+            .filter(|s| s.stamp.load(Ordering::Relaxed) & 3 != FREE)
+            .count()
+    }
+
     /// Closes the ring: every waiter returns `Closed`, and no new claim
     /// succeeds. Published slots can still be consumed; chunks already handed
     /// out stay readable.

@@ -95,6 +95,8 @@ pub struct Storage {
     replicas: Vec<Arc<dyn Store>>,
     config: StorageConfig,
     layers: ReplicaLayers,
+    /// Keeps the router in the process's metrics while this lives.
+    _metrics: crate::telemetry::RouterRegistration,
 }
 
 impl Storage {
@@ -147,11 +149,16 @@ impl Storage {
                 namespace.join("\n"),
             )?)),
         };
+        if let Some(c) = &cache {
+            let weak = Arc::downgrade(c) as std::sync::Weak<dyn crate::telemetry::CacheCounters>;
+            crate::telemetry::register_cache(weak);
+        }
         let store = match &cache {
             Some(c) => Arc::clone(c) as Arc<dyn Store>,
             None => Arc::clone(&router) as Arc<dyn Store>,
         };
         Ok(Storage {
+            _metrics: crate::telemetry::register_router(&router),
             router,
             store,
             cache,
@@ -171,6 +178,7 @@ impl Storage {
         .expect("one named replica with default settings is a valid router");
         let router = Arc::new(router);
         Storage {
+            _metrics: crate::telemetry::register_router(&router),
             replicas: vec![store],
             store: Arc::clone(&router) as Arc<dyn Store>,
             cache: None,
@@ -183,7 +191,11 @@ impl Storage {
     /// Per-replica and end-to-end figures; `reset` clears them after
     /// reading.
     pub fn stats(&self, reset: bool) -> Option<RouterStats> {
-        Some(self.router.stats(reset))
+        match reset {
+            // Exported counters keep what the reset clears.
+            true => Some(crate::telemetry::reset_router(&self.router)),
+            false => Some(self.router.stats(false)),
+        }
     }
 
     /// The end-to-end read latencies behind `stats`.

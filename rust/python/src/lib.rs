@@ -18,6 +18,7 @@ mod route;
 mod signals;
 mod storage;
 mod stream;
+mod telemetry;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -35,5 +36,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     manifest::register(m)?;
     metadata::register(m)?;
     fsspec_store::register(m)?;
+    telemetry::register(m)?;
     Ok(())
 }

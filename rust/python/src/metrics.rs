@@ -92,6 +92,18 @@ impl PyLatencyHistogram {
         Ok(d)
     }
 
+    /// How many values are at or below each bound in seconds (ascending):
+    /// Prometheus' cumulative classic buckets.
+    fn cumulative_counts(&self, bounds_seconds: Vec<f64>) -> Vec<u64> {
+        self.lock().cumulative_counts(&bounds_seconds)
+    }
+
+    /// The sum of recorded values in seconds.
+    #[getter]
+    fn sum_seconds(&self) -> f64 {
+        self.lock().sum_seconds()
+    }
+
     /// Adds every value recorded in `other` to this histogram.
     fn merge(&self, other: &PyLatencyHistogram) {
         if std::ptr::eq(self, other) {

@@ -141,6 +141,65 @@ struct Counters {
     dead_fills_removed: AtomicU64,
 }
 
+/// The counters' values, in [`Counters::NAMES`] order.
+#[derive(Debug, Clone, Copy, Default)]
+struct CounterValues([u64; 13]);
+
+impl CounterValues {
+    fn minus(&self, earlier: &CounterValues) -> CounterValues {
+        CounterValues(std::array::from_fn(|i| {
+            self.0[i].saturating_sub(earlier.0[i])
+        }))
+    }
+}
+
+impl Counters {
+    /// The names the metrics know them by (the keys of [`CacheStats`]).
+    const NAMES: [&'static str; 13] = [
+        "hits",
+        "misses",
+        "hit_bytes",
+        "fill_bytes",
+        "fills",
+        "waits",
+        "evictions",
+        "evicted_bytes",
+        "corrupt_blocks",
+        "bypasses",
+        "stale_versions",
+        "version_checks",
+        "dead_fills_removed",
+    ];
+
+    fn values(&self) -> CounterValues {
+        let all = [
+            &self.hits,
+            &self.misses,
+            &self.hit_bytes,
+            &self.fill_bytes,
+            &self.fills,
+            &self.waits,
+            &self.evictions,
+            &self.evicted_bytes,
+            &self.corrupt_blocks,
+            &self.bypasses,
+            &self.stale_versions,
+            &self.version_checks,
+            &self.dead_fills_removed,
+        ];
+        CounterValues(all.map(|a| a.load(Ordering::Relaxed)))
+    }
+}
+
+impl crate::telemetry::CacheCounters for CachedStore {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counters::NAMES
+            .into_iter()
+            .zip(self.counters.values().0)
+            .collect()
+    }
+}
+
 /// What the cache did in this process, and what it holds on the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheStats {
@@ -242,6 +301,9 @@ pub struct CachedStore {
     /// This process's copy of the ledger.
     mirror: ledger::Mirror,
     counters: Counters,
+    /// The counters as `stats(reset=True)` last took them: the counters
+    /// themselves never go back, as the metrics' `_total`s must not.
+    baseline: Mutex<CounterValues>,
     warned: AtomicBool,
     name: String,
 }
@@ -343,6 +405,7 @@ impl CachedStore {
             pending: Mutex::new(Pending::default()),
             mirror: ledger::Mirror::default(),
             counters: Counters::default(),
+            baseline: Mutex::new(CounterValues::default()),
             warned: AtomicBool::new(false),
         };
         match cache.layout.create() {
@@ -363,26 +426,30 @@ impl CachedStore {
     }
 
     pub fn stats(&self, reset: bool) -> CacheStats {
-        let c = &self.counters;
-        let take = |a: &AtomicU64| match reset {
-            true => a.swap(0, Ordering::Relaxed),
-            false => a.load(Ordering::Relaxed),
+        let now = self.counters.values();
+        let since = {
+            let mut baseline = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
+            let since = now.minus(&baseline);
+            if reset {
+                *baseline = now;
+            }
+            since
         };
         let (resident_blocks, resident_bytes) = ledger::resident(&self.layout);
         CacheStats {
-            hits: take(&c.hits),
-            misses: take(&c.misses),
-            hit_bytes: take(&c.hit_bytes),
-            fill_bytes: take(&c.fill_bytes),
-            fills: take(&c.fills),
-            waits: take(&c.waits),
-            evictions: take(&c.evictions),
-            evicted_bytes: take(&c.evicted_bytes),
-            corrupt_blocks: take(&c.corrupt_blocks),
-            bypasses: take(&c.bypasses),
-            stale_versions: take(&c.stale_versions),
-            version_checks: take(&c.version_checks),
-            dead_fills_removed: take(&c.dead_fills_removed),
+            hits: since.0[0],
+            misses: since.0[1],
+            hit_bytes: since.0[2],
+            fill_bytes: since.0[3],
+            fills: since.0[4],
+            waits: since.0[5],
+            evictions: since.0[6],
+            evicted_bytes: since.0[7],
+            corrupt_blocks: since.0[8],
+            bypasses: since.0[9],
+            stale_versions: since.0[10],
+            version_checks: since.0[11],
+            dead_fills_removed: since.0[12],
             resident_blocks,
             resident_bytes,
             capacity_bytes: self.capacity_bytes,

@@ -97,6 +97,11 @@ impl RetryBudget {
         }
     }
 
+    /// Whether its lock is free (see [`crate::metrics::is_unlocked`]).
+    pub fn is_unlocked(&self) -> bool {
+        crate::metrics::is_unlocked(&self.state)
+    }
+
     pub fn balance(&self) -> f64 {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.settle(&mut s, Instant::now());

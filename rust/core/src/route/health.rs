@@ -139,6 +139,19 @@ impl ReplicaHealth {
         self.in_flight.get()
     }
 
+    /// Whether none of its locks is held (see [`crate::metrics::is_unlocked`]).
+    pub fn is_unlocked(&self) -> bool {
+        use crate::metrics::is_unlocked;
+        is_unlocked(&self.ewma) && is_unlocked(&self.ejection) && is_unlocked(&self.latency)
+    }
+
+    /// The attempt latencies `snapshot` summarises, as a histogram (for
+    /// metrics, which export buckets rather than percentiles).
+    pub fn latency_histogram(&self) -> crate::metrics::LatencyHistogram {
+        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        latency.current().clone()
+    }
+
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }

@@ -375,6 +375,17 @@ impl Router {
         latency.current().clone()
     }
 
+    /// Whether no thread holds any of its locks: a forked child reads the
+    /// figures of a router it inherited only then (see
+    /// [`crate::telemetry::after_fork_in_child`]).
+    pub fn is_unlocked(&self) -> bool {
+        use crate::metrics::is_unlocked;
+        is_unlocked(&self.latency)
+            && is_unlocked(&self.eject_lock)
+            && self.budget.is_unlocked()
+            && self.replicas.iter().all(|r| r.health.is_unlocked())
+    }
+
     pub fn stats(&self, reset: bool) -> RouterStats {
         use std::sync::atomic::Ordering::Relaxed;
         let replicas: Vec<ReplicaStats> = self
