@@ -113,4 +113,4 @@ def test_rig_nginx_sends_a_response_tail_without_waiting_for_an_ack(
 def test_netns_rig_nginx_sends_a_response_tail_without_waiting_for_an_ack() -> None:
     from feedline.testing import netns
 
-    _assert_no_nagle_behind_sendfile(netns._NGINX_CONF)
+    _assert_no_nagle_behind_sendfile(netns.nginx_config("/w", "10.0.0.1", 80, "/r"))

@@ -34,6 +34,7 @@ from typing import Any
 from feedline.bench.dataset import Materialized
 from feedline.bench.replicas import ServerReplicaSet
 from feedline.bench.scenario import Event, Scenario, ScenarioError
+from feedline.testing.netns import nginx_config
 
 PREFIX = "flnode"
 SUBNET = "10.251.0"
@@ -43,33 +44,6 @@ FIRST_PORT = 8001
 COMMAND_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 10.0
 NFT_TABLE = "feedline_nodes"
-
-_NGINX_CONF = """\
-user root;
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    log_format sent '$remote_addr $status $body_bytes_sent';
-    access_log {dir}/access.log sent;
-    sendfile on;
-    keepalive_requests 1000000;
-    keepalive_timeout 120s;
-    default_type application/octet-stream;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{
-        listen {address}:{port} reuseport backlog=4096;
-        root {root};
-        location / {{ }}
-    }}
-}}
-"""
 
 
 def check_support() -> None:
@@ -152,9 +126,7 @@ class NodeReplicas(ServerReplicaSet):
             return
         d = self.workdirs[i]
         conf = d / "nginx.conf"
-        conf.write_text(
-            _NGINX_CONF.format(dir=d, address=STORE_IP, port=self.ports[i], root=self.root)
-        )
+        conf.write_text(nginx_config(d, STORE_IP, self.ports[i], self.root, access_log=True))
         with open(d / "stderr.log", "ab") as err:
             self.procs[i] = subprocess.Popen(
                 ["ip", "netns", "exec", self.store, "nginx", "-c", str(conf), "-e", str(d / "e")],

@@ -119,7 +119,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    {access_log}
     sendfile on;
     # tcp_nopush off: see nginx.py (a ~40 ms stall behind a delayed ACK).
     tcp_nopush off;
@@ -139,6 +139,21 @@ http {{
     }}
 }}
 """
+
+
+def nginx_config(
+    workdir: str | Path, address: str, port: int, root: str | Path, *, access_log: bool = False
+) -> str:
+    """The nginx configuration of a replica inside a namespace (shared by
+    this rig and ``feedline bench --nnodes``); ``access_log`` writes
+    ``workdir/access.log`` with the bytes each response sent."""
+    log = (
+        f"log_format sent '$remote_addr $status $body_bytes_sent';\n"
+        f"    access_log {workdir}/access.log sent;"
+        if access_log
+        else "access_log off;"
+    )
+    return _NGINX_CONF.format(dir=workdir, address=address, port=port, root=root, access_log=log)
 
 
 @dataclass
@@ -176,9 +191,7 @@ class Replica:
         if self.process is not None and self.process.poll() is None:
             return
         conf = self.workdir / "nginx.conf"
-        conf.write_text(
-            _NGINX_CONF.format(dir=self.workdir, address=self.ns_ip, port=self.port, root=self.root)
-        )
+        conf.write_text(nginx_config(self.workdir, self.ns_ip, self.port, self.root))
         with open(self.workdir / "stderr.log", "ab") as err:
             # Its own session: SIGSTOP/SIGKILL reach master and worker alike.
             self.process = subprocess.Popen(
