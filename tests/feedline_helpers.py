@@ -3,6 +3,7 @@ prefetch threads (read from /proc, the kernel's own view)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from feedline import FileSystem
 
 # Linux keeps 15 characters of a thread name: "feedline-prefetch" -> "feedline-prefet".
 PREFETCH_THREAD_PREFIX = "feedline-prefet"
@@ -73,3 +78,89 @@ def interrupt_bench(scenario: Path, out: Path, system: str, after_s: float) -> t
             if pipe is not None:
                 pipe.close()
     return proc.returncode, stdout, stderr
+
+
+def lead_to_first_replica(
+    data: dict[str, bytes], root: Path, replicas: list[str], size: int, at_least: int = 3
+) -> None:
+    """Adds objects of ``size`` bytes to ``data`` (and ``root``) until
+    replica 0 is the first choice for ``at_least`` keys: placement hashes
+    the replica URLs, whose ports vary from run to run, and a test of what
+    replica 0 does must not depend on luck."""
+    from feedline._core import Rendezvous
+
+    placement = Rendezvous(replicas)
+    j = 0
+    while sum(placement.preference_list(k)[0] == 0 for k in data) < at_least:
+        assert j < 200, "no key placed on replica 0 in 200 tries"
+        key = f"x{j}.bin"
+        body = os.urandom(size)
+        (root / key).write_bytes(body)
+        data[key] = body
+        j += 1
+
+
+# Every read path, each reading every key of ``data`` and checking the bytes.
+def _read_whole(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        assert fs.cat_file(k) == body
+
+
+def _read_ranged(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        assert fs.cat_file(k, 100, 1100) == body[100:1100]
+
+
+def _read_to_the_end(fs: FileSystem, data: dict[str, bytes]) -> None:
+    # The end comes from the size: a wrong one is short or padded data.
+    for k, body in data.items():
+        assert fs.cat_file(k, 500) == body[500:]
+        assert fs.cat_file(k, -300) == body[-300:]
+
+
+def _read_size(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        assert fs.size(k) == len(body)
+
+
+def _read_info(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        assert fs.info(k)["size"] == len(body)
+
+
+def _read_cat_ranges(fs: FileSystem, data: dict[str, bytes]) -> None:
+    keys = list(data)
+    n = len(keys)
+    starts: list[int | None] = [0] * n + [500] * n
+    ends: list[int | None] = [10] * n + [None] * n
+    got = fs.cat_ranges(keys + keys, starts, ends)
+    assert got == [data[k][:10] for k in keys] + [data[k][500:] for k in keys]
+
+
+def _read_stream(fs: FileSystem, data: dict[str, bytes]) -> None:
+    got: dict[str, bytearray] = {k: bytearray() for k in data}
+    with fs.stream(list(data), chunk_bytes=16 * 1024, depth=4) as chunks:
+        for chunk in chunks:
+            got[chunk.path].extend(memoryview(chunk))
+    assert {k: bytes(v) for k, v in got.items()} == data
+
+
+def _read_open(fs: FileSystem, data: dict[str, bytes]) -> None:
+    for k, body in data.items():
+        with fs.open(k) as f:
+            assert f.read() == body
+        with fs.open(k) as f:
+            f.seek(-200, os.SEEK_END)
+            assert f.read() == body[-200:]
+
+
+READ_PATHS: dict[str, Callable[[FileSystem, dict[str, bytes]], None]] = {
+    "whole": _read_whole,
+    "ranged": _read_ranged,
+    "to_the_end": _read_to_the_end,
+    "size": _read_size,
+    "info": _read_info,
+    "cat_ranges": _read_cat_ranges,
+    "stream": _read_stream,
+    "open_read": _read_open,
+}

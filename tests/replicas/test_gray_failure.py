@@ -17,14 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import feedline
 import pytest
 from feedline import FileSystem
-from feedline._core import Rendezvous
+from feedline_helpers import READ_PATHS, lead_to_first_replica
 
 KEYS = 12
 SIZE = 64 * 1024
@@ -87,78 +87,10 @@ def range_ignoring_server(root: Path) -> Iterator[str]:
             proc.wait()
 
 
-def _lead(data: dict[str, bytes], root: Path, replicas: list[str], at_least: int = 3) -> None:
-    """Adds objects to ``data`` (and ``root``) until replica 0 is the first
-    choice for ``at_least`` keys: placement hashes the replica URLs, whose
-    ports vary from run to run, and the test must not depend on luck."""
-    placement = Rendezvous(replicas)
-    j = 0
-    while sum(placement.preference_list(k)[0] == 0 for k in data) < at_least:
-        assert j < 200, "no key placed on replica 0 in 200 tries"
-        key = f"x{j}.bin"
-        body = os.urandom(SIZE)
-        (root / key).write_bytes(body)
-        data[key] = body
-        j += 1
-
-
 def _fs(replicas: list[str], **options: Any) -> FileSystem:
     return FileSystem(
         replicas=replicas, deadline_ms=DEADLINE_MS, skip_instance_cache=True, **options
     )
-
-
-# Each read path, reading every key once; returns what it read per key.
-def _whole(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k, body in data.items():
-        assert fs.cat_file(k) == body
-
-
-def _ranged(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k, body in data.items():
-        assert fs.cat_file(k, 100, 1100) == body[100:1100]
-
-
-def _size(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k in data:
-        assert fs.size(k) == SIZE
-
-
-def _info(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k in data:
-        assert fs.info(k)["size"] == SIZE
-
-
-def _cat_ranges(fs: FileSystem, data: dict[str, bytes]) -> None:
-    keys = list(data)
-    n = len(keys)
-    got = fs.cat_ranges(keys + keys, [0] * n + [500] * n, [10] * n + [SIZE] * n)
-    assert got == [data[k][:10] for k in keys] + [data[k][500:] for k in keys]
-
-
-def _stream(fs: FileSystem, data: dict[str, bytes]) -> None:
-    got: dict[str, bytearray] = {k: bytearray() for k in data}
-    with fs.stream(list(data), chunk_bytes=16 * 1024, depth=4) as chunks:
-        for chunk in chunks:
-            got[chunk.path].extend(memoryview(chunk))
-    assert {k: bytes(v) for k, v in got.items()} == data
-
-
-def _open_read(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k, body in data.items():
-        with fs.open(k) as f:
-            assert f.read() == body
-
-
-PATHS: dict[str, Callable[[FileSystem, dict[str, bytes]], None]] = {
-    "whole": _whole,
-    "ranged": _ranged,
-    "size": _size,
-    "info": _info,
-    "cat_ranges": _cat_ranges,
-    "stream": _stream,
-    "open_read": _open_read,
-}
 
 
 def _assert_silent_replica_ejected(fs: FileSystem, silent: int) -> None:
@@ -172,28 +104,28 @@ def _assert_silent_replica_ejected(fs: FileSystem, silent: int) -> None:
     assert replica["cancelled"] >= 1, replica
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", list(READ_PATHS))
 def test_a_silent_socket_costs_a_hedge_not_the_deadline(
     path: str, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
 ) -> None:
     healthy = nginx_replicas(tmp_path, 1)
     with silent_socket() as silent:
-        _lead(dataset, tmp_path, [silent, healthy.url(0)])
+        lead_to_first_replica(dataset, tmp_path, [silent, healthy.url(0)], SIZE)
         fs = _fs([silent, healthy.url(0)], eject_after_failures=2)
-        PATHS[path](fs, dataset)
+        READ_PATHS[path](fs, dataset)
         _assert_silent_replica_ejected(fs, 0)
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", list(READ_PATHS))
 def test_a_stopped_nginx_costs_a_hedge_not_the_deadline(
     path: str, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
 ) -> None:
     replicas = nginx_replicas(tmp_path, 2)
-    _lead(dataset, tmp_path, replicas.urls)
+    lead_to_first_replica(dataset, tmp_path, replicas.urls, SIZE)
     replicas.pause(0)
     try:
         fs = _fs(replicas.urls, eject_after_failures=2)
-        PATHS[path](fs, dataset)
+        READ_PATHS[path](fs, dataset)
         _assert_silent_replica_ejected(fs, 0)
     finally:
         replicas.resume(0)
@@ -208,10 +140,10 @@ def test_with_no_routing_options_a_silent_replica_is_hedged_and_ejected(
     with silent_socket() as silent:
         # Enough keys first on the silent replica for the default ejection
         # (5 in a row) within the three rounds.
-        _lead(dataset, tmp_path, [silent, healthy.url(0)], at_least=2)
+        lead_to_first_replica(dataset, tmp_path, [silent, healthy.url(0)], SIZE, at_least=2)
         fs = FileSystem(replicas=[silent, healthy.url(0)], skip_instance_cache=True)
         for _ in range(3):
-            _ranged(fs, dataset)
+            READ_PATHS["ranged"](fs, dataset)
         _assert_silent_replica_ejected(fs, 0)
 
 
@@ -221,7 +153,7 @@ def test_a_replica_that_ignores_range_fails_over_and_is_ejected(
 ) -> None:
     healthy = nginx_replicas(tmp_path, 1)
     with range_ignoring_server(tmp_path) as ignoring:
-        _lead(dataset, tmp_path, [ignoring, healthy.url(0)])
+        lead_to_first_replica(dataset, tmp_path, [ignoring, healthy.url(0)], SIZE)
         # No hedging: on a loaded machine a hedge could win every race
         # before the wrong answer arrives; this is about failover.
         fs = _fs([ignoring, healthy.url(0)], eject_after_failures=2, hedge_after_ms=None)
@@ -233,7 +165,7 @@ def test_a_replica_that_ignores_range_fails_over_and_is_ejected(
             got = [bytes(memoryview(c)) for c in fs.stream(plan, chunk_bytes=8192)]
             assert got == [body[1000:6000] for body in dataset.values()] * 3
         else:
-            PATHS[path](fs, dataset)
+            READ_PATHS[path](fs, dataset)
         replica = fs.stats()["replicas"][0]
         assert fs.stats()["read_errors"] == 0
         # Each refusal is that replica's error, and they took it out.

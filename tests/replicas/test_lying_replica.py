@@ -15,7 +15,7 @@ import http.server
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import feedline
 import pytest
 from feedline import FileSystem
 from feedline._core import Rendezvous
+from feedline_helpers import READ_PATHS, lead_to_first_replica
 
 KEYS = 10
 SIZE = 48 * 1024
@@ -109,85 +110,8 @@ def dataset(tmp_path: Path) -> dict[str, bytes]:
     return data
 
 
-def _lead(data: dict[str, bytes], root: Path, replicas: list[str], at_least: int = 3) -> None:
-    """Adds objects until replica 0 (the liar) is the first choice for
-    ``at_least`` keys: placement hashes the URLs, whose ports vary."""
-    placement = Rendezvous(replicas)
-    j = 0
-    while sum(placement.preference_list(k)[0] == 0 for k in data) < at_least:
-        assert j < 200, "no key placed on replica 0 in 200 tries"
-        key = f"x{j}.bin"
-        body = os.urandom(SIZE)
-        (root / key).write_bytes(body)
-        data[key] = body
-        j += 1
-
-
-def _whole(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k, body in data.items():
-        assert fs.cat_file(k) == body
-
-
-def _ranged(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k, body in data.items():
-        assert fs.cat_file(k, 100, 1100) == body[100:1100]
-
-
-def _to_the_end(fs: FileSystem, data: dict[str, bytes]) -> None:
-    # The end comes from the size: a wrong one is short or padded data.
-    for k, body in data.items():
-        assert fs.cat_file(k, 500) == body[500:]
-        assert fs.cat_file(k, -300) == body[-300:]
-
-
-def _size(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k in data:
-        assert fs.size(k) == SIZE
-
-
-def _info(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k in data:
-        assert fs.info(k)["size"] == SIZE
-
-
-def _cat_ranges(fs: FileSystem, data: dict[str, bytes]) -> None:
-    keys = list(data)
-    n = len(keys)
-    got = fs.cat_ranges(keys + keys, [0] * n + [500] * n, [10] * n + [None] * n)
-    assert got == [data[k][:10] for k in keys] + [data[k][500:] for k in keys]
-
-
-def _stream(fs: FileSystem, data: dict[str, bytes]) -> None:
-    got: dict[str, bytearray] = {k: bytearray() for k in data}
-    with fs.stream(list(data), chunk_bytes=16 * 1024, depth=4) as chunks:
-        for chunk in chunks:
-            got[chunk.path].extend(memoryview(chunk))
-    assert {k: bytes(v) for k, v in got.items()} == data
-
-
-def _open_read(fs: FileSystem, data: dict[str, bytes]) -> None:
-    for k, body in data.items():
-        with fs.open(k) as f:
-            assert f.read() == body
-        with fs.open(k) as f:
-            f.seek(-200, os.SEEK_END)
-            assert f.read() == body[-200:]
-
-
-PATHS: dict[str, Callable[[FileSystem, dict[str, bytes]], None]] = {
-    "whole": _whole,
-    "ranged": _ranged,
-    "to_the_end": _to_the_end,
-    "size": _size,
-    "info": _info,
-    "cat_ranges": _cat_ranges,
-    "stream": _stream,
-    "open_read": _open_read,
-}
-
-
 @pytest.mark.parametrize("honest", [1, 2])
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", list(READ_PATHS))
 def test_a_replica_whose_head_lies_about_sizes_is_outvoted_and_ejected(
     path: str, honest: int, dataset: dict[str, bytes], nginx_replicas: Any, tmp_path: Path
 ) -> None:
@@ -195,9 +119,9 @@ def test_a_replica_whose_head_lies_about_sizes_is_outvoted_and_ejected(
     upstream = int(nginx.url(0).rsplit(":", 1)[1])
     with lying_proxy(upstream) as (liar, heads):
         replicas = [liar, *nginx.urls[1:]]
-        _lead(dataset, tmp_path, replicas)
+        lead_to_first_replica(dataset, tmp_path, replicas, SIZE)
         fs = FileSystem(replicas, deadline_ms=DEADLINE_MS, skip_instance_cache=True)
-        PATHS[path](fs, dataset)
+        READ_PATHS[path](fs, dataset)
         stats = fs.stats()
     assert stats["read_errors"] == 0, stats
     assert all(r["size_disagreements"] == 0 for r in stats["replicas"][1:]), stats
@@ -221,7 +145,7 @@ def test_two_replicas_that_disagree_consistently_fail_naming_both(
     upstream = int(nginx.url(0).rsplit(":", 1)[1])
     with lying_proxy(upstream, consistent=True) as (liar, heads):
         replicas = [liar, nginx.url(1)]
-        _lead(dataset, tmp_path, replicas)
+        lead_to_first_replica(dataset, tmp_path, replicas, SIZE)
         fs = FileSystem(replicas, deadline_ms=DEADLINE_MS, skip_instance_cache=True)
         key = next(k for k in dataset if Rendezvous(replicas).preference_list(k)[0] == 0)
         with pytest.raises(feedline.ReplicasUnavailable) as caught:
@@ -238,10 +162,10 @@ def test_with_a_third_replica_the_consistent_liar_is_outvoted(
     upstream = int(nginx.url(0).rsplit(":", 1)[1])
     with lying_proxy(upstream, consistent=True) as (liar, _):
         replicas = [liar, *nginx.urls[1:]]
-        _lead(dataset, tmp_path, replicas)
+        lead_to_first_replica(dataset, tmp_path, replicas, SIZE)
         fs = FileSystem(replicas, deadline_ms=DEADLINE_MS, skip_instance_cache=True)
-        _to_the_end(fs, dataset)
-        _stream(fs, dataset)
+        READ_PATHS["to_the_end"](fs, dataset)
+        READ_PATHS["stream"](fs, dataset)
         stats = fs.stats()
     assert stats["read_errors"] == 0, stats
     assert stats["replicas"][0]["size_disagreements"] >= 1, stats
