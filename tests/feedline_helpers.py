@@ -131,8 +131,8 @@ def _read_info(fs: FileSystem, data: dict[str, bytes]) -> None:
 def _read_cat_ranges(fs: FileSystem, data: dict[str, bytes]) -> None:
     keys = list(data)
     n = len(keys)
-    starts: list[int | None] = [0] * n + [500] * n
-    ends: list[int | None] = [10] * n + [None] * n
+    starts: list[int | None] = [*([0] * n), *([500] * n)]
+    ends: list[int | None] = [*([10] * n), *([None] * n)]
     got = fs.cat_ranges(keys + keys, starts, ends)
     assert got == [data[k][:10] for k in keys] + [data[k][500:] for k in keys]
 
