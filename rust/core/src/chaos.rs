@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 use crate::store::{BoxFuture, ObjectMeta, Store};
 
 /// A single latency draw is capped so that a heavy-tailed distribution
@@ -240,31 +241,12 @@ pub struct Decision {
     pub fault: Fault,
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed generator; one is
-/// seeded per request from `(seed, request)`.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn for_request(seed: u64, request: u64) -> Self {
-        let mut s = SplitMix64(seed ^ request.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        // Decorrelate neighbouring requests before the first draw.
-        s.next_u64();
-        s
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so `ln` and `powf(-x)` stay finite.
-    fn next_unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
+/// One generator per request, seeded from `(seed, request)`.
+fn for_request(seed: u64, request: u64) -> SplitMix64 {
+    let mut s = SplitMix64::for_stream(seed, request);
+    // Decorrelate neighbouring requests before the first draw.
+    s.next_u64();
+    s
 }
 
 /// Counts of what was injected, for stats and tests.
@@ -355,15 +337,15 @@ impl ChaosSampler {
     /// `nbytes` (no clock, no counters).
     pub fn draw(&self, request: u64, nbytes: usize) -> (f64, bool, Fault) {
         let spec = &self.spec;
-        let mut rng = SplitMix64::for_request(spec.seed, request);
+        let mut rng = for_request(spec.seed, request);
         // Always the same draws in the same order, used or not.
-        let u_stall = rng.next_unit();
-        let u_error = rng.next_unit();
-        let u_spike = rng.next_unit();
-        let u_lat1 = rng.next_unit();
-        let u_lat2 = rng.next_unit();
-        let u_corrupt = rng.next_unit();
-        let u_index = rng.next_unit();
+        let u_stall = rng.unit();
+        let u_error = rng.unit();
+        let u_spike = rng.unit();
+        let u_lat1 = rng.unit();
+        let u_lat2 = rng.unit();
+        let u_corrupt = rng.unit();
+        let u_index = rng.unit();
 
         let spiked = spec.spike_probability > 0.0 && u_spike <= spec.spike_probability;
         let mut delay_ms = spec

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod prefetch;
 pub mod reader;
 pub mod ring;
+pub mod rng;
 pub mod route;
 pub mod runtime;
 pub mod storage;

@@ -2,23 +2,7 @@ use std::collections::HashMap;
 
 use super::trace::{compare, replay, replay_min, Simulated, TraceSpec};
 use super::*;
-
-/// A seeded generator for the property tests (no dependency needed).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::rng::SplitMix64 as Rng;
 
 #[test]
 fn parse_names_the_policies_and_the_bad_value() {

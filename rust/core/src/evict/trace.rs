@@ -17,6 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::{BlockId, Eviction, PlanAware, Policy};
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// The shape of a trace.
 #[derive(Debug, Clone)]
@@ -66,24 +67,6 @@ impl Trace {
     }
 }
 
-/// SplitMix64: a small, seeded, reproducible generator.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0), by Lemire's multiply.
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-}
-
 /// Block ids: the object index in the high bits, the block in the low 20.
 const BLOCK_BITS: u32 = 20;
 
@@ -112,8 +95,7 @@ impl TraceSpec {
         for epoch in 0..self.epochs {
             epoch_starts.push(reads.len());
             let mut order: Vec<usize> = (0..objects.len()).collect();
-            let mut rng =
-                SplitMix64(self.seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            let mut rng = SplitMix64::for_stream(self.seed, epoch as u64 + 1);
             for i in (1..order.len()).rev() {
                 order.swap(i, rng.below(i as u64 + 1) as usize);
             }

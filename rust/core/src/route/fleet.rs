@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use super::{bit, PreferenceList, Router, RouterConfig, RoutingOptions, Tried};
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 use crate::store::local::LocalStore;
 use crate::store::Store;
 
@@ -280,25 +281,15 @@ fn peak_to_mean(busy: &[f64], live: &[usize]) -> f64 {
     loads.iter().cloned().fold(0.0, f64::max) / mean
 }
 
-/// SplitMix64: a seeded generator per client.
-struct Rng(u64);
+/// Draws a simulation needs beyond [`SplitMix64`]'s.
+trait Draws {
+    fn index_below(&mut self, n: usize) -> usize;
+    fn exponential_ns(&mut self, mean_ms: f64) -> u64;
+}
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+impl Draws for SplitMix64 {
+    fn index_below(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
     }
 
     fn exponential_ns(&mut self, mean_ms: f64) -> u64 {
@@ -315,7 +306,7 @@ struct Objects<'a> {
 }
 
 impl Objects<'_> {
-    fn next(&mut self, rng: &mut Rng) -> usize {
+    fn next(&mut self, rng: &mut SplitMix64) -> usize {
         match self.popularity {
             Popularity::Zipf(_) => {
                 let u = rng.unit() * self.zipf_cdf.last().copied().unwrap_or(1.0);
@@ -326,7 +317,7 @@ impl Objects<'_> {
             Popularity::Shuffled => {
                 if self.next == self.order.len() {
                     for i in (1..self.order.len()).rev() {
-                        self.order.swap(i, rng.below(i + 1));
+                        self.order.swap(i, rng.index_below(i + 1));
                     }
                     self.next = 0;
                 }
@@ -410,7 +401,7 @@ pub fn simulate(spec: &FleetSpec, routing: &Routing, name: &str) -> Result<Fleet
             routing,
             router: router.as_ref(),
             prefs: &prefs,
-            rng: Rng(spec.seed ^ (client as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)),
+            rng: SplitMix64::for_stream(spec.seed, client as u64 + 1),
             t0: Instant::now(),
             run: &mut run,
         };
@@ -424,7 +415,7 @@ struct Client<'a> {
     routing: &'a Routing,
     router: Option<&'a Router>,
     prefs: &'a [PreferenceList],
-    rng: Rng,
+    rng: SplitMix64,
     t0: Instant,
     run: &'a mut FleetRun,
 }
