@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,18 +357,39 @@ def _register_exit_flush(_: object = None) -> None:
     multiprocessing.util.Finalize(None, _final_flush, exitpriority=10)
 
 
+# The fork hooks act only once metrics are exported (serve, otel, or
+# FEEDLINE_METRICS_DIR set): a forked child with them on can hang (see
+# docs/metrics.md, "Known issue"), and a job that exports nothing needs none.
+_FORK_HOOKS_ACTIVE = False
+_HELD_ACROSS_FORK = False
+
+
+def _activate_fork_hooks() -> None:
+    global _FORK_HOOKS_ACTIVE
+    _FORK_HOOKS_ACTIVE = True
+
+
 def _before_fork() -> None:
+    global _HELD_ACROSS_FORK
+    _HELD_ACROSS_FORK = _FORK_HOOKS_ACTIVE
+    if not _HELD_ACROSS_FORK:
+        return
     _SNAPSHOT_LOCK.acquire()
     _core.metrics_before_fork()
 
 
 def _after_fork_in_parent() -> None:
+    if not _HELD_ACROSS_FORK:
+        return
     _core.metrics_after_fork_in_parent()
     _SNAPSHOT_LOCK.release()
 
 
 def _after_fork_in_child() -> None:
     global _SELF, _SNAPSHOT_LOCK
+    if not _HELD_ACROSS_FORK:
+        _SELF = _Process.new()
+        return
     _SNAPSHOT_LOCK = threading.Lock()
     _core.metrics_after_fork_in_child()
     _SELF = _Process.new()
@@ -384,21 +406,44 @@ def _install() -> None:
         after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
+    if _directory() is not None:
+        _activate_fork_hooks()
     _FLUSHER.start()
 
 
 _install()
 
 
+def _forkserver_running() -> bool:
+    """Whether this process already started multiprocessing's forkserver
+    (whose children inherit the environment it started with, not ours)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    return getattr(server, "_forkserver_pid", None) is not None
+
+
 def _use_directory(directory: str | os.PathLike[str] | None) -> Path:
     """Sets ``FEEDLINE_METRICS_DIR`` (given, inherited, or a fresh one) so
     that workers started from now on write there, and starts flushing."""
+    previous = os.environ.get(DIR_ENV)
     if directory is not None:
         os.environ[DIR_ENV] = os.fspath(directory)
-    elif not os.environ.get(DIR_ENV):
+    elif not previous:
         os.environ[DIR_ENV] = tempfile.mkdtemp(prefix="feedline-metrics-")
+    if os.environ[DIR_ENV] != previous and _forkserver_running():
+        warnings.warn(
+            f"a multiprocessing forkserver started before {DIR_ENV} was set to "
+            f"{os.environ[DIR_ENV]!r}: workers it starts (DataLoader "
+            "multiprocessing_context='forkserver') inherit its environment and "
+            "will not report to this endpoint; set the variable (or call "
+            "feedline.metrics.serve) before the first forkserver worker starts",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     path = Path(os.environ[DIR_ENV])
     path.mkdir(parents=True, exist_ok=True)
+    _activate_fork_hooks()
     _FLUSHER.start()
     return path
 
@@ -531,6 +576,7 @@ def otel(meter_provider: Any = None) -> None:
     observable gauge ``<name>`` with a ``quantile`` attribute (the OTel API
     has no asynchronous histogram). ``meter_provider`` defaults to the global
     one."""
+    _activate_fork_hooks()
     try:
         from opentelemetry import metrics as otel_metrics
         from opentelemetry.metrics import CallbackOptions, Observation

@@ -3,6 +3,7 @@ definitions table that exporters and docs are generated from."""
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,17 @@ pytest.importorskip("prometheus_client")
 @pytest.fixture(autouse=True)
 def metrics_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fm.DIR_ENV, str(tmp_path / "metrics"))
+
+
+@pytest.fixture(autouse=True)
+def no_forkserver_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forkserver an earlier test started would make serve() warn (its
+    workers cannot report here): each test starts as a job does, before any."""
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    # serve() turns the metrics' fork hooks on for good: off again afterwards.
+    monkeypatch.setattr(fm, "_FORK_HOOKS_ACTIVE", False)
 
 
 def test_serve_binds_loopback_by_default_and_serves_the_defined_metrics(tmp_path: Path) -> None:
@@ -96,3 +108,18 @@ def test_docs_table_is_generated_from_the_definitions() -> None:
         "docs/metrics.md is stale: regenerate its table with "
         "python -c 'import feedline.metrics as m; print(m.definitions_table(), end=\"\")'"
     )
+
+
+def test_serve_warns_when_a_forkserver_started_before_the_directory_was_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+
+    monkeypatch.delenv(fm.DIR_ENV, raising=False)
+    worker = multiprocessing.get_context("forkserver").Process(target=os.getpid)
+    worker.start()
+    worker.join(30)
+    assert worker.exitcode == 0
+    with pytest.warns(RuntimeWarning, match="forkserver started before FEEDLINE_METRICS_DIR"):
+        server = fm.serve(port=0, directory=tmp_path / "m")
+    server.close()

@@ -27,6 +27,13 @@ from metrics_workload import WorkerReads, local_figures, make_replicas, read_sha
 from torch.utils.data import DataLoader  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fork_hooks_off_afterwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exporting turns the metrics' fork hooks on for good; the tests after
+    these (which export nothing) run as such a job would, with them off."""
+    monkeypatch.setattr(fm, "_FORK_HOOKS_ACTIVE", False)
+
+
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[fm.MetricsServer]:
     monkeypatch.setenv(fm.DIR_ENV, str(tmp_path / "metrics"))
@@ -81,6 +88,13 @@ def test_workers_requests_hedges_and_stall_are_counted_once(
     parent = read_share(roots, keys, keys)
     assert parent["reads"] > 0
     before = scrape(server)
+    if context == "forkserver":
+        # A forkserver an earlier test started kept that test's environment
+        # (no metrics directory, or another one): its workers would report
+        # elsewhere. Start afresh, as a job does that calls serve() first.
+        from multiprocessing import forkserver
+
+        forkserver._forkserver._stop()  # type: ignore[attr-defined]
     reports, during = run_loader(tmp_path, context, server)
     assert len(reports) == 2 and len({r["pid"] for r in reports}) == 2
     assert all(r["pid"] != os.getpid() for r in reports)
@@ -258,6 +272,7 @@ def test_forking_while_another_thread_reads_never_hangs_the_child(tmp_path: Path
     # thread held then must not hang it.
     path = tmp_path / "x.bin"
     path.write_bytes(b"r" * 4096)
+    fm._activate_fork_hooks()
     fs = feedline.FileSystem(skip_instance_cache=True)
     stop = threading.Event()
 
