@@ -89,11 +89,11 @@ def feedline_reader(endpoint: str) -> tuple[Reader, Any]:
     return read, fs
 
 
-def obstore_reader(endpoint: str) -> Reader:
-    import obstore
+def _obstore_store(endpoint: str) -> Any:
+    """obstore's S3 client for the moto bucket (path-style, plain HTTP)."""
     from obstore.store import S3Store
 
-    store = S3Store(
+    return S3Store(
         BUCKET,
         endpoint=endpoint,
         access_key_id=KEY,
@@ -102,6 +102,12 @@ def obstore_reader(endpoint: str) -> Reader:
         virtual_hosted_style_request=False,
         client_options={"allow_http": True},
     )
+
+
+def obstore_reader(endpoint: str) -> Reader:
+    import obstore
+
+    store = _obstore_store(endpoint)
 
     def read(key: str) -> bytes:
         return bytes(obstore.get(store, key).bytes())
@@ -241,17 +247,8 @@ def feedline_stream(endpoint: str, **routing: Any) -> tuple[Stream, Any]:
 
 def obstore_stream(endpoint: str) -> Stream:
     import obstore
-    from obstore.store import S3Store
 
-    store = S3Store(
-        BUCKET,
-        endpoint=endpoint,
-        access_key_id=KEY,
-        secret_access_key=SECRET,
-        region=REGION,
-        virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-    )
+    store = _obstore_store(endpoint)
     return pooled(lambda k, o, n: bytes(obstore.get_range(store, k, start=o, length=n)))
 
 
