@@ -357,39 +357,20 @@ def _register_exit_flush(_: object = None) -> None:
     multiprocessing.util.Finalize(None, _final_flush, exitpriority=10)
 
 
-# The fork hooks act only once metrics are exported (serve, otel, or
-# FEEDLINE_METRICS_DIR set): a forked child with them on can hang (see
-# docs/metrics.md, "Known issue"), and a job that exports nothing needs none.
-_FORK_HOOKS_ACTIVE = False
-_HELD_ACROSS_FORK = False
-
-
-def _activate_fork_hooks() -> None:
-    global _FORK_HOOKS_ACTIVE
-    _FORK_HOOKS_ACTIVE = True
-
-
+# The snapshot lock is held across fork, so no other thread is inside it
+# when the child is made (waiting for it releases the GIL). The core holds
+# its registry across fork itself, and a forked child never waits on a lock
+# a parent thread held (rust/core/src/fork.rs).
 def _before_fork() -> None:
-    global _HELD_ACROSS_FORK
-    _HELD_ACROSS_FORK = _FORK_HOOKS_ACTIVE
-    if not _HELD_ACROSS_FORK:
-        return
     _SNAPSHOT_LOCK.acquire()
-    _core.metrics_before_fork()
 
 
 def _after_fork_in_parent() -> None:
-    if not _HELD_ACROSS_FORK:
-        return
-    _core.metrics_after_fork_in_parent()
     _SNAPSHOT_LOCK.release()
 
 
 def _after_fork_in_child() -> None:
     global _SELF, _SNAPSHOT_LOCK
-    if not _HELD_ACROSS_FORK:
-        _SELF = _Process.new()
-        return
     _SNAPSHOT_LOCK = threading.Lock()
     _core.metrics_after_fork_in_child()
     _SELF = _Process.new()
@@ -406,8 +387,6 @@ def _install() -> None:
         after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
-    if _directory() is not None:
-        _activate_fork_hooks()
     _FLUSHER.start()
 
 
@@ -443,7 +422,6 @@ def _use_directory(directory: str | os.PathLike[str] | None) -> Path:
         )
     path = Path(os.environ[DIR_ENV])
     path.mkdir(parents=True, exist_ok=True)
-    _activate_fork_hooks()
     _FLUSHER.start()
     return path
 
@@ -576,7 +554,6 @@ def otel(meter_provider: Any = None) -> None:
     observable gauge ``<name>`` with a ``quantile`` attribute (the OTel API
     has no asynchronous histogram). ``meter_provider`` defaults to the global
     one."""
-    _activate_fork_hooks()
     try:
         from opentelemetry import metrics as otel_metrics
         from opentelemetry.metrics import CallbackOptions, Observation

@@ -21,14 +21,12 @@ def metrics_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
-def no_forkserver_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_forkserver_yet() -> None:
     """A forkserver an earlier test started would make serve() warn (its
     workers cannot report here): each test starts as a job does, before any."""
     from multiprocessing import forkserver
 
     forkserver._forkserver._stop()  # type: ignore[attr-defined]
-    # serve() turns the metrics' fork hooks on for good: off again afterwards.
-    monkeypatch.setattr(fm, "_FORK_HOOKS_ACTIVE", False)
 
 
 def test_serve_binds_loopback_by_default_and_serves_the_defined_metrics(tmp_path: Path) -> None:

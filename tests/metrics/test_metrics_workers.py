@@ -27,13 +27,6 @@ from metrics_workload import WorkerReads, local_figures, make_replicas, read_sha
 from torch.utils.data import DataLoader  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def fork_hooks_off_afterwards(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Exporting turns the metrics' fork hooks on for good; the tests after
-    these (which export nothing) run as such a job would, with them off."""
-    monkeypatch.setattr(fm, "_FORK_HOOKS_ACTIVE", False)
-
-
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[fm.MetricsServer]:
     monkeypatch.setenv(fm.DIR_ENV, str(tmp_path / "metrics"))
@@ -272,7 +265,6 @@ def test_forking_while_another_thread_reads_never_hangs_the_child(tmp_path: Path
     # thread held then must not hang it.
     path = tmp_path / "x.bin"
     path.write_bytes(b"r" * 4096)
-    fm._activate_fork_hooks()
     fs = feedline.FileSystem(skip_instance_cache=True)
     stop = threading.Event()
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod counter;
 pub mod error;
 pub mod evict;
+pub mod fork;
 pub mod layers;
 pub mod manifest;
 pub mod metrics;

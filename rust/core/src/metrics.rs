@@ -9,14 +9,6 @@ use serde::Serialize;
 /// to it (and still counted), never dropped.
 const MAX_TRACKABLE_US: u64 = 3_600_000_000;
 
-/// Whether no thread holds `m` (a poisoned mutex is free: callers recover
-/// its value). A forked child asks this before touching state that a
-/// thread which does not exist in it may have held at `fork`: such a mutex
-/// stays locked for ever there.
-pub fn is_unlocked<T>(m: &std::sync::Mutex<T>) -> bool {
-    !matches!(m.try_lock(), Err(std::sync::TryLockError::WouldBlock))
-}
-
 /// The percentiles reported everywhere, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct LatencySummary {

@@ -9,14 +9,22 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
 use crate::{Error, Result};
 
-static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
+use crate::fork::PerProcess;
+
+#[cfg(not(loom))]
+static RUNTIME: PerProcess<Arc<Runtime>> = PerProcess::new();
+// loom's atomics are not const-constructible; nothing runs the runtime
+// under loom, it only has to compile.
+#[cfg(loom)]
+static RUNTIME: std::sync::LazyLock<PerProcess<Arc<Runtime>>> =
+    std::sync::LazyLock::new(PerProcess::new);
 
 /// Worker threads: `FEEDLINE_WORKER_THREADS`, else the number of cores
 /// (at least 2, so one slow read never serialises the rest).
@@ -35,26 +43,15 @@ fn worker_threads() -> usize {
 
 /// The runtime for this process, built on first use and after each fork.
 pub fn runtime() -> Arc<Runtime> {
-    let pid = std::process::id();
-    let mut slot = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
-    match slot.as_ref() {
-        Some((owner, rt)) if *owner == pid => Arc::clone(rt),
-        _ => {
-            if let Some((_, inherited)) = slot.take() {
-                std::mem::forget(inherited);
-            }
-            let rt = Arc::new(
-                Builder::new_multi_thread()
-                    .worker_threads(worker_threads())
-                    .thread_name("feedline-io")
-                    .enable_all()
-                    .build()
-                    .expect("building the tokio runtime"),
-            );
-            *slot = Some((pid, Arc::clone(&rt)));
-            rt
-        }
-    }
+    let built = RUNTIME.get(|_inherited| {
+        Builder::new_multi_thread()
+            .worker_threads(worker_threads())
+            .thread_name("feedline-io")
+            .enable_all()
+            .build()
+            .map(Arc::new)
+    });
+    Arc::clone(built.expect("building the tokio runtime"))
 }
 
 /// A handle to [`runtime`].

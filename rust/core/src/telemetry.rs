@@ -298,9 +298,17 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Right before `fork`: takes the registry, so that no other thread is
-/// inside it when the child is made. Pair with [`after_fork_in_parent`]
-/// and [`after_fork_in_child`] on the same thread.
+/// Right before `fork` (a `pthread_atfork` prepare handler, see
+/// [`crate::fork`]): takes the registry, so that no other thread is inside
+/// it when the child is made. Pair with [`after_fork_in_parent`] and
+/// [`after_fork_in_child`] on the same thread.
+///
+/// It runs inside `fork()` itself, after Python's own before-fork hooks:
+/// between this and the fork no Python code runs, so no thread can take
+/// the GIL and then wait for the registry while the forking thread, holding
+/// the registry, waits for the GIL (holding it across Python's hooks did
+/// exactly that). It never waits for long: code holding the registry waits
+/// on nothing but the CPU (no I/O, no router lock, no GIL).
 pub fn before_fork() {
     let guard = registry();
     HELD_ACROSS_FORK.with(|h| *h.borrow_mut() = Some(guard));
@@ -313,11 +321,9 @@ pub fn after_fork_in_parent() {
 
 /// In the child after `fork` (single-threaded): gives back the registry
 /// (a std mutex is one word: unlocking it leaves no trace of the parent's
-/// waiters) and forgets the figures inherited from the parent (see
-/// [`forget_inherited`]).
+/// waiters). The Python layer then calls [`forget_inherited`].
 pub fn after_fork_in_child() {
     HELD_ACROSS_FORK.with(|h| h.borrow_mut().take());
-    forget_inherited();
 }
 
 /// Keeps a router in the process snapshot; dropping it carries the router's
@@ -607,20 +613,20 @@ pub fn merge(how: Merge, a: f64, b: f64) -> f64 {
 /// In a forked child: forgets the figures inherited from the parent (its
 /// routers' counts, stream totals, carried totals), so that the child
 /// reports only what it counts itself and nothing is counted twice. Call
-/// it only while the child has a single thread (right after `fork`). A
-/// router whose lock a parent thread held at `fork` stays locked for ever
-/// here: it is left out of the child's figures rather than waited for.
+/// it only while the child has a single thread (right after `fork`). The
+/// routers' locks are [`crate::fork::ForkMutex`]es: one a parent thread
+/// held at `fork` is not waited for here.
 pub fn forget_inherited() {
     let mut reg = registry();
     reg.carried.clear();
     // The parent's streams have no prefetch threads here.
     reg.streams.clear();
     reg.routers.retain(|(_, r)| match r.upgrade() {
-        Some(router) if router.is_unlocked() => {
+        Some(router) => {
             router.stats(true);
             true
         }
-        _ => false,
+        None => false,
     });
     STREAMS.reset();
 }
@@ -720,7 +726,6 @@ mod tests {
         assert!(REGISTRY.try_lock().is_err(), "held from before_fork");
         after_fork_in_parent();
         let (_dir, router) = temp_router();
-        assert!(router.is_unlocked());
         let _registration = register_router(&router);
         assert!(!snapshot().is_empty());
     }

@@ -1,4 +1,5 @@
-//! Loom model checks of the slot ring's protocol: every interleaving of the
+//! Loom model checks of the slot ring's protocol (and of [`PerProcess`]'s
+//! publication after a fork): every interleaving of the
 //! threads below (up to `LOOM_MAX_PREEMPTIONS`) is explored, with the ring's
 //! atomics, mutex and condition variable replaced by loom's.
 //!
@@ -159,5 +160,29 @@ fn dropped_writer_hands_the_consumer_a_cancellation() {
         assert_eq!(next.data(), &[byte_for(1)]);
         drop(next);
         producer.join().unwrap();
+    });
+}
+
+/// Two threads of a forked child (pid 2) meet the value its parent (pid 1)
+/// built: both get the child's own value, the same one, and it stays.
+#[test]
+fn per_process_value_is_rebuilt_once_visible_to_every_thread_after_a_fork() {
+    use feedline_core::fork::PerProcess;
+
+    loom::model(|| {
+        let slot = Arc::new(PerProcess::<Arc<u64>>::new());
+        assert_eq!(**slot.get_in(1, |_| Ok::<_, ()>(Arc::new(1))).unwrap(), 1);
+        let children: Vec<_> = [20u64, 21]
+            .into_iter()
+            .map(|v| {
+                let slot = Arc::clone(&slot);
+                thread::spawn(move || **slot.get_in(2, |_| Ok::<_, ()>(Arc::new(v))).unwrap())
+            })
+            .collect();
+        let seen: Vec<u64> = children.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(seen[0], seen[1], "both threads see the one published value");
+        assert!(seen[0] == 20 || seen[0] == 21);
+        let kept = **slot.get_in(2, |_| Ok::<_, ()>(Arc::new(99))).unwrap();
+        assert_eq!(kept, seen[0], "the winner stays; no third build");
     });
 }

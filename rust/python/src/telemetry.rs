@@ -58,29 +58,15 @@ fn metrics_set_gauge(name: &str, labels: Vec<String>, value: f64) -> PyResult<()
     telemetry::set_gauge(name, labels, value).py()
 }
 
-/// Right before `fork`: no other thread may be inside the metrics
-/// registry when the child is made.
-#[pyfunction]
-fn metrics_before_fork(py: Python<'_>) {
-    py.detach(telemetry::before_fork);
-}
-
-#[pyfunction]
-fn metrics_after_fork_in_parent() {
-    telemetry::after_fork_in_parent();
-}
-
 /// In the child: forgets the figures inherited from the parent.
 #[pyfunction]
 fn metrics_after_fork_in_child() {
-    telemetry::after_fork_in_child();
+    telemetry::forget_inherited();
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(metric_definitions, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_set_gauge, m)?)?;
-    m.add_function(wrap_pyfunction!(metrics_before_fork, m)?)?;
-    m.add_function(wrap_pyfunction!(metrics_after_fork_in_parent, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_after_fork_in_child, m)?)
 }

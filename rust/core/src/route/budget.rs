@@ -8,8 +8,8 @@
 //! window of timestamps. When the cluster is sick, extra requests stay near
 //! `ratio` of the traffic instead of multiplying it (no retry storm).
 
+use crate::fork::ForkMutex;
 use std::cell::Cell;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::config::HEDGE_RESERVE_SHARE;
@@ -18,7 +18,7 @@ use crate::counter::StripedCounter;
 /// How long a deposit counts (the decay time constant of the balance).
 pub const TTL: Duration = Duration::from_secs(10);
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct State {
     balance: f64,
     stamp: Instant,
@@ -32,7 +32,7 @@ pub struct RetryBudget {
     /// add on the read path (striped, so reader threads do not share its
     /// line); withdrawals (rare) settle under the lock.
     pending: StripedCounter,
-    state: Mutex<State>,
+    state: ForkMutex<State>,
 }
 
 impl RetryBudget {
@@ -45,7 +45,7 @@ impl RetryBudget {
             // not at zero: a fresh client whose replica is already dead sends
             // a burst of first reads (a whole prefetch depth, a cat_ranges
             // batch) that must all fail over before ejection kicks in.
-            state: Mutex::new(State {
+            state: ForkMutex::new(State {
                 balance: floor_per_s * TTL.as_secs_f64(),
                 stamp: Instant::now(),
             }),
@@ -87,7 +87,7 @@ impl RetryBudget {
 
     fn withdraw_above(&self, reserve: f64) -> bool {
         let now = Instant::now();
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.lock();
         self.settle(&mut s, now);
         if s.balance >= 1.0 + reserve {
             s.balance -= 1.0;
@@ -97,13 +97,8 @@ impl RetryBudget {
         }
     }
 
-    /// Whether its lock is free (see [`crate::metrics::is_unlocked`]).
-    pub fn is_unlocked(&self) -> bool {
-        crate::metrics::is_unlocked(&self.state)
-    }
-
     pub fn balance(&self) -> f64 {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.lock();
         self.settle(&mut s, Instant::now());
         s.balance
     }

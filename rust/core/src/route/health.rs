@@ -13,8 +13,8 @@
 //! one request is let through as a probe; success readmits it, failure
 //! ejects it again for longer.
 
+use crate::fork::ForkMutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -67,14 +67,14 @@ impl ReplicaCounters {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Ewma {
     /// Estimated latency in nanoseconds (0 = no sample yet).
     cost_ns: f64,
     stamp: Instant,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Ejection {
     /// Set while out of rotation: when a probe may go through.
     until: Option<Instant>,
@@ -102,15 +102,15 @@ pub struct ReplicaHealth {
     /// A fast check for the hot path; the details are in `ejection`.
     ejected: AtomicBool,
     probe_in_flight: AtomicBool,
-    ewma: Mutex<Ewma>,
+    ewma: ForkMutex<Ewma>,
     /// `ewma.cost_ns` rounded down to whole nanoseconds, stored whenever it
     /// changes: lets a caller that defers its samples see without the lock
     /// whether a sample is a peak (which must raise the estimate at once).
     /// For a whole number of nanoseconds `n`, `n > floor(cost)` exactly
     /// when `n > cost`, so the test matches `fold_latency`'s.
     ewma_floor_ns: AtomicU64,
-    ejection: Mutex<Ejection>,
-    latency: Mutex<LatencyWindow>,
+    ejection: ForkMutex<Ejection>,
+    latency: ForkMutex<LatencyWindow>,
 }
 
 impl ReplicaHealth {
@@ -122,16 +122,16 @@ impl ReplicaHealth {
             consecutive_failures: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             probe_in_flight: AtomicBool::new(false),
-            ewma: Mutex::new(Ewma {
+            ewma: ForkMutex::new(Ewma {
                 cost_ns: 0.0,
                 stamp: Instant::now(),
             }),
             ewma_floor_ns: AtomicU64::new(0),
-            ejection: Mutex::new(Ejection {
+            ejection: ForkMutex::new(Ejection {
                 until: None,
                 count: 0,
             }),
-            latency: Mutex::new(LatencyWindow::new()),
+            latency: ForkMutex::new(LatencyWindow::new()),
         }
     }
 
@@ -139,16 +139,10 @@ impl ReplicaHealth {
         self.in_flight.get()
     }
 
-    /// Whether none of its locks is held (see [`crate::metrics::is_unlocked`]).
-    pub fn is_unlocked(&self) -> bool {
-        use crate::metrics::is_unlocked;
-        is_unlocked(&self.ewma) && is_unlocked(&self.ejection) && is_unlocked(&self.latency)
-    }
-
     /// The attempt latencies `snapshot` summarises, as a histogram (for
     /// metrics, which export buckets rather than percentiles).
     pub fn latency_histogram(&self) -> crate::metrics::LatencyHistogram {
-        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let latency = self.latency.lock();
         latency.current().clone()
     }
 
@@ -164,7 +158,7 @@ impl ReplicaHealth {
         if !self.is_ejected() {
             return Availability::Healthy;
         }
-        let ejection = self.ejection.lock().unwrap_or_else(|e| e.into_inner());
+        let ejection = self.ejection.lock();
         match ejection.until {
             None => Availability::Healthy,
             Some(until) if now >= until && !self.probe_in_flight.load(Ordering::Acquire) => {
@@ -193,14 +187,14 @@ impl ReplicaHealth {
 
     /// The decayed latency estimate, in nanoseconds.
     pub fn peak_ewma_ns(&self, now: Instant) -> f64 {
-        let e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let e = self.ewma.lock();
         let dt = now.saturating_duration_since(e.stamp).as_secs_f64();
         e.cost_ns * (-dt / PEAK_EWMA_DECAY.as_secs_f64()).exp()
     }
 
     /// Folds one observed latency into the peak-EWMA.
     pub fn observe_latency(&self, elapsed: Duration, now: Instant) {
-        let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let mut e = self.ewma.lock();
         Self::fold_latency(&mut e, elapsed, now);
         self.ewma_floor_ns
             .store(e.cost_ns as u64, Ordering::Relaxed);
@@ -239,12 +233,12 @@ impl ReplicaHealth {
     /// per attempt.
     pub fn record_successes(&self, samples: impl Iterator<Item = (Duration, Instant)> + Clone) {
         {
-            let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+            let mut h = self.latency.lock();
             for (elapsed, _) in samples.clone() {
                 h.record(elapsed);
             }
         }
-        let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let mut e = self.ewma.lock();
         for (elapsed, end) in samples {
             Self::fold_latency(&mut e, elapsed, end);
         }
@@ -262,19 +256,13 @@ impl ReplicaHealth {
     }
 
     pub fn record_latency(&self, elapsed: Duration) {
-        self.latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(elapsed);
+        self.latency.lock().record(elapsed);
     }
 
     /// This replica's own latency at `percentile`, once it has `min_samples`
     /// (the adaptive hedge delay).
     pub fn latency_percentile(&self, percentile: f64, min_samples: u64) -> Option<Duration> {
-        self.latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .percentile(percentile, min_samples)
+        self.latency.lock().percentile(percentile, min_samples)
     }
 
     /// A success: resets the failure streak; readmits after a probe.
@@ -289,7 +277,7 @@ impl ReplicaHealth {
         if !self.is_ejected() {
             return false;
         }
-        let mut ejection = self.ejection.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ejection = self.ejection.lock();
         if ejection.until.is_none() {
             return false;
         }
@@ -317,7 +305,7 @@ impl ReplicaHealth {
     /// Takes the replica out of rotation for `base × ejections`, capped.
     /// The caller has checked that another replica stays healthy.
     pub fn eject(&self, now: Instant, base: Duration, max: Duration) {
-        let mut ejection = self.ejection.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ejection = self.ejection.lock();
         ejection.count = ejection.count.saturating_add(1);
         let time = base.saturating_mul(ejection.count).min(max);
         ejection.until = Some(now + time);
@@ -327,7 +315,7 @@ impl ReplicaHealth {
 
     pub fn snapshot(&self, reset: bool) -> ReplicaStats {
         let c = &self.counters;
-        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let mut latency = self.latency.lock();
         let stats = ReplicaStats {
             name: self.name.clone(),
             requests: c.requests.get(),

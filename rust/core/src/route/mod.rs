@@ -21,7 +21,9 @@ pub mod health;
 pub mod hrw;
 pub mod trace;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::fork::ForkMutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -58,7 +60,7 @@ struct Replica {
     /// Hedged by default (see [`Store::waits_on_network`]).
     remote: bool,
     health: ReplicaHealth,
-    hedge_delay: Mutex<Option<(Instant, Option<Duration>)>>,
+    hedge_delay: ForkMutex<Option<(Instant, Option<Duration>)>>,
 }
 
 /// A bitmask of replica indices (MAX_REPLICAS ≤ 64).
@@ -102,9 +104,9 @@ pub struct Router {
     budget: RetryBudget,
     /// Serialises ejection decisions so two failing replicas cannot both
     /// conclude that the other one is still healthy.
-    eject_lock: Mutex<()>,
+    eject_lock: ForkMutex<()>,
     counters: ReadCounters,
-    latency: Mutex<LatencyWindow>,
+    latency: ForkMutex<LatencyWindow>,
     tracer: Tracer,
 }
 
@@ -317,7 +319,7 @@ impl Router {
                 remote: store.waits_on_network(),
                 store,
                 health: ReplicaHealth::new(n),
-                hedge_delay: Mutex::new(None),
+                hedge_delay: ForkMutex::new(None),
             })
             .collect();
         Ok(Router {
@@ -326,9 +328,9 @@ impl Router {
             placement,
             budget: RetryBudget::new(config.retry_budget_ratio, config.retry_budget_floor_per_s),
             config,
-            eject_lock: Mutex::new(()),
+            eject_lock: ForkMutex::new(()),
             counters: ReadCounters::default(),
-            latency: Mutex::new(LatencyWindow::new()),
+            latency: ForkMutex::new(LatencyWindow::new()),
             tracer: Tracer::default(),
         })
     }
@@ -371,19 +373,8 @@ impl Router {
     /// The end-to-end read latencies `stats` summarises, as a histogram
     /// (ranks merge these exactly; percentiles do not merge).
     pub fn latency_histogram(&self) -> LatencyHistogram {
-        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let latency = self.latency.lock();
         latency.current().clone()
-    }
-
-    /// Whether no thread holds any of its locks: a forked child reads the
-    /// figures of a router it inherited only then (see
-    /// [`crate::telemetry::after_fork_in_child`]).
-    pub fn is_unlocked(&self) -> bool {
-        use crate::metrics::is_unlocked;
-        is_unlocked(&self.latency)
-            && is_unlocked(&self.eject_lock)
-            && self.budget.is_unlocked()
-            && self.replicas.iter().all(|r| r.health.is_unlocked())
     }
 
     pub fn stats(&self, reset: bool) -> RouterStats {
@@ -393,7 +384,7 @@ impl Router {
             .iter()
             .map(|r| r.health.snapshot(reset))
             .collect();
-        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let mut latency = self.latency.lock();
         let reads = self.counters.reads.get();
         let extra: u64 = replicas.iter().map(|r| r.retries + r.hedges_sent).sum();
         let stats = RouterStats {
@@ -559,10 +550,7 @@ impl Router {
             HedgeAfter::Percentile(p) => {
                 let replica = &self.replicas[r];
                 let now = Instant::now();
-                let mut cached = replica
-                    .hedge_delay
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut cached = replica.hedge_delay.lock();
                 match *cached {
                     Some((at, delay)) if now.duration_since(at) < HEDGE_DELAY_REFRESH => delay,
                     _ => {
@@ -573,11 +561,7 @@ impl Router {
                         let own = replica
                             .health
                             .latency_percentile(p, config::MIN_HEDGE_SAMPLES);
-                        let all = self
-                            .latency
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .percentile(p, config::MIN_HEDGE_SAMPLES);
+                        let all = self.latency.lock().percentile(p, config::MIN_HEDGE_SAMPLES);
                         let delay = match (own, all) {
                             (Some(a), Some(b)) => a.min(b),
                             (Some(a), None) | (None, Some(a)) => a,
@@ -710,7 +694,7 @@ impl Router {
     }
 
     fn maybe_eject(&self, r: usize, now: Instant) {
-        let _lock = self.eject_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _lock = self.eject_lock.lock();
         let health = &self.replicas[r].health;
         if health.is_ejected() {
             return;
@@ -1204,7 +1188,7 @@ impl Router {
 
     /// Folds end-to-end read latencies into the router's histogram.
     fn record_read_latencies(&self, elapsed: &[Duration]) {
-        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.latency.lock();
         for e in elapsed {
             h.record(*e);
         }

@@ -3,8 +3,8 @@
 //! not, who won. Off until asked for; then it records a bounded number of
 //! reads and stops (the hot path pays one relaxed load when off).
 
+use crate::fork::ForkMutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -88,7 +88,7 @@ impl Default for Note {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Log {
     epoch: Instant,
     capacity: usize,
@@ -99,13 +99,13 @@ struct Log {
 #[derive(Debug, Default)]
 pub struct Tracer {
     on: AtomicBool,
-    log: Mutex<Option<Log>>,
+    log: ForkMutex<Option<Log>>,
 }
 
 impl Tracer {
     /// Records the next `capacity` reads (0 stops), dropping what was kept.
     pub fn start(&self, capacity: usize) {
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut log = self.log.lock();
         *log = (capacity > 0).then(|| Log {
             epoch: Instant::now(),
             capacity,
@@ -120,7 +120,7 @@ impl Tracer {
 
     /// The reads recorded since `start` or the last `take`; tracing goes on.
     pub fn take(&self) -> Vec<ReadTrace> {
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut log = self.log.lock();
         match log.as_mut() {
             Some(l) => {
                 l.capacity = l.capacity.saturating_sub(l.reads.len());
@@ -138,7 +138,7 @@ impl Tracer {
         end: Instant,
         note: &Note,
     ) {
-        let mut guard = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.log.lock();
         let Some(log) = guard.as_mut() else { return };
         if log.reads.len() >= log.capacity {
             self.on.store(false, Ordering::Relaxed);

@@ -14,7 +14,7 @@
 //!   fail fast so the router fails over, instead of backing off for minutes.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -36,6 +36,7 @@ pub use super::secrets::{
 };
 use super::{BoxFuture, Listing, ObjectMeta, Store};
 use crate::error::{Error, Result};
+use crate::fork::PerProcess;
 
 /// Default per-request timeout. Long enough for a 1 GiB range on a slow link;
 /// the router's deadline and hedging cut slow replicas much sooner.
@@ -60,8 +61,10 @@ pub struct RemoteStore {
     prefix: String,
     spec: Spec,
     secrets: Secrets,
-    /// (pid that built it, client).
-    client: Mutex<(u32, Arc<dyn ObjectStore>)>,
+    /// This process's client: a forked child builds its own (the parent's
+    /// pooled connections are shared sockets), without a lock a parent
+    /// thread could have held at the fork.
+    client: PerProcess<Arc<dyn ObjectStore>>,
 }
 
 impl fmt::Debug for RemoteStore {
@@ -118,20 +121,15 @@ impl RemoteStore {
             prefix,
             spec,
             secrets,
-            client: Mutex::new((std::process::id(), client)),
+            client: PerProcess::with(client),
         })
     }
 
     /// This process's client; rebuilt once after a fork.
     fn client(&self) -> Result<Arc<dyn ObjectStore>> {
-        let pid = std::process::id();
-        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.0 != pid {
-            let fresh = build(&self.spec).map_err(|e| redact_error(e, &self.secrets))?;
-            let inherited = std::mem::replace(&mut *slot, (pid, fresh));
-            std::mem::forget(inherited);
-        }
-        Ok(Arc::clone(&slot.1))
+        self.client
+            .get(|_inherited| build(&self.spec).map_err(|e| redact_error(e, &self.secrets)))
+            .map(Arc::clone)
     }
 
     fn path(&self, key: &str) -> Result<ObjectPath> {
