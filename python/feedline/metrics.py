@@ -57,6 +57,7 @@ __all__ = [
     "DIR_ENV",
     "FLUSH_ENV",
     "MetricsServer",
+    "definitions_list",
     "definitions_table",
     "flush",
     "otel",
@@ -679,4 +680,14 @@ def definitions_table() -> str:
         rows.append(
             f"| `{d['name']}` | {d['kind']} | {unit} | {labels} | {d['merge']} | {d['help']} |"
         )
+    return "\n".join(rows) + "\n"
+
+
+def definitions_list() -> str:
+    """The README's list of metrics (Markdown), generated from the
+    definitions: each name with its labels and what it counts."""
+    rows = []
+    for d in DEFINITIONS:
+        labels = "{" + ", ".join(d["labels"]) + "}" if d["labels"] else ""
+        rows.append(f"- `{d['name']}{labels}`: {d['help']}")
     return "\n".join(rows) + "\n"

@@ -108,6 +108,16 @@ def test_docs_table_is_generated_from_the_definitions() -> None:
     )
 
 
+def test_readme_list_is_generated_from_the_definitions() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    begin, end = "<!-- metrics-list:begin -->\n", "<!-- metrics-list:end -->"
+    listed = readme.split(begin)[1].split(end)[0]
+    assert listed == fm.definitions_list(), (
+        "README.md is stale: regenerate its list with "
+        "python -c 'import feedline.metrics as m; print(m.definitions_list(), end=\"\")'"
+    )
+
+
 def test_serve_warns_when_a_forkserver_started_before_the_directory_was_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
