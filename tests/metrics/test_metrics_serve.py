@@ -3,6 +3,7 @@ definitions table that exporters and docs are generated from."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import urllib.request
@@ -96,6 +97,12 @@ def test_a_node_cache_reports_its_counters_and_a_stats_reset_does_not_lower_them
     assert fs.cache is not None and fs.cache.stats(reset=True)["hits"] == 1
     assert fs.cache.stats()["hits"] == 0
     assert value("feedline_cache_hits_total") - before["feedline_cache_hits_total"] == 1
+    # A dropped filesystem's cache keeps what it counted: _totals never go back.
+    del fs
+    gc.collect()
+    assert {n: value(n) - before[n] for n in cache if n.endswith("_total")} == {
+        n: v for n, v in grew.items() if n.endswith("_total")
+    }
 
 
 def test_docs_table_is_generated_from_the_definitions() -> None:

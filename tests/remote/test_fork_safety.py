@@ -4,8 +4,9 @@ The parent keeps two threads reading through three nginx replicas (tokio
 workers recording latencies, health and budget, Python threads entering the
 runtime, making and dropping filesystems, taking metrics snapshots) with
 metrics exported, and forks children in the middle of that. Each child reads
-at once through the same filesystem and through a new one; a child stuck on
-an inherited lock is killed by its own alarm and fails the test. Before
+at once through the same filesystem and through a new one, without and with
+the node cache; a child stuck on an inherited lock is killed by its own
+alarm and fails the test. Before
 `rust/core/src/fork.rs` 1 to 2 forks in 300 hung this way, and the parent
 itself could deadlock in `os.fork` (the registry held across Python's hooks).
 """
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import feedline
 import feedline.metrics as fm
@@ -32,6 +34,8 @@ FORKS = 120
 CHILD_ALARM_S = 20
 #: Exit status of a child whose read returned wrong bytes or raised.
 WRONG = 3
+#: Exit status of a child whose cache reported its parent's counts as its own.
+INHERITED_COUNTS = 4
 
 
 def _child(fs: feedline.FileSystem, urls: list[str], files: dict[str, bytes], i: int) -> int:
@@ -39,6 +43,10 @@ def _child(fs: feedline.FileSystem, urls: list[str], files: dict[str, bytes], i:
     signal.alarm(CHILD_ALARM_S)
     keys = sorted(files)
     key = keys[i % len(keys)]
+    if fs.cache is not None:
+        counted = fs.cache.stats()
+        if counted["hits"] or counted["misses"] or counted["fills"]:
+            return INHERITED_COUNTS
     if fs.cat_file(key) != files[key]:
         return WRONG
     if fs.cat_ranges(keys[:6], 0, 100) != [files[k][:100] for k in keys[:6]]:
@@ -71,7 +79,9 @@ def _wait(pid: int) -> int:
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "node-cache"])
 def test_children_forked_mid_read_never_hang(
+    cached: bool,
     tmp_path: Path,
     nginx_replicas: Callable[..., NginxReplicas],
     monkeypatch: pytest.MonkeyPatch,
@@ -84,7 +94,13 @@ def test_children_forked_mid_read_never_hang(
         (root / key).write_bytes(data)
     r = nginx_replicas(root, 3)
     urls = r.urls
-    fs = feedline.FileSystem(urls, skip_instance_cache=True)
+    cache: dict[str, Any] = {}
+    if cached:
+        cache = {"cache_dir": str(tmp_path / "cache"), "cache_bytes": 128 << 10}
+        cache["cache_block_bytes"] = 64 << 10
+    # With the cache, 128 KiB for 24 objects of 10-12 KiB: fills, hits and
+    # evictions all run while the children fork.
+    fs = feedline.FileSystem(urls, skip_instance_cache=True, **cache)
     keys = sorted(files)
     digest = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
     stop = threading.Event()
@@ -105,7 +121,7 @@ def test_children_forked_mid_read_never_hang(
                 # Made and dropped holding the GIL: both take the metrics
                 # registry, which the fork holds (a parent-side deadlock
                 # when it was held across Python's fork hooks).
-                other = feedline.FileSystem(urls, skip_instance_cache=True)
+                other = feedline.FileSystem(urls, skip_instance_cache=True, **cache)
                 wrong.extend(k for k in keys[:2] if other.cat_file(k) != files[k])
                 del other
                 fm.snapshot()
@@ -125,8 +141,13 @@ def test_children_forked_mid_read_never_hang(
         for t in readers:
             t.join(30)
     hung = [i for i, s in enumerate(statuses) if os.WIFSIGNALED(s)]
+    inherited = [i for i, s in enumerate(statuses) if os.WEXITSTATUS(s) == INHERITED_COUNTS]
+    assert not inherited, f"forks {inherited} counted their parent's cache reads as theirs"
     failed = [i for i, s in enumerate(statuses) if os.WIFEXITED(s) and os.WEXITSTATUS(s) != 0]
     assert not hung, f"forks {hung} hung (killed by their alarm) of {FORKS}"
     assert not failed, f"forks {failed} read wrong bytes or raised"
     assert not wrong, f"the parent's readers got wrong bytes for {sorted(set(wrong))}"
     assert not any(t.is_alive() for t in readers)
+    if fs.cache is not None:
+        counted = fs.cache.stats()
+        assert counted["hits"] > 0 and counted["fills"] > 0 and counted["evictions"] > 0, counted

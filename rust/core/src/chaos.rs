@@ -16,12 +16,13 @@
 //! (stat + read) comparable with a baseline that pays one round trip.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fork::ForkMutex;
 use crate::rng::SplitMix64;
 use crate::store::{BoxFuture, ObjectMeta, Store};
 
@@ -279,7 +280,7 @@ pub struct ChaosSampler {
     next_request: AtomicU64,
     /// When the bandwidth-capped link is next free, as seconds since
     /// `created`.
-    link_free_at_s: Mutex<f64>,
+    link_free_at_s: ForkMutex<f64>,
     counters: Counters,
 }
 
@@ -290,7 +291,7 @@ impl ChaosSampler {
             spec,
             created: Instant::now(),
             next_request: AtomicU64::new(0),
-            link_free_at_s: Mutex::new(0.0),
+            link_free_at_s: ForkMutex::new(0.0),
             counters: Counters::default(),
         })
     }
@@ -419,10 +420,7 @@ impl ChaosSampler {
             return 0.0;
         };
         let now = self.elapsed_s();
-        let mut free_at = self
-            .link_free_at_s
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut free_at = self.link_free_at_s.lock();
         let start = free_at.max(now);
         *free_at = start + nbytes as f64 / bw;
         (*free_at - now) * 1000.0

@@ -13,9 +13,12 @@
 //! [`PerProcess`] holds the value in an atomic pointer instead: no lock, so
 //! nothing a vanished thread held can block the child.
 
+use std::convert::Infallible;
 use std::ptr;
 use std::sync::atomic::{AtomicBool as StdAtomicBool, AtomicU32};
-use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{
+    Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,
+};
 
 use crate::sync::{AtomicPtr, Ordering};
 
@@ -208,49 +211,84 @@ unsafe impl<T: Send + Sync> Sync for PerProcess<T> {}
 // SAFETY: as above; the owned box moves with `self`.
 unsafe impl<T: Send + Sync> Send for PerProcess<T> {}
 
+/// How a process's own copy of a [`ForkMutex`]/[`ForkRwLock`] starts.
+enum Start<T> {
+    /// From the parent's value when its lock is free, else from `initial`.
+    Adopt { initial: T, clone: fn(&T) -> T },
+    /// Always afresh: state that belongs to the process that made it (its
+    /// in-flight fills, its counters' baseline, its open descriptors).
+    Fresh(fn() -> T),
+}
+
+impl<T> Start<T> {
+    fn initial(&self) -> T {
+        match self {
+            Start::Adopt { initial, clone } => clone(initial),
+            Start::Fresh(make) => make(),
+        }
+    }
+}
+
 /// A mutex that a forked child never waits on because of its parent.
 ///
-/// Each process locks its own [`Mutex`]. The first lock in a forked child
-/// adopts the value from its parent's mutex when that one is free (the
-/// usual case: state carries over) and starts from the value it was
-/// created with when a parent thread held it at the fork (it stays locked
-/// for ever in the child, and the value behind it may be half-written: a
-/// histogram mid-push is never read). For the router's short critical
-/// sections: health, latency windows, retry budget, trace.
-pub struct ForkMutex<T: Clone> {
-    initial: T,
+/// Each process locks its own [`Mutex`]. Built with [`new`](Self::new),
+/// the first lock in a forked child adopts the value from its parent's
+/// mutex when that one is free (the usual case: state carries over) and
+/// starts from the value it was created with when a parent thread held it
+/// at the fork (it stays locked for ever in the child, and the value behind
+/// it may be half-written: a histogram mid-push is never read). Built with
+/// [`per_process`](Self::per_process), every process starts afresh. For
+/// short critical sections on the data path: router health, latency
+/// windows, retry budget, trace; the cache's in-flight fills and versions.
+pub struct ForkMutex<T> {
+    start: Start<T>,
     mutex: PerProcess<Mutex<T>>,
 }
 
 impl<T: Clone> ForkMutex<T> {
     pub fn new(value: T) -> Self {
         ForkMutex {
-            initial: value.clone(),
+            start: Start::Adopt {
+                initial: value.clone(),
+                clone: T::clone,
+            },
             mutex: PerProcess::with(Mutex::new(value)),
-        }
-    }
-
-    /// Locks this process's mutex; a panic that poisoned it leaves a value
-    /// still worth using (figures, not invariants).
-    pub fn lock(&self) -> MutexGuard<'_, T> {
-        let mutex = self
-            .mutex
-            .get(|inherited| Ok::<_, std::convert::Infallible>(Mutex::new(self.adopt(inherited))));
-        let Ok(mutex) = mutex;
-        mutex.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn adopt(&self, inherited: Option<&Mutex<T>>) -> T {
-        match inherited.map(Mutex::try_lock) {
-            Some(Ok(value)) => value.clone(),
-            Some(Err(TryLockError::Poisoned(p))) => p.into_inner().clone(),
-            // Held by a thread that is not in this process, or never built.
-            Some(Err(TryLockError::WouldBlock)) | None => self.initial.clone(),
         }
     }
 }
 
-impl<T: Clone> std::fmt::Debug for ForkMutex<T> {
+impl<T> ForkMutex<T> {
+    /// Each process (this one first) starts from `make()`.
+    pub fn per_process(make: fn() -> T) -> Self {
+        ForkMutex {
+            mutex: PerProcess::with(Mutex::new(make())),
+            start: Start::Fresh(make),
+        }
+    }
+
+    /// Locks this process's mutex; a panic that poisoned it leaves a value
+    /// still worth using (figures and caches, not invariants).
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        let Ok(mutex) = self
+            .mutex
+            .get(|inherited| Ok::<_, Infallible>(Mutex::new(self.adopt(inherited))));
+        mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn adopt(&self, inherited: Option<&Mutex<T>>) -> T {
+        let Start::Adopt { clone, .. } = &self.start else {
+            return self.start.initial();
+        };
+        match inherited.map(Mutex::try_lock) {
+            Some(Ok(value)) => clone(&value),
+            Some(Err(TryLockError::Poisoned(p))) => clone(&p.into_inner()),
+            // Held by a thread that is not in this process, or never built.
+            Some(Err(TryLockError::WouldBlock)) | None => self.start.initial(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for ForkMutex<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Not locked: Debug may run where the caller holds it.
         f.debug_struct("ForkMutex").finish_non_exhaustive()
@@ -260,6 +298,44 @@ impl<T: Clone> std::fmt::Debug for ForkMutex<T> {
 impl<T: Clone + Default> Default for ForkMutex<T> {
     fn default() -> Self {
         Self::new(T::default())
+    }
+}
+
+/// A read-mostly lock that each process has its own of, every process
+/// starting afresh (see [`ForkMutex::per_process`]): the local store's
+/// open descriptors, looked up by parallel readers at once.
+pub struct ForkRwLock<T> {
+    make: fn() -> T,
+    lock: PerProcess<RwLock<T>>,
+}
+
+impl<T> ForkRwLock<T> {
+    pub fn per_process(make: fn() -> T) -> Self {
+        ForkRwLock {
+            make,
+            lock: PerProcess::with(RwLock::new(make())),
+        }
+    }
+
+    fn own(&self) -> &RwLock<T> {
+        let Ok(lock) = self
+            .lock
+            .get(|_inherited| Ok::<_, Infallible>(RwLock::new((self.make)())));
+        lock
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, T> {
+        self.own().read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+        self.own().write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<T> std::fmt::Debug for ForkRwLock<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForkRwLock").finish_non_exhaustive()
     }
 }
 

@@ -97,6 +97,8 @@ pub struct Storage {
     layers: ReplicaLayers,
     /// Keeps the router in the process's metrics while this lives.
     _metrics: crate::telemetry::RouterRegistration,
+    /// Keeps the cache in them, and its counts once it is dropped.
+    _cache_metrics: Option<crate::telemetry::CacheRegistration>,
 }
 
 impl Storage {
@@ -149,16 +151,17 @@ impl Storage {
                 namespace.join("\n"),
             )?)),
         };
-        if let Some(c) = &cache {
-            let weak = Arc::downgrade(c) as std::sync::Weak<dyn crate::telemetry::CacheCounters>;
-            crate::telemetry::register_cache(weak);
-        }
+        let cache_metrics = cache.as_ref().map(|c| {
+            let counters = Arc::clone(c) as Arc<dyn crate::telemetry::CacheCounters>;
+            crate::telemetry::register_cache(&counters)
+        });
         let store = match &cache {
             Some(c) => Arc::clone(c) as Arc<dyn Store>,
             None => Arc::clone(&router) as Arc<dyn Store>,
         };
         Ok(Storage {
             _metrics: crate::telemetry::register_router(&router),
+            _cache_metrics: cache_metrics,
             router,
             store,
             cache,
@@ -179,6 +182,7 @@ impl Storage {
         let router = Arc::new(router);
         Storage {
             _metrics: crate::telemetry::register_router(&router),
+            _cache_metrics: None,
             replicas: vec![store],
             store: Arc::clone(&router) as Arc<dyn Store>,
             cache: None,

@@ -270,7 +270,7 @@ struct Registry {
     next_id: u64,
     routers: Vec<(u64, Weak<Router>)>,
     streams: Vec<Weak<dyn StreamGauges>>,
-    caches: Vec<Weak<dyn CacheCounters>>,
+    caches: Vec<(u64, Weak<dyn CacheCounters>)>,
     /// Counter and histogram figures of reset or dropped routers, by
     /// (name, labels).
     carried: BTreeMap<(&'static str, Vec<String>), Value>,
@@ -393,11 +393,42 @@ pub fn register_stream(stream: Weak<dyn StreamGauges>) {
     reg.streams.push(stream);
 }
 
-/// Adds a node cache's counters to the process snapshot while it lives.
-pub fn register_cache(cache: Weak<dyn CacheCounters>) {
+/// Keeps a node cache in the process snapshot; dropping it carries the
+/// cache's counts into the process totals (its `_total`s never go back).
+pub struct CacheRegistration {
+    id: u64,
+    /// Strong, as [`RouterRegistration`]'s: its last counts are read on drop.
+    cache: Arc<dyn CacheCounters>,
+}
+
+impl std::fmt::Debug for CacheRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheRegistration")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds a node cache's counters to the process snapshot until the
+/// registration drops.
+pub fn register_cache(cache: &Arc<dyn CacheCounters>) -> CacheRegistration {
     let mut reg = registry();
-    reg.caches.retain(|c| c.strong_count() > 0);
-    reg.caches.push(cache);
+    reg.next_id += 1;
+    let id = reg.next_id;
+    reg.caches.push((id, Arc::downgrade(cache)));
+    CacheRegistration {
+        id,
+        cache: Arc::clone(cache),
+    }
+}
+
+impl Drop for CacheRegistration {
+    fn drop(&mut self) {
+        let samples = one_cache_samples(&*self.cache);
+        let mut reg = registry();
+        reg.caches.retain(|(id, _)| *id != self.id);
+        carry(&mut reg, samples);
+    }
 }
 
 fn carry(reg: &mut Registry, samples: Vec<Sample>) {
@@ -537,14 +568,20 @@ fn stream_samples(streams: &[Weak<dyn StreamGauges>]) -> Vec<Sample> {
     ]
 }
 
-fn cache_samples(caches: &[Weak<dyn CacheCounters>]) -> Vec<Sample> {
+fn cache_samples(caches: &[(u64, Weak<dyn CacheCounters>)]) -> Vec<Sample> {
+    caches
+        .iter()
+        .filter_map(|(_, c)| c.upgrade())
+        .flat_map(|c| one_cache_samples(&*c))
+        .collect()
+}
+
+fn one_cache_samples(cache: &dyn CacheCounters) -> Vec<Sample> {
     let mut out = Vec::new();
-    for c in caches.iter().filter_map(Weak::upgrade) {
-        for (key, n) in c.counters() {
-            let by_key = DEFINITIONS.iter().find(|d| d.source == Source::Cache(key));
-            if let Some(d) = by_key {
-                out.push(number(d.name, vec![], n as f64));
-            }
+    for (key, n) in cache.counters() {
+        let by_key = DEFINITIONS.iter().find(|d| d.source == Source::Cache(key));
+        if let Some(d) = by_key {
+            out.push(number(d.name, vec![], n as f64));
         }
     }
     out
@@ -738,13 +775,20 @@ mod tests {
     }
 
     #[test]
-    fn cache_counters_become_metrics_by_their_keys() {
+    fn cache_counters_become_metrics_by_their_keys_and_outlive_the_cache() {
+        // Other tests' caches only ever add to these totals.
+        let hits = |s: &[Sample]| total(s, "feedline_cache_hits_total");
+        let before = snapshot();
         let cache: Arc<dyn CacheCounters> = Arc::new(FakeCache);
-        register_cache(Arc::downgrade(&cache));
+        let registration = register_cache(&cache);
         let s = snapshot();
-        assert!(total(&s, "feedline_cache_hits_total") >= 5.0);
+        assert!(hits(&s) >= hits(&before) + 5.0);
         assert!(total(&s, "feedline_cache_misses_total") >= 2.0);
+        drop(registration);
         drop(cache);
-        assert_eq!(total(&snapshot(), "feedline_cache_evictions_total"), 0.0);
+        assert!(
+            hits(&snapshot()) >= hits(&before) + 5.0,
+            "a dropped cache's counts are carried, not lost"
+        );
     }
 }

@@ -1,6 +1,15 @@
 //! Locks shared by every process on the node, with nothing to leak: the
 //! kernel drops a lock when its holder closes the file or dies.
 //!
+//! Each lock is also released *explicitly* when dropped, not only by the
+//! close: these locks belong to the open file description, which a forked
+//! child shares through its copy of the descriptor. A child forked while
+//! a parent thread held one keeps that copy open for its whole life (the
+//! holder's stack is not in the child, nothing drops it there), so a lock
+//! released only by closing stayed held until the child exited, and the
+//! child itself, waiting for the ledger's lock, never did: every process on
+//! the node hung (tests/remote/test_fork_safety.py, node-cache case).
+//!
 //! * [`FlightLock`]: one byte of a shared lock file per block (an "open file
 //!   description" record lock, `F_OFD_SETLK`): whoever holds a block's byte
 //!   fetches it; the others wait for the block file to appear. Each lock
@@ -21,7 +30,20 @@ use std::path::Path;
 /// (the descriptor closes), or by the kernel if this process dies.
 #[derive(Debug)]
 pub struct FlightLock {
-    _file: File,
+    file: File,
+    byte: libc::off_t,
+}
+
+/// An OFD lock request on one byte.
+fn byte_lock(kind: libc::c_int, byte: libc::off_t) -> libc::flock {
+    // SAFETY: a zeroed `flock` is a valid value; the fields that matter are
+    // set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = byte;
+    lock.l_len = 1;
+    lock
 }
 
 fn open_rw(path: &Path) -> io::Result<File> {
@@ -41,18 +63,13 @@ impl FlightLock {
     /// holds it.
     pub fn try_lock(path: &Path, id: u64) -> io::Result<Option<FlightLock>> {
         let file = open_rw(path)?;
-        // SAFETY: a zeroed `flock` is a valid value; the fields that matter
-        // are set below.
-        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = libc::F_WRLCK as libc::c_short;
-        lock.l_whence = libc::SEEK_SET as libc::c_short;
         // Any byte of a sparse file can be locked: the id picks one.
-        lock.l_start = (id >> 1) as libc::off_t;
-        lock.l_len = 1;
+        let byte = (id >> 1) as libc::off_t;
+        let lock = byte_lock(libc::F_WRLCK, byte);
         // SAFETY: a valid descriptor and a pointer to a live `flock`.
         let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
         if rc == 0 {
-            return Ok(Some(FlightLock { _file: file }));
+            return Ok(Some(FlightLock { file, byte }));
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
@@ -62,10 +79,25 @@ impl FlightLock {
     }
 }
 
+impl Drop for FlightLock {
+    fn drop(&mut self) {
+        let unlock = byte_lock(libc::F_UNLCK, self.byte);
+        // SAFETY: a valid descriptor and a pointer to a live `flock`. A
+        // failure leaves the close below to release it.
+        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &unlock) };
+    }
+}
+
 /// The cache-wide lock, held while the ledger changes.
 #[derive(Debug)]
 pub struct DirLock {
-    _file: File,
+    file: File,
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = flock(&self.file, libc::LOCK_UN);
+    }
 }
 
 impl DirLock {
@@ -74,7 +106,7 @@ impl DirLock {
     pub fn lock(path: &Path) -> io::Result<DirLock> {
         let file = open_rw(path)?;
         flock(&file, libc::LOCK_EX)?;
-        Ok(DirLock { _file: file })
+        Ok(DirLock { file })
     }
 }
 
@@ -91,10 +123,24 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Marks a temporary file as being written: an exclusive `flock` held as
-/// long as `file` is open.
-pub fn mark_alive(file: &File) -> io::Result<()> {
-    flock(file, libc::LOCK_EX | libc::LOCK_NB)
+/// Marks a temporary file as being written: an exclusive `flock` held
+/// until the mark drops (declare it after the file, so it drops first).
+pub fn mark_alive(file: &File) -> io::Result<Alive> {
+    flock(file, libc::LOCK_EX | libc::LOCK_NB)?;
+    Ok(Alive(file.as_raw_fd()))
+}
+
+/// A temporary file's mark (see [`mark_alive`]); its descriptor is the
+/// file's, which outlives it.
+#[derive(Debug)]
+#[must_use = "the mark is released when dropped"]
+pub struct Alive(std::os::fd::RawFd);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        // SAFETY: the file's descriptor, still open (the mark drops first).
+        unsafe { libc::flock(self.0, libc::LOCK_UN) };
+    }
 }
 
 /// How old an unlocked temporary file must be to count as dead: a writer
@@ -143,13 +189,52 @@ mod tests {
         assert!(FlightLock::try_lock(&path, 42).unwrap().is_some());
     }
 
+    /// The child keeps its copies of the descriptors open (as a DataLoader
+    /// worker forked mid-fill does): dropping the locks in the parent must
+    /// still free them for everyone.
+    #[test]
+    fn dropped_locks_are_free_while_a_forked_child_shares_their_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (flight, ledger) = (dir.path().join("flight.lock"), dir.path().join("dir.lock"));
+        let block = FlightLock::try_lock(&flight, 42).unwrap().expect("free");
+        let admission = DirLock::lock(&ledger).unwrap();
+        // SAFETY: the child only sleeps and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: plain libc calls in the child.
+            unsafe {
+                libc::sleep(30);
+                libc::_exit(0);
+            }
+        }
+        drop(block);
+        drop(admission);
+        let block_free = FlightLock::try_lock(&flight, 42).unwrap().is_some();
+        let ledger_free = flock(&open_rw(&ledger).unwrap(), libc::LOCK_EX | libc::LOCK_NB).is_ok();
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        assert!(
+            block_free,
+            "the block's byte stayed locked by the child's copy"
+        );
+        assert!(
+            ledger_free,
+            "the ledger lock stayed held by the child's copy"
+        );
+    }
+
     #[test]
     fn a_temporary_file_is_claimed_only_once_its_writer_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
         let writer = File::create(&path).unwrap();
-        mark_alive(&writer).unwrap();
+        let alive = mark_alive(&writer).unwrap();
         assert!(!try_claim_dead(&path));
+        drop(alive);
         drop(writer);
         // Just created: perhaps its writer is about to lock it.
         assert!(!try_claim_dead(&path));

@@ -24,11 +24,11 @@
 //! them to the policy at its next admission (or when it drops the cache),
 //! so the policy sees a process's hits late, never wrongly.
 
+use crate::fork::ForkMutex;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -273,7 +273,7 @@ fn fresh_generation() -> u64 {
 fn write_aside(layout: &Layout, what: &str, bytes: &[u8], target: &Path) -> io::Result<()> {
     let tmp = layout.temp_path(what);
     let written = File::create(&tmp).and_then(|mut file| {
-        mark_alive(&file)?;
+        let _alive = mark_alive(&file)?;
         file.write_all(bytes)
     });
     if let Err(e) = written.and_then(|()| fs::rename(&tmp, target)) {
@@ -332,13 +332,21 @@ struct Synced {
 
 /// A process's copy of the shared ledger, brought up to date under the
 /// lock by replaying what other processes appended since.
-#[derive(Debug, Default)]
-pub struct Mirror(Mutex<Option<Synced>>);
+/// Per process (a forked child reads the ledger afresh, and never waits on
+/// a sync its parent was in the middle of).
+#[derive(Debug)]
+pub struct Mirror(ForkMutex<Option<Synced>>);
+
+impl Default for Mirror {
+    fn default() -> Self {
+        Mirror(ForkMutex::per_process(|| None))
+    }
+}
 
 impl Mirror {
     /// Dropped: the next admission reads the ledger afresh.
     pub fn forget(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.0.lock() = None;
     }
 }
 
@@ -409,7 +417,7 @@ fn with_ledger<T>(
     mirror: &Mirror,
     change: impl FnOnce(&mut Ledger, &mut Vec<u8>) -> io::Result<T>,
 ) -> io::Result<T> {
-    let mut held = mirror.0.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = mirror.0.lock();
     let _lock = DirLock::lock(&layout.ledger_lock())?;
     let mut synced = sync(layout, policy_name, held.take())?;
     let mut batch = Vec::new();
@@ -560,7 +568,7 @@ mod tests {
     }
 
     fn held(mirror: &Mirror) -> serde_json::Value {
-        let held = mirror.0.lock().unwrap();
+        let held = mirror.0.lock();
         serde_json::to_value(&held.as_ref().unwrap().ledger.policy).unwrap()
     }
 

@@ -42,13 +42,14 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::CacheOptions;
 use crate::error::{Error, Result};
+use crate::fork::{ForkMutex, PerProcess};
 use crate::manifest::Manifest;
 use crate::route::Router;
 use crate::store::{BoxFuture, Listing, ObjectMeta, Store, Tally};
@@ -195,7 +196,7 @@ impl crate::telemetry::CacheCounters for CachedStore {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Counters::NAMES
             .into_iter()
-            .zip(self.counters.values().0)
+            .zip(self.counts().values().0)
             .collect()
     }
 }
@@ -296,14 +297,17 @@ pub struct CachedStore {
     block_bytes: u64,
     check_version: bool,
     policy: String,
-    versions: Mutex<HashMap<String, (ObjectVersion, Instant)>>,
-    pending: Mutex<Pending>,
+    versions: ForkMutex<HashMap<String, (ObjectVersion, Instant)>>,
+    /// This process's fills not yet in the ledger (a forked child has none).
+    pending: ForkMutex<Pending>,
     /// This process's copy of the ledger.
     mirror: ledger::Mirror,
-    counters: Counters,
+    /// Per process: a forked child counts from zero (what it reports is
+    /// its own, never its parent's again).
+    counters: PerProcess<Counters>,
     /// The counters as `stats(reset=True)` last took them: the counters
     /// themselves never go back, as the metrics' `_total`s must not.
-    baseline: Mutex<CounterValues>,
+    baseline: ForkMutex<CounterValues>,
     warned: AtomicBool,
     name: String,
 }
@@ -401,18 +405,18 @@ impl CachedStore {
             block_bytes: options.cache_block_bytes,
             check_version: options.check_version,
             policy: options.cache_policy.clone(),
-            versions: Mutex::new(HashMap::new()),
-            pending: Mutex::new(Pending::default()),
+            versions: ForkMutex::per_process(HashMap::new),
+            pending: ForkMutex::per_process(Pending::default),
             mirror: ledger::Mirror::default(),
-            counters: Counters::default(),
-            baseline: Mutex::new(CounterValues::default()),
+            counters: PerProcess::with(Counters::default()),
+            baseline: ForkMutex::per_process(CounterValues::default),
             warned: AtomicBool::new(false),
         };
         match cache.layout.create() {
             Ok(()) => {
                 let removed = ledger::sweep_dead_fills(&cache.layout);
                 cache
-                    .counters
+                    .counts()
                     .dead_fills_removed
                     .fetch_add(removed, Ordering::Relaxed);
             }
@@ -426,9 +430,9 @@ impl CachedStore {
     }
 
     pub fn stats(&self, reset: bool) -> CacheStats {
-        let now = self.counters.values();
+        let now = self.counts().values();
         let since = {
-            let mut baseline = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
+            let mut baseline = self.baseline.lock();
             let since = now.minus(&baseline);
             if reset {
                 *baseline = now;
@@ -459,11 +463,8 @@ impl CachedStore {
     /// Removes every cached block (of every process on the node) and
     /// forgets the versions this process learned.
     pub fn clear(&self) -> Result<()> {
-        self.versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Pending::default();
+        self.versions.lock().clear();
+        *self.pending.lock() = Pending::default();
         self.mirror.forget();
         self.layout
             .create()
@@ -480,7 +481,7 @@ impl CachedStore {
     /// Counts a read that could not use the cache; says why once per
     /// process (a warning on stderr: the read itself succeeds).
     fn bypassed(&self, what: &str, e: &io::Error) {
-        self.counters.bypasses.fetch_add(1, Ordering::Relaxed);
+        self.counts().bypasses.fetch_add(1, Ordering::Relaxed);
         if !self.warned.swap(true, Ordering::Relaxed) {
             eprintln!(
                 "feedline: the node cache in {:?} could not {what} ({e}); reads go to the replicas",
@@ -505,13 +506,13 @@ impl CachedStore {
     }
 
     fn remembered(&self, key: &str) -> Option<ObjectVersion> {
-        let versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        let versions = self.versions.lock();
         let (v, at) = versions.get(key)?;
         (!self.check_version || at.elapsed() < VERSION_TTL).then(|| v.clone())
     }
 
     fn remember(&self, key: &str, v: &ObjectVersion) {
-        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut versions = self.versions.lock();
         versions.insert(key.to_owned(), (v.clone(), Instant::now()));
     }
 
@@ -543,7 +544,7 @@ impl CachedStore {
         let tmp = self.layout.temp_path("object");
         let written = File::create(&tmp)
             .and_then(|mut f| {
-                mark(&f)?;
+                let _alive = mark(&f)?;
                 io::Write::write_all(&mut f, body.to_string().as_bytes())
             })
             .and_then(|()| fs::rename(&tmp, self.object_file(key)));
@@ -569,7 +570,7 @@ impl CachedStore {
                 return Ok(v);
             }
         }
-        self.counters.version_checks.fetch_add(1, Ordering::Relaxed);
+        self.counts().version_checks.fetch_add(1, Ordering::Relaxed);
         match self.heads.head(key).await {
             Ok(meta) => {
                 let version = meta.version.unwrap_or_else(|| match meta.modified_unix_ns {
@@ -592,7 +593,7 @@ impl CachedStore {
             Err(e @ (Error::ReplicasUnavailable { .. } | Error::Timeout { .. })) => {
                 match self.stored_version(key) {
                     Some(v) => {
-                        self.counters.stale_versions.fetch_add(1, Ordering::Relaxed);
+                        self.counts().stale_versions.fetch_add(1, Ordering::Relaxed);
                         self.remember(key, &v);
                         Ok(v)
                     }
@@ -629,7 +630,7 @@ impl CachedStore {
                 if same_file(&file, &path) {
                     let _ = fs::remove_file(&path);
                 }
-                self.counters.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+                self.counts().corrupt_blocks.fetch_add(1, Ordering::Relaxed);
                 self.pending().removed.push(id);
                 false
             }
@@ -637,12 +638,19 @@ impl CachedStore {
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.lock()
+    }
+
+    fn counts(&self) -> &Counters {
+        let Ok(counters) = self
+            .counters
+            .get(|_inherited| Ok::<_, std::convert::Infallible>(Counters::default()));
+        counters
     }
 
     fn hit(&self, id: BlockId, bytes: usize) {
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        self.counters
+        self.counts().hits.fetch_add(1, Ordering::Relaxed);
+        self.counts()
             .hit_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
         let mut pending = self.pending();
@@ -667,7 +675,7 @@ impl CachedStore {
             self.hit(id, dst.len());
             return Ok(());
         }
-        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        self.counts().misses.fetch_add(1, Ordering::Relaxed);
         let mut pause = WAIT_FIRST;
         let mut waited = false;
         // A filler that is alive but slow is waited for as long as one
@@ -694,7 +702,7 @@ impl CachedStore {
             }
             if !waited {
                 waited = true;
-                self.counters.waits.fetch_add(1, Ordering::Relaxed);
+                self.counts().waits.fetch_add(1, Ordering::Relaxed);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(WAIT_MAX);
@@ -746,8 +754,8 @@ impl CachedStore {
             dst.copy_from_slice(&scratch[from..from + dst.len()]);
             &scratch
         };
-        self.counters.fills.fetch_add(1, Ordering::Relaxed);
-        self.counters.fill_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.counts().fills.fetch_add(1, Ordering::Relaxed);
+        self.counts().fill_bytes.fetch_add(bytes, Ordering::Relaxed);
         if let Err(e) = self.admit(id, ident, payload) {
             self.bypassed("store a block", &e);
         }
@@ -770,7 +778,7 @@ impl CachedStore {
                 _ => Err(e),
             });
         let result = file.and_then(|mut file| {
-            mark(&file)?;
+            let _alive = mark(&file)?;
             let bytes = block::write(&mut file, ident, payload)?;
             let pending = std::mem::take(&mut *self.pending());
             let done = ledger::admit(
@@ -783,10 +791,10 @@ impl CachedStore {
                 bytes,
                 pending,
             )?;
-            self.counters
+            self.counts()
                 .evictions
                 .fetch_add(done.evicted_blocks, Ordering::Relaxed);
-            self.counters
+            self.counts()
                 .evicted_bytes
                 .fetch_add(done.evicted_bytes, Ordering::Relaxed);
             Ok(())
@@ -859,7 +867,7 @@ impl Drop for CachedStore {
     }
 }
 
-fn mark(file: &File) -> io::Result<()> {
+fn mark(file: &File) -> io::Result<flight::Alive> {
     flight::mark_alive(file)
 }
 

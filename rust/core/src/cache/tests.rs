@@ -444,7 +444,7 @@ fn helper_process() {
             let layout = cache.layout();
             let tmp = layout.temp_path("0123456789abcdef");
             let mut f = File::create(&tmp).unwrap();
-            mark(&f).unwrap();
+            let _alive = mark(&f).unwrap();
             f.write_all(b"FLBLOCK1 half a block").unwrap();
             // SAFETY: raising a signal at ourselves.
             unsafe { libc::raise(libc::SIGKILL) };

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::fs::{File, FileType, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use crate::fork::ForkRwLock;
 
 use super::{BoxFuture, EntryKind, Listing, ObjectMeta, Store};
 use crate::error::{Error, Result};
@@ -47,7 +49,7 @@ pub struct LocalStore {
     /// stream plan and `open`, stats the path and reopens when it names
     /// another file (device and inode differ) or drops the entry when it is
     /// gone; reads in between use the descriptor as is.
-    files: RwLock<HashMap<String, Arc<OpenFile>>>,
+    files: ForkRwLock<HashMap<String, Arc<OpenFile>>>,
 }
 
 impl LocalStore {
@@ -56,7 +58,7 @@ impl LocalStore {
         LocalStore {
             root: None,
             name: "file://".into(),
-            files: RwLock::new(HashMap::new()),
+            files: ForkRwLock::per_process(HashMap::new),
         }
     }
 
@@ -67,7 +69,7 @@ impl LocalStore {
         Ok(LocalStore {
             root: Some(root.to_path_buf()),
             name: root.display().to_string(),
-            files: RwLock::new(HashMap::new()),
+            files: ForkRwLock::per_process(HashMap::new),
         })
     }
 
@@ -94,7 +96,7 @@ impl LocalStore {
     /// Runs `f` on the cached descriptor of `key`, opening it if needed.
     fn with_file<R>(&self, key: &str, len: usize, f: impl FnOnce(&File) -> R) -> Result<R> {
         let cached = {
-            let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+            let files = self.files.read();
             match files.get(key) {
                 Some(open) if len <= READ_UNDER_LOCK_BYTES => return Ok(f(&open.file)),
                 Some(open) => Some(Arc::clone(open)),
@@ -133,7 +135,7 @@ impl LocalStore {
             dev: meta.dev(),
             ino: meta.ino(),
         });
-        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let mut files = self.files.write();
         if files.len() >= MAX_OPEN_FILES {
             files.clear();
         }
@@ -142,10 +144,7 @@ impl LocalStore {
     }
 
     fn forget(&self, key: &str) {
-        self.files
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.files.write().remove(key);
     }
 
     fn pread_exact(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -173,12 +172,7 @@ impl LocalStore {
 
     /// The size of `key`, revalidating its cached descriptor (see `files`).
     fn stat(&self, key: &str) -> Result<u64> {
-        let cached = self
-            .files
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .map(|open| (open.dev, open.ino));
+        let cached = self.files.read().get(key).map(|open| (open.dev, open.ino));
         let open = match cached {
             None => self.open(key)?,
             Some(identity) => {
