@@ -266,7 +266,10 @@ pub static STREAMS: StreamTotals = StreamTotals {
     chunks: StripedCounter::new(),
 };
 
-struct Registry {
+/// The process's live routers, streams and caches and the totals carried
+/// from dropped ones (opaque: reached through [`register`] and
+/// [`snapshot`]).
+pub struct Registry {
     next_id: u64,
     routers: Vec<(u64, Weak<Router>)>,
     streams: Vec<Weak<dyn StreamGauges>>,
@@ -326,33 +329,81 @@ pub fn after_fork_in_child() {
     HELD_ACROSS_FORK.with(|h| h.borrow_mut().take());
 }
 
-/// Keeps a router in the process snapshot; dropping it carries the router's
-/// counts into the process totals.
-#[derive(Debug)]
-pub struct RouterRegistration {
-    id: u64,
-    /// Strong: the router's last figures are read when this drops, whatever
-    /// order its owner drops its fields in.
-    router: Arc<Router>,
+/// What a [`Registration`] can keep in the process snapshot: a router or a
+/// node cache.
+pub trait Counted {
+    /// Its figures now.
+    fn samples(&self) -> Vec<Sample>;
+    /// The registry's list of live ones of its kind.
+    fn listed(reg: &mut Registry) -> &mut Vec<(u64, Weak<Self>)>;
 }
 
-/// Adds `router` to the process snapshot until the registration drops.
-pub fn register_router(router: &Arc<Router>) -> RouterRegistration {
-    let mut reg = registry();
-    reg.next_id += 1;
-    let id = reg.next_id;
-    reg.routers.push((id, Arc::downgrade(router)));
-    RouterRegistration {
-        id,
-        router: Arc::clone(router),
+impl Counted for Router {
+    fn samples(&self) -> Vec<Sample> {
+        router_samples(self)
+    }
+    fn listed(reg: &mut Registry) -> &mut Vec<(u64, Weak<Self>)> {
+        &mut reg.routers
     }
 }
 
-impl Drop for RouterRegistration {
+impl Counted for dyn CacheCounters {
+    fn samples(&self) -> Vec<Sample> {
+        one_cache_samples(self)
+    }
+    fn listed(reg: &mut Registry) -> &mut Vec<(u64, Weak<Self>)> {
+        &mut reg.caches
+    }
+}
+
+/// Keeps a router or a node cache in the process snapshot; dropping it
+/// carries the last counts into the process totals (exported `_total`s
+/// never go back when a filesystem is dropped).
+pub struct Registration<T: Counted + ?Sized> {
+    id: u64,
+    /// Strong: the last figures are read when this drops, whatever order
+    /// its owner drops its fields in.
+    source: Arc<T>,
+}
+
+pub type RouterRegistration = Registration<Router>;
+pub type CacheRegistration = Registration<dyn CacheCounters>;
+
+impl<T: Counted + ?Sized> std::fmt::Debug for Registration<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds `source` to the process snapshot until the registration drops.
+pub fn register<T: Counted + ?Sized>(source: &Arc<T>) -> Registration<T> {
+    let mut reg = registry();
+    reg.next_id += 1;
+    let id = reg.next_id;
+    T::listed(&mut reg).push((id, Arc::downgrade(source)));
+    Registration {
+        id,
+        source: Arc::clone(source),
+    }
+}
+
+/// [`register`] for a router.
+pub fn register_router(router: &Arc<Router>) -> RouterRegistration {
+    register(router)
+}
+
+/// [`register`] for a node cache.
+pub fn register_cache(cache: &Arc<dyn CacheCounters>) -> CacheRegistration {
+    register(cache)
+}
+
+impl<T: Counted + ?Sized> Drop for Registration<T> {
     fn drop(&mut self) {
-        let samples = router_samples(&self.router);
+        let samples = self.source.samples();
         let mut reg = registry();
-        reg.routers.retain(|(id, _)| *id != self.id);
+        T::listed(&mut reg).retain(|(id, _)| *id != self.id);
         carry(&mut reg, samples);
     }
 }
@@ -391,44 +442,6 @@ pub fn register_stream(stream: Weak<dyn StreamGauges>) {
     let mut reg = registry();
     reg.streams.retain(|s| s.strong_count() > 0);
     reg.streams.push(stream);
-}
-
-/// Keeps a node cache in the process snapshot; dropping it carries the
-/// cache's counts into the process totals (its `_total`s never go back).
-pub struct CacheRegistration {
-    id: u64,
-    /// Strong, as [`RouterRegistration`]'s: its last counts are read on drop.
-    cache: Arc<dyn CacheCounters>,
-}
-
-impl std::fmt::Debug for CacheRegistration {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CacheRegistration")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Adds a node cache's counters to the process snapshot until the
-/// registration drops.
-pub fn register_cache(cache: &Arc<dyn CacheCounters>) -> CacheRegistration {
-    let mut reg = registry();
-    reg.next_id += 1;
-    let id = reg.next_id;
-    reg.caches.push((id, Arc::downgrade(cache)));
-    CacheRegistration {
-        id,
-        cache: Arc::clone(cache),
-    }
-}
-
-impl Drop for CacheRegistration {
-    fn drop(&mut self) {
-        let samples = one_cache_samples(&*self.cache);
-        let mut reg = registry();
-        reg.caches.retain(|(id, _)| *id != self.id);
-        carry(&mut reg, samples);
-    }
 }
 
 fn carry(reg: &mut Registry, samples: Vec<Sample>) {
