@@ -5,6 +5,7 @@ fsspec. Small sizes; skips cleanly without torch."""
 from __future__ import annotations
 
 import _thread
+import gc
 import json
 import os
 import signal
@@ -180,6 +181,15 @@ def test_spawned_workers_read_too(tmp_path: Path) -> None:
     assert not [pid for pid in info["worker_pids"] if alive(pid)]
 
 
+# The interrupt lands at an arbitrary bytecode of the main thread: inside
+# multiprocessing's descriptor hand-over (an AF_UNIX connection the
+# DataLoader uses to pass worker file descriptors) it leaves that socket to
+# the garbage collector. What this test checks is that the run ends and the
+# workers are gone; a leaked socket of the interrupted library is not ours.
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+)
 def test_ctrl_c_mid_run_shuts_the_workers_down() -> None:
     scenario = sc.override(
         sc.loads(SMALL.replace("steps = 30", "steps = 20000")), systems=("torch-dataloader",)
@@ -199,6 +209,7 @@ def test_ctrl_c_mid_run_shuts_the_workers_down() -> None:
     pids = t["system_info"]["worker_pids"]
     assert len(pids) == 2
     assert not [pid for pid in pids if alive(pid)]
+    gc.collect()  # such a socket is collected here, under this test's filters
 
 
 def test_an_error_in_the_loop_shuts_the_workers_down(tmp_path: Path) -> None:
