@@ -649,10 +649,9 @@ impl CachedStore {
     }
 
     fn hit(&self, id: BlockId, bytes: usize) {
-        self.counts().hits.fetch_add(1, Ordering::Relaxed);
-        self.counts()
-            .hit_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        let counts = self.counts();
+        counts.hits.fetch_add(1, Ordering::Relaxed);
+        counts.hit_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         let mut pending = self.pending();
         if pending.hits.len() >= ledger::MAX_PENDING_HITS {
             pending.hits.clear();
@@ -754,8 +753,9 @@ impl CachedStore {
             dst.copy_from_slice(&scratch[from..from + dst.len()]);
             &scratch
         };
-        self.counts().fills.fetch_add(1, Ordering::Relaxed);
-        self.counts().fill_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let counts = self.counts();
+        counts.fills.fetch_add(1, Ordering::Relaxed);
+        counts.fill_bytes.fetch_add(bytes, Ordering::Relaxed);
         if let Err(e) = self.admit(id, ident, payload) {
             self.bypassed("store a block", &e);
         }
@@ -791,10 +791,11 @@ impl CachedStore {
                 bytes,
                 pending,
             )?;
-            self.counts()
+            let counts = self.counts();
+            counts
                 .evictions
                 .fetch_add(done.evicted_blocks, Ordering::Relaxed);
-            self.counts()
+            counts
                 .evicted_bytes
                 .fetch_add(done.evicted_bytes, Ordering::Relaxed);
             Ok(())
